@@ -1,0 +1,81 @@
+"""Shared fixtures: scikit-learn's digits (real data, 1,797 8×8 images) and a small trained CNN."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from worker.engine import architectures
+from worker.engine.data import from_arrays
+from worker.engine.datafile import validate_arrays
+from worker.engine.events import LearningEvents
+from worker.engine.runtime import Runtime
+from worker.engine.training import TrainConfig, train_model
+
+
+def digits_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    """Digits in the dataset-file layout: 1,197 train / 200 holdout / 400 test, uint8 (N,1,8,8)."""
+    d = load_digits()
+    x = np.round(d.images * (255 / 16)).astype(np.uint8)[:, None]
+    y = d.target.astype(np.int64)
+    p = np.random.default_rng(seed).permutation(len(y))
+    tr, ho, te = p[:1197], p[1197:1397], p[1397:]
+    return {
+        "x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te],
+        "x_holdout": x[ho], "y_holdout": y[ho],
+        "ids_train": np.array([f"d{i:04d}" for i in tr]),
+    }
+
+
+@pytest.fixture(scope="session")
+def runtime() -> Runtime:
+    return Runtime.auto("cpu")
+
+
+@pytest.fixture(scope="session")
+def digits_raw() -> dict[str, np.ndarray]:
+    return digits_arrays()
+
+
+@pytest.fixture(scope="session")
+def digits(digits_raw):
+    return from_arrays(validate_arrays(digits_raw), mean=[0.5], std=[0.5])
+
+
+@pytest.fixture(scope="session")
+def _trained(digits, runtime):
+    spec = architectures.default_spec("small_cnn", digits.input_shape, digits.num_classes, width=16)
+    events = LearningEvents.empty(len(digits.train))
+    model = train_model(architectures.build(spec), digits.view("train"), TrainConfig(epochs=12, seed=0),
+                        runtime=runtime, events=events)
+    return spec, {k: v.clone() for k, v in model.state_dict().items()}, events
+
+
+@pytest.fixture
+def original(_trained):
+    """A fresh copy of the trained small CNN (test may modify it freely)."""
+    spec, state, _ = _trained
+    model = architectures.build(spec)
+    model.load_state_dict(copy.deepcopy(state))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def original_spec(_trained):
+    return _trained[0]
+
+
+@pytest.fixture(scope="session")
+def learning_events(_trained) -> LearningEvents:
+    return _trained[2]
+
+
+@pytest.fixture(scope="session")
+def forget_rows(digits) -> torch.Tensor:
+    """60 random training rows (5% of train), fixed seed."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randperm(len(digits.train), generator=g)[:60].sort().values

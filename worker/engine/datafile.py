@@ -1,0 +1,148 @@
+"""The dataset file contract (DESIGN.md): validation with numpy only, no torch.
+
+An ``.npz`` holds ``x_train``, ``y_train``, ``x_test``, ``y_test``, optionally ``x_holdout`` and
+``y_holdout`` and ``ids_train``. ``x_*`` are uint8 or float32 of shape (N, C, H, W) or (N, D);
+``y_*`` are integer labels in [0, num_classes). Pickled arrays are refused (``allow_pickle`` is
+never set), so object arrays cannot be smuggled in.
+
+The API process validates uploads with :func:`read_dataset_file`; the worker loads the same file
+through :mod:`worker.engine.data`, which calls this module, so there is one set of rules.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from .errors import DatasetError
+
+REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+OPTIONAL_KEYS = ("x_holdout", "y_holdout", "ids_train")
+SPLITS = ("train", "test", "holdout")
+MAX_ID_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class DatasetArrays:
+    """Validated arrays of a dataset file. ``ids_train`` is always an array of ``str``."""
+
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    ids_train: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x["train"].shape[1:])
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(s for s in SPLITS if s in self.x)
+
+    def summary(self) -> dict:
+        return {
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "dtype": str(self.x["train"].dtype),
+            **{f"n_{s}": int(len(self.y[s])) for s in self.splits},
+        }
+
+
+def read_dataset_file(
+    source: str | Path | BinaryIO, *, max_samples: int | None = None, num_classes: int | None = None
+) -> DatasetArrays:
+    """Read and validate a dataset ``.npz``; raise :class:`DatasetError` naming the problem.
+
+    ``num_classes`` defaults to ``max(label) + 1`` over all splits.
+    """
+    try:
+        with np.load(source, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            arrays = {}
+            for k in REQUIRED_KEYS + OPTIONAL_KEYS:
+                if k in keys:
+                    try:
+                        arrays[k] = npz[k]
+                    except ValueError as exc:  # object arrays need pickle: refused
+                        raise DatasetError(f"{k}: pickled (object) arrays are not accepted") from exc
+    except DatasetError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"file: not a readable .npz archive ({exc})") from exc
+    return validate_arrays(arrays, max_samples=max_samples, num_classes=num_classes)
+
+
+def validate_arrays(
+    arrays: dict[str, np.ndarray], *, max_samples: int | None = None, num_classes: int | None = None
+) -> DatasetArrays:
+    missing = [k for k in REQUIRED_KEYS if k not in arrays]
+    if missing:
+        raise DatasetError(f"missing required key(s): {', '.join(missing)}")
+    if ("x_holdout" in arrays) != ("y_holdout" in arrays):
+        raise DatasetError("x_holdout and y_holdout must be given together")
+
+    xs: dict[str, np.ndarray] = {}
+    ys: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        if f"x_{split}" not in arrays:
+            continue
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype not in (np.uint8, np.float32):
+            raise DatasetError(f"x_{split}: dtype must be uint8 or float32, got {x.dtype}")
+        if x.ndim not in (2, 4):
+            raise DatasetError(f"x_{split}: shape must be (N, C, H, W) or (N, D), got {x.shape}")
+        if len(x) == 0:
+            raise DatasetError(f"x_{split}: no samples")
+        if x.dtype == np.float32 and not np.isfinite(x).all():
+            raise DatasetError(f"x_{split}: contains NaN or infinite values")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DatasetError(f"y_{split}: must be a 1-D integer array, got {y.dtype} {y.shape}")
+        if len(y) != len(x):
+            raise DatasetError(f"y_{split}: has {len(y)} labels for {len(x)} samples in x_{split}")
+        if (y < 0).any():
+            raise DatasetError(f"y_{split}: labels must be >= 0, found {int(y.min())}")
+        xs[split], ys[split] = x, y.astype(np.int64)
+
+    shape = xs["train"].shape[1:]
+    for split, x in xs.items():
+        if x.shape[1:] != shape:
+            raise DatasetError(f"x_{split}: sample shape {x.shape[1:]} differs from x_train's {shape}")
+        if x.dtype != xs["train"].dtype:
+            raise DatasetError(f"x_{split}: dtype {x.dtype} differs from x_train's {xs['train'].dtype}")
+    if max_samples is not None:
+        total = sum(len(x) for x in xs.values())
+        if total > max_samples:
+            raise DatasetError(f"file: {total} samples exceed the limit of {max_samples}")
+
+    top = max(int(y.max()) for y in ys.values())
+    if num_classes is None:
+        num_classes = top + 1
+    elif top >= num_classes:
+        bad = next(s for s in ys if int(ys[s].max()) >= num_classes)
+        raise DatasetError(f"y_{bad}: label {int(ys[bad].max())} out of range [0, {num_classes})")
+    if num_classes < 2:
+        raise DatasetError("y_train: at least two classes are needed")
+
+    n = len(ys["train"])
+    if "ids_train" in arrays:
+        ids = arrays["ids_train"]
+        if ids.ndim != 1 or len(ids) != n:
+            raise DatasetError(f"ids_train: must be 1-D with {n} entries, got shape {ids.shape}")
+        if not (np.issubdtype(ids.dtype, np.integer) or ids.dtype.kind == "U"):
+            raise DatasetError(f"ids_train: must hold strings or integers, got {ids.dtype}")
+        ids = ids.astype(str)
+        if (np.char.str_len(ids) == 0).any():
+            raise DatasetError("ids_train: empty ids are not allowed")
+        if int(np.char.str_len(ids).max()) > MAX_ID_LENGTH:
+            raise DatasetError(f"ids_train: ids longer than {MAX_ID_LENGTH} characters")
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            dup = uniq[counts > 1][:5].tolist()
+            raise DatasetError(f"ids_train: duplicate ids, e.g. {dup}")
+    else:
+        ids = np.arange(n).astype(str)
+    return DatasetArrays(x=xs, y=ys, ids_train=ids, num_classes=num_classes)
