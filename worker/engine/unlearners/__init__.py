@@ -5,7 +5,7 @@
 >>> model = u.unlearn(model, task, runtime)
 """
 
-from .base import REGISTRY, LoopUnlearner, UnlearningTask, Unlearner, get_unlearner, register
+from .base import REGISTRY, LoopUnlearner, Unlearner, UnlearningTask, get_unlearner, register
 
 # Importing the modules registers the built-in methods.
 from . import (  # noqa: E402, F401  isort: skip
