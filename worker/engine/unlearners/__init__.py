@@ -8,8 +8,6 @@
 from .base import REGISTRY, LoopUnlearner, Unlearner, UnlearningTask, get_unlearner, register
 
 # Importing the modules registers the built-in methods.
-from . import (  # noqa: E402, F401  isort: skip
-    retrain, finetune, neggrad, neggrad_plus, l1_sparse, random_label, salun, scrub, del_, iau, none,
-)
+from . import finetune, none, retrain  # noqa: E402, F401  isort: skip
 
 __all__ = ["REGISTRY", "LoopUnlearner", "UnlearningTask", "Unlearner", "get_unlearner", "register"]
