@@ -7,28 +7,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from worker.engine import architectures
 from worker.engine.data import from_arrays
 from worker.engine.datafile import validate_arrays
 from worker.engine.events import LearningEvents
 from worker.engine.runtime import Runtime
+from worker.engine.sample_data import digits_arrays
 from worker.engine.training import TrainConfig, train_model
-
-
-def digits_arrays(seed: int = 0) -> dict[str, np.ndarray]:
-    """Digits in the dataset-file layout: 1,197 train / 200 holdout / 400 test, uint8 (N,1,8,8)."""
-    d = load_digits()
-    x = np.round(d.images * (255 / 16)).astype(np.uint8)[:, None]
-    y = d.target.astype(np.int64)
-    p = np.random.default_rng(seed).permutation(len(y))
-    tr, ho, te = p[:1197], p[1197:1397], p[1397:]
-    return {
-        "x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te],
-        "x_holdout": x[ho], "y_holdout": y[ho],
-        "ids_train": np.array([f"d{i:04d}" for i in tr]),
-    }
 
 
 @pytest.fixture(scope="session")
