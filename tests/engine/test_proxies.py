@@ -9,7 +9,6 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from tests.conftest import digits_arrays
 from worker.engine import architectures
 from worker.engine.data import from_arrays
 from worker.engine.datafile import validate_arrays
@@ -25,6 +24,7 @@ from worker.engine.proxies import (
     default_proxy,
 )
 from worker.engine.runtime import RunContext
+from worker.engine.sample_data import digits_arrays
 from worker.engine.training import TrainConfig, train_model
 
 torch.set_num_threads(1)
