@@ -8,6 +8,8 @@
 from .base import REGISTRY, LoopUnlearner, Unlearner, UnlearningTask, get_unlearner, register
 
 # Importing the modules registers the built-in methods.
-from . import finetune, none, retrain  # noqa: E402, F401  isort: skip
+from . import (  # noqa: E402, F401, I001  isort: skip
+    retrain, finetune, neggrad, neggrad_plus, l1_sparse, random_label, salun, scrub, del_, iau, none,
+)
 
 __all__ = ["REGISTRY", "LoopUnlearner", "UnlearningTask", "Unlearner", "get_unlearner", "register"]

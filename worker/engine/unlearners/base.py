@@ -105,6 +105,18 @@ class LoopUnlearner(Unlearner):
     def after_backward(self, model: nn.Module) -> None:
         """Edit gradients in place after backward (e.g. multiply by a mask)."""
 
+    def finish(self) -> None:
+        """Called after the loop, also on error or cancellation: drop per-run state (teachers, masks)."""
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The loop's optimizer from ``optimizer``/``lr``/``momentum``/``weight_decay``.
+
+        Override to change it (masked methods move weight decay into the masked gradient).
+        """
+        hp = self.hp
+        return make_optimizer(model.parameters(), hp.get("optimizer", "sgd"), float(hp["lr"]),
+                              hp.get("momentum", 0.9), hp.get("weight_decay", 5e-4))
+
     def has_after_backward(self) -> bool:
         return type(self).after_backward is not LoopUnlearner.after_backward
 
@@ -113,18 +125,19 @@ class LoopUnlearner(Unlearner):
     ) -> nn.Module:
         gen = seed_everything(task.seed)
         model = runtime.prepare(model)
-        self.prepare(model, task, runtime)
-        hp = self.hp
-        epochs = int(hp["epochs"])
-        opt = make_optimizer(model.parameters(), hp.get("optimizer", "sgd"), float(hp["lr"]),
-                             hp.get("momentum", 0.9), hp.get("weight_decay", 5e-4))
-        sched = make_scheduler(opt, hp.get("schedule", "constant"), epochs, hp.get("eta_min_frac", 0.0))
-        self._task = task
+        # ``prepare`` may poll ``self._ctx.check()`` (it runs before the loop reports any progress).
+        self._task, self._ctx = task, ctx or RunContext()
         try:
+            self.prepare(model, task, runtime)
+            hp = self.hp
+            epochs = int(hp["epochs"])
+            opt = self.make_optimizer(model)
+            sched = make_scheduler(opt, hp.get("schedule", "constant"), epochs, hp.get("eta_min_frac", 0.0))
             return fit(
                 model, epochs=epochs, batches=lambda e: self.batches(task, e, gen), loss_fn=self.loss,
                 optimizer=opt, scheduler=sched, runtime=runtime, ctx=ctx,
                 after_backward=self.after_backward if self.has_after_backward() else None,
             )
         finally:
-            self._task = None
+            self._task = self._ctx = None
+            self.finish()

@@ -1,0 +1,61 @@
+"""``neggrad_plus`` (NegGrad+ / NG, ALGORITHMS §4.4): descend on retain, ascend on forget, together.
+
+Loss per step: α·CE(retain batch) − (1−α)·CE(forget batch). An epoch is one shuffled pass over
+the retain set; forget batches are drawn from ``zip(retain, cycle(forget))`` as in RUM's code,
+except that the forget set is reshuffled each time it is exhausted (``itertools.cycle`` would
+replay the first order forever). The two halves are forwarded separately, as in the reference,
+so BatchNorm's train-mode statistics of one half never mix with the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..data import Batch, View
+from ..errors import ConfigError
+from .base import LoopUnlearner, register
+
+
+def reshuffled_cycle(view: View, batch_size: int, gen: torch.Generator) -> Iterator[Batch]:
+    """Endless batches of ``view``, reshuffled on every pass; nothing if the view is empty."""
+    while len(view):
+        yield from view.batches(batch_size, shuffle=True, generator=gen)
+
+
+@register
+class NegGradPlus(LoopUnlearner):
+    name = "neggrad_plus"
+    defaults = {**LoopUnlearner.defaults, "epochs": 5, "lr": 0.01, "alpha": 0.99}
+
+    def validate(self):
+        super().validate()
+        a = self.hp["alpha"]
+        if not isinstance(a, int | float) or isinstance(a, bool) or not 0 <= a <= 1:
+            raise ConfigError(f"hyperparameters.alpha: must be in [0, 1], got {a!r}")
+
+    def batches(self, task, epoch, gen):
+        bs = int(self.hp["batch_size"])
+        forget = reshuffled_cycle(task.forget, bs, gen)
+        for rb in task.retain.batches(bs, shuffle=True, generator=gen):
+            fb = next(forget, None)
+            if fb is None:  # empty forget set: plain fine-tuning on retain
+                yield rb
+                continue
+            x = torch.cat([rb.x, fb.x.to(rb.x.device)])
+            y = torch.cat([rb.y, fb.y.to(rb.y.device)])
+            is_forget = torch.zeros(len(y), dtype=torch.bool)
+            is_forget[len(rb.y):] = True
+            yield Batch(x, y, torch.cat([rb.pos, fb.pos.to(rb.pos.device)]), forget=is_forget)
+
+    def loss(self, model, x, batch, epoch):
+        a = float(self.hp["alpha"])
+        y = batch.y.to(x.device)
+        if batch.forget is None:
+            return a * F.cross_entropy(model(x), y)
+        f = batch.forget.to(x.device)
+        retain_loss = F.cross_entropy(model(x[~f]), y[~f])
+        forget_loss = F.cross_entropy(model(x[f]), y[f])
+        return a * retain_loss - (1 - a) * forget_loss

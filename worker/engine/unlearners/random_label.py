@@ -1,0 +1,62 @@
+"""``random_label`` (RL_og, ALGORITHMS §4.4): fine-tune on the forget set with random labels ∪ retain.
+
+Forget rows get new labels once per run (seeded by the task's seed), then forget and retain are
+shuffled together into one view (``View.with_labels`` + ``data.concat``) and trained with CE.
+``label_mode="any"`` draws labels uniformly from all classes, as RUM's ``RL_og`` and SalUn do (so
+about 1/C of the rows keep their true label); ``"wrong"`` draws uniformly among the other C−1
+classes. Batches carry ``forget`` (True for relabeled rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data import View, concat
+from ..errors import ConfigError
+from .base import LoopUnlearner, register
+
+LABEL_MODES = ("any", "wrong")
+
+
+def random_labels(y: torch.Tensor, num_classes: int, mode: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    y = y.cpu()
+    if mode == "any":
+        return torch.randint(0, num_classes, y.shape, generator=g)
+    return (y + torch.randint(1, max(num_classes, 2), y.shape, generator=g)) % num_classes
+
+
+@register
+class RandomLabel(LoopUnlearner):
+    name = "random_label"
+    defaults = {**LoopUnlearner.defaults, "epochs": 5, "lr": 0.02, "label_mode": "any"}
+
+    _view: View | None = None
+    _n_forget: int = 0
+
+    def validate(self):
+        super().validate()
+        if self.hp["label_mode"] not in LABEL_MODES:
+            mode = self.hp["label_mode"]
+            raise ConfigError(f"hyperparameters.label_mode: must be one of {LABEL_MODES}, got {mode!r}")
+
+    def prepare(self, model, task, runtime):
+        forget = task.forget
+        labels = random_labels(forget.y, task.num_classes, self.hp["label_mode"], task.seed + 1013)
+        labels = labels.to(forget.y.device)
+        self._n_forget = len(forget)
+        self._view = concat([forget.with_labels(labels), task.retain]) if len(forget) else task.retain
+
+    def batches(self, task, epoch, gen):
+        for b in self._view.batches(int(self.hp["batch_size"]), shuffle=True, generator=gen):
+            b.forget = b.pos.cpu() < self._n_forget
+            yield b
+
+    def loss(self, model, x, batch, epoch):
+        logits = model(x)
+        return F.cross_entropy(logits, batch.y.to(logits.device))
+
+    def finish(self):
+        self._view = None
+        super().finish()
