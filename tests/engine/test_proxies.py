@@ -88,6 +88,8 @@ def test_config_errors_name_the_problem(original, digits, runtime):
         compute_proxy("memorability", original, digits, runtime)
     with pytest.raises(ConfigError, match="'memorability'"):
         check_proxy("memorability")
+    with pytest.raises(ConfigError, match="unknown proxy"):
+        check_proxy(["confidence"])
     with pytest.raises(ConfigError, match="lr_typo"):
         compute_proxy("holdout_retrain", original, digits, runtime, lr_typo=0.1)
     with pytest.raises(ConfigError, match="ft_epochs"):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Batch, UnlearningData, View
-from .errors import ConfigError, DatasetError
+from .errors import CheckpointError, ConfigError, DatasetError
 from .events import EVENT_KEYS, LearningEvents, read_events
 from .runtime import RunContext, Runtime, predict, seed_everything
 from .training import fit, make_optimizer
@@ -128,7 +128,7 @@ def check_proxy(
     ``has_events`` / ``has_holdout`` are checked only when given (``None`` = not known yet).
     Raises :class:`ConfigError` naming the field.
     """
-    canonical = ALIASES.get(name, name) if isinstance(name, str) else name
+    canonical = ALIASES.get(name, name) if isinstance(name, str) else None
     if canonical not in PROXIES:
         raise ConfigError(f"proxy: unknown proxy {name!r}; known: {available_proxies()}")
     info = PROXIES[canonical]
@@ -194,7 +194,8 @@ def compute_proxy(
     values = orient(info.statistic, raw)
     if values.shape != (len(data.train),) or not np.isfinite(values).all():
         bad = int((~np.isfinite(values)).sum()) if values.shape == (len(data.train),) else -1
-        raise DatasetError(f"proxy {info.name!r}: expected {len(data.train)} finite scores ({bad} not finite)")
+        error = DatasetError if info.needs_events else CheckpointError  # bad events file, or a model giving NaN
+        raise error(f"proxy {info.name!r}: expected {len(data.train)} finite scores ({bad} not finite)")
     ctx.report(1.0)
     return ProxyResult(info.name, values, time.perf_counter() - start, info.source, hp)
 
