@@ -186,11 +186,13 @@ def test_parse_policy_round_trip_and_errors():
 
 def test_default_pipeline_is_three_valid_bins():
     cfg = default_rum_config()
-    assert len(cfg.bins) == 3
+    assert len(cfg.bins) == 3 and len(cfg.quantiles) == 2
+    cfg.quantiles.append(0.95)  # a fresh copy each time: callers may edit theirs
+    assert len(default_rum_config().quantiles) == 2
     missing = {b.method for b in cfg.bins} - set(REGISTRY)
     if missing:
         pytest.skip(f"unlearners not registered yet: {missing}")
-    cfg.validate()
+    default_rum_config().validate()
 
 
 def test_cancellation_between_bins(spy, original, digits, runtime, proxy, mixed):
