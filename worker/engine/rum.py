@@ -264,7 +264,8 @@ def run_unlearning(
     """Unlearn ``forget_rows`` (train-split rows) from ``model`` with ``policy``.
 
     ``proxy_values`` (one per training row, higher = more memorized) is required for RUM and
-    only used for reporting otherwise. ``excluded_rows`` never enter a retain set. Progress goes
+    only used for reporting otherwise. ``excluded_rows`` never enter a retain set (a row both in
+``forget_rows`` and ``excluded_rows`` is still unlearned: dedupe upstream). Progress goes
     to ``ctx`` (one equal slice per step); cancellation is checked between steps and, through
     the unlearners' loop, once per batch. Step k runs with seed ``seed + k``.
     """
