@@ -18,7 +18,8 @@ from pathlib import Path
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="dataset file (.npz, see README)")
-    p.add_argument("--arch", required=True, help="architecture name: mlp, small_cnn, lenet5, resnet18 or an installed entry point")
+    p.add_argument("--arch", required=True,
+                   help="architecture name: mlp, small_cnn, lenet5, resnet18 or an installed entry point")
     p.add_argument("--kwargs", default="{}", help='architecture keyword arguments as JSON, e.g. \'{"width": 16}\'')
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9, cosine schedule)")
