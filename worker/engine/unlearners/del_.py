@@ -75,7 +75,7 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 class Del(MaskedLoopUnlearner):
     name = "del"
     defaults = {
-        **MaskedLoopUnlearner.defaults, "epochs": 10, "lr": 0.05, "batch_size": 128, "threshold": 0.3,
+        **MaskedLoopUnlearner.defaults, "epochs": 5, "lr": 0.1, "batch_size": 128, "threshold": 0.3,
         "momentum": 0.9, "weight_decay": 0.0, "schedule": "cosine", "eta_min_frac": 0.01,
     }
 

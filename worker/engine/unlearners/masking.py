@@ -67,10 +67,11 @@ def top_fraction(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, 
 
     Exactly that many entries are selected (``topk``, ties broken by position), so the masked
     fraction is ``fraction`` to within one entry whatever the ties (DEL's channel scores tie
-    within a channel, and unused parameters all score 0).
+    within a channel, and unused parameters all score 0). If every score is 0 (an empty forget
+    set) nothing is selected rather than an arbitrary ``fraction`` of the model.
     """
     flat = torch.cat([s.detach().reshape(-1).float() for s in scores.values()])
-    k = min(int(fraction * flat.numel()), flat.numel())
+    k = min(int(fraction * flat.numel()), flat.numel()) if bool(flat.any()) else 0  # all-zero scores: nothing
     chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if k > 0:
         chosen[flat.topk(k, sorted=False).indices] = True

@@ -18,7 +18,7 @@ from .base import LoopUnlearner, register
 @register
 class NegGrad(LoopUnlearner):
     name = "neggrad"
-    defaults = {**LoopUnlearner.defaults, "epochs": 5, "lr": 1e-3, "batch_size": 32}
+    defaults = {**LoopUnlearner.defaults, "epochs": 3, "lr": 0.005, "batch_size": 16}
 
     def batches(self, task, epoch, gen):
         return task.forget.batches(int(self.hp["batch_size"]), shuffle=True, generator=gen)

@@ -28,7 +28,7 @@ def reshuffled_cycle(view: View, batch_size: int, gen: torch.Generator) -> Itera
 @register
 class NegGradPlus(LoopUnlearner):
     name = "neggrad_plus"
-    defaults = {**LoopUnlearner.defaults, "epochs": 5, "lr": 0.01, "alpha": 0.99}
+    defaults = {**LoopUnlearner.defaults, "epochs": 3, "lr": 0.05, "alpha": 0.9}
 
     def validate(self):
         super().validate()

@@ -32,8 +32,8 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: fl
 class Scrub(LoopUnlearner):
     name = "scrub"
     defaults = {
-        **LoopUnlearner.defaults, "epochs": 5, "lr": 5e-3, "msteps": 4, "temperature": 4.0,
-        "beta": 1.0, "gamma": 1.0, "forget_batch_size": 32,
+        **LoopUnlearner.defaults, "epochs": 5, "lr": 0.02, "msteps": 2, "temperature": 4.0,
+        "beta": 0.5, "gamma": 1.0, "forget_batch_size": 32,
     }
 
     _teacher: torch.nn.Module | None = None

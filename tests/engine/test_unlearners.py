@@ -1,0 +1,373 @@
+"""Every registered unlearner on digits: contract checks, plus one check per method that fails when
+the method's defining feature is missing (the ascent term, the mask, the reset, the step bound…)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from worker.engine import architectures
+from worker.engine.errors import Cancelled, ConfigError
+from worker.engine.metrics import fraction_changed, snapshot
+from worker.engine.runtime import RunContext, predict
+from worker.engine.training import accuracy
+from worker.engine.unlearners import REGISTRY, UnlearningTask, get_unlearner
+from worker.engine.unlearners.del_ import channel_scores, criticality_mask, criticality_scores, head_parameter_names
+from worker.engine.unlearners.l1_sparse import L1Sparse
+from worker.engine.unlearners.masking import top_fraction
+from worker.engine.unlearners.random_label import random_labels
+from worker.engine.unlearners.salun import saliency_mask
+from worker.engine.unlearners.scrub import distill_kl
+
+# Built-in methods only (other test modules may register spies into the same registry).
+METHODS = sorted(n for n, c in REGISTRY.items() if c.__module__.startswith("worker.engine.unlearners."))
+BUILTINS = {"retrain", "finetune", "neggrad", "neggrad_plus", "l1_sparse", "random_label", "salun", "scrub",
+            "del", "iau", "none"}
+# Few epochs, for tests that check plumbing rather than quality.
+FAST = {"retrain": {"epochs": 2}, "iau": {}, "none": {}}
+
+
+def fast(name: str) -> dict:
+    return FAST.get(name, {"epochs": 2})
+
+
+@pytest.fixture(scope="module")
+def task(digits, forget_rows):
+    forget, retain = digits.forget_retain(forget_rows)
+    return UnlearningTask(forget, retain, digits.num_classes, seed=0)
+
+
+@pytest.fixture(scope="module")
+def make_original(_trained):
+    spec, state, _ = _trained
+
+    def make():
+        m = architectures.build(spec)
+        m.load_state_dict(copy.deepcopy(state))
+        return m.eval()
+
+    return make
+
+
+def forget_confidence(model, view, runtime) -> float:
+    p = predict(model, view, runtime).softmax(1)
+    return p.gather(1, view.y.view(-1, 1).cpu()).mean().item()
+
+
+@pytest.fixture(scope="module")
+def default_run(make_original, task, digits, runtime):
+    """Runs a method once with its defaults (cached per module) and measures it."""
+    cache: dict[str, dict] = {}
+
+    def run(name: str) -> dict:
+        if name not in cache:
+            model = make_original()
+            before = snapshot(model)
+            out = get_unlearner(name).unlearn(model, task, runtime)
+            cache[name] = {
+                "model": out, "before": before, "after": snapshot(out),
+                "test_logits": predict(out, digits.view("test"), runtime),
+                "acc_test": accuracy(out, digits.view("test"), runtime),
+                "acc_forget": accuracy(out, task.forget, runtime),
+                "conf_forget": forget_confidence(out, task.forget, runtime),
+            }
+        return cache[name]
+
+    return run
+
+
+def test_registry_has_every_builtin():
+    assert set(METHODS) >= BUILTINS
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_defaults_run_change_the_model_and_keep_utility(name, default_run, make_original, task, runtime, digits):
+    r = default_run(name)
+    assert torch.isfinite(r["test_logits"]).all()
+    assert all(torch.isfinite(v).all() for v in r["after"].values() if v.is_floating_point())
+    changed = fraction_changed(r["before"], r["after"])
+    if name == "none":
+        assert changed == 0.0
+    else:
+        assert changed > 0.0
+    original_acc = accuracy(make_original(), digits.view("test"), runtime)
+    assert original_acc > 0.95
+    assert r["acc_test"] >= 0.9, f"{name} defaults dropped test accuracy to {r['acc_test']:.3f}"
+
+
+@pytest.mark.parametrize("name", ["neggrad", "neggrad_plus", "random_label", "salun", "scrub", "del", "iau"])
+def test_forgetting_methods_lower_forget_confidence(name, default_run, make_original, task, runtime):
+    before = forget_confidence(make_original(), task.forget, runtime)
+    after = default_run(name)["conf_forget"]
+    # scrub's tuned defaults move the forget set gently (see test_scrub_max_steps_push_away_from_teacher)
+    margin = 0.0 if name == "scrub" else 0.005
+    assert after < before - margin, f"{name}: forget confidence {before:.4f} -> {after:.4f}"
+
+
+def test_neggrad_plus_ascent_term_matters(default_run, make_original, task, runtime):
+    ablated = get_unlearner("neggrad_plus", alpha=1.0).unlearn(make_original(), task, runtime)  # no ascent
+    assert default_run("neggrad_plus")["conf_forget"] < forget_confidence(ablated, task.forget, runtime) - 0.005
+
+
+def test_scrub_max_steps_push_away_from_teacher(make_original, task, runtime):
+    """Max-steps alone (γ = β = 0 silences the min-steps) raise the forget-set KL to the teacher;
+    without them (msteps=0) only BatchNorm's running statistics move."""
+    teacher = predict(make_original(), task.forget, runtime)
+    pure = {"epochs": 2, "gamma": 0.0, "beta": 0.0, "weight_decay": 0.0, "momentum": 0.0}
+
+    def kl(msteps):
+        student = get_unlearner("scrub", msteps=msteps, **pure).unlearn(make_original(), task, runtime)
+        return distill_kl(predict(student, task.forget, runtime), teacher, 4.0).item()
+
+    assert kl(2) > 10 * kl(0) + 1e-3
+
+
+def test_neggrad_is_ascent_on_the_forget_set(make_original, task, runtime):
+    model = make_original()
+    before = forget_confidence(model, task.forget, runtime)
+    get_unlearner("neggrad", epochs=1).unlearn(model, task, runtime)
+    assert forget_confidence(model, task.forget, runtime) < before
+
+
+def test_neggrad_plus_pairs_every_retain_batch_with_a_forget_batch(task):
+    u = get_unlearner("neggrad_plus", batch_size=128)
+    batches = list(u.batches(task, 0, torch.Generator().manual_seed(0)))
+    assert len(batches) == -(-len(task.retain) // 128)  # one pass over retain
+    for b in batches:
+        assert b.forget is not None and b.forget.any() and (~b.forget).any()
+    assert sum(int((~b.forget).sum()) for b in batches) == len(task.retain)
+
+
+def test_salun_changes_only_the_top_k_salient_entries(make_original, task, runtime):
+    k = 0.3
+    mask = saliency_mask(make_original(), task.forget, runtime, k=k, batch_size=128)
+    model = make_original()
+    before = snapshot(model)
+    get_unlearner("salun", k=k, epochs=1).unlearn(model, task, runtime)
+    after = snapshot(model)
+    for name, m in mask.items():
+        assert torch.equal(before[name][~m], after[name][~m]), f"unmasked entries of {name} moved"
+    frac = fraction_changed(before, after)
+    assert 0.5 * k <= frac <= k + 1e-6
+    # standard SalUn: the mask holds the LARGEST |grad| entries (RUM's code picked the smallest)
+    from worker.engine.unlearners.masking import gradient_sum
+
+    g = gradient_sum(make_original(), task.forget, runtime, batch_size=128)
+    inside = torch.cat([g[n].abs()[m] for n, m in mask.items()])
+    outside = torch.cat([g[n].abs()[~m] for n, m in mask.items()])
+    assert inside.min() >= outside.max()
+    total = sum(m.numel() for m in mask.values())
+    assert abs(sum(int(m.sum()) for m in mask.values()) - int(k * total)) == 0
+
+
+def test_top_fraction_selects_exactly_that_many_entries_even_with_ties():
+    scores = {"a": torch.ones(10, 3), "b": torch.zeros(7), "c": torch.tensor([5.0, 5.0, 0.5])}
+    mask = top_fraction(scores, 0.5)
+    assert sum(int(m.sum()) for m in mask.values()) == int(0.5 * 40)
+    assert mask["c"][:2].all()
+    # an empty forget set scores 0 everywhere: select nothing rather than an arbitrary half
+    assert not any(m.any() for m in top_fraction({"a": torch.zeros(5, 2)}, 0.5).values())
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.3])
+def test_del_resets_about_threshold_of_the_entries(threshold, make_original, task, runtime):
+    model = make_original()
+    before = snapshot(model)
+    u = get_unlearner("del", threshold=threshold, epochs=0)
+    u.unlearn(model, task, runtime)
+    assert abs(u.reset_fraction - threshold) < 1e-3
+    assert abs(fraction_changed(before, snapshot(model)) - threshold) < 0.01
+    for k, v in before.items():  # BN running statistics are kept
+        if "running_" in k:
+            assert torch.equal(v, model.state_dict()[k])
+
+
+def test_del_finetunes_only_reset_entries_and_the_whole_head(make_original, task, runtime):
+    mask = criticality_mask(make_original(), task.forget, runtime, threshold=0.3, batch_size=128)
+    model = make_original()
+    before = snapshot(model)
+    get_unlearner("del", epochs=1).unlearn(model, task, runtime)
+    after = snapshot(model)
+    head = head_parameter_names(model)
+    assert head == {"fc.weight", "fc.bias"}
+    for name, m in mask.items():
+        if name in head:
+            assert (before[name] != after[name]).float().mean() > 0.99
+        else:
+            assert torch.equal(before[name][~m], after[name][~m]), f"{name} moved outside the DEL mask"
+
+
+def test_del_channel_scores_are_constant_per_output_channel(make_original, task, runtime):
+    scores = criticality_scores(make_original(), task.forget, runtime, batch_size=128)
+    for name, s in scores.items():
+        assert torch.isfinite(s).all(), name
+        if s.ndim > 1:
+            rows = s.reshape(s.shape[0], -1)
+            assert torch.equal(rows, rows[:, :1].expand_as(rows)), name
+
+
+def test_del_guards_k_zero_for_fewer_than_ten_output_channels():
+    score = torch.rand(6, 20)  # int(0.1 * 6) = 0 in the reference: mean of nothing = NaN
+    c = channel_scores(score)
+    assert torch.isfinite(c).all()
+    assert torch.allclose(c[:, 0], score.max(dim=1).values)  # guarded k = 1: the row max
+    wide = channel_scores(torch.rand(200, 3))  # k = 20 > fan_in 3: capped at fan_in
+    assert torch.isfinite(wide).all()
+
+
+@pytest.mark.parametrize(("arch", "kwargs"), [("mlp", {"hidden": [8]}), ("lenet5", {})])
+def test_del_on_tiny_layers(arch, kwargs, digits, task, runtime):
+    torch.manual_seed(0)
+    spec = architectures.default_spec(arch, digits.input_shape, digits.num_classes, **kwargs)
+    model = architectures.build(spec)
+    scores = criticality_scores(model, task.forget, runtime, batch_size=128)
+    assert all(torch.isfinite(s).all() for s in scores.values())
+    before = snapshot(model)
+    u = get_unlearner("del", epochs=1)
+    out = u.unlearn(model, task, runtime)
+    assert abs(u.reset_fraction - 0.3) < 1e-2
+    assert all(torch.isfinite(p).all() for p in out.parameters())
+    assert fraction_changed(before, snapshot(out)) > 0
+
+
+def test_iau_moves_each_parameter_by_at_most_lr(make_original, task, runtime):
+    lr = 1e-3
+    model = make_original()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    get_unlearner("iau", lr=lr).unlearn(model, task, runtime)
+    steps = torch.cat([(p.detach() - before[n]).abs().flatten() for n, p in model.named_parameters()])
+    assert steps.max() <= lr * (1 + 1e-4)
+    assert steps.max() >= 0.9 * lr  # a sign-like step: most coordinates move by ~lr
+    assert (steps > 0.5 * lr).float().mean() > 0.5
+
+
+def test_iau_gradient_is_retain_minus_forget(make_original, task, runtime):
+    """A tiny lr makes IAU a signed probe of g = ∇CE_R − ∇CE_F: the forget loss must go up."""
+    model = make_original()
+    before = forget_confidence(model, task.forget, runtime)
+    get_unlearner("iau", lr=1e-4, steps=2).unlearn(model, task, runtime)
+    assert forget_confidence(model, task.forget, runtime) < before
+
+
+def test_random_labels():
+    y = torch.arange(10).repeat(50)
+    wrong = random_labels(y, 10, "wrong", seed=1)
+    assert (wrong != y).all() and wrong.min() >= 0 and wrong.max() <= 9
+    anyl = random_labels(y, 10, "any", seed=1)
+    assert set(anyl.tolist()) == set(range(10)) and (anyl == y).any()
+    assert torch.equal(anyl, random_labels(y, 10, "any", seed=1))
+
+
+def test_random_label_relabels_forget_rows_only(task):
+    u = get_unlearner("random_label", label_mode="wrong", batch_size=64)
+    u.prepare(None, task, None)
+    n_forget = 0
+    true_y = torch.cat([task.forget.y, task.retain.y])
+    for b in u.batches(task, 0, torch.Generator().manual_seed(0)):
+        assert torch.equal(b.forget, b.pos < len(task.forget))
+        assert (b.y[b.forget] != true_y[b.pos[b.forget]]).all()
+        assert torch.equal(b.y[~b.forget], true_y[b.pos[~b.forget]])
+        n_forget += int(b.forget.sum())
+    assert n_forget == len(task.forget)
+    u.finish()
+
+
+def test_l1_alpha_decays_linearly_and_clamps():
+    u = L1Sparse(alpha=1.0, epochs=5, no_l1_epochs=1)
+    assert [u.alpha_at(e) for e in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert L1Sparse(alpha=1.0, epochs=2, no_l1_epochs=3).alpha_at(0) == 0.0
+
+
+def test_l1_penalty_shrinks_the_weights(make_original, task, runtime):
+    def l1(m):
+        return sum(p.abs().sum().item() for p in m.parameters())
+
+    plain = get_unlearner("l1_sparse", alpha=0.0, epochs=1).unlearn(make_original(), task, runtime)
+    sparse = get_unlearner("l1_sparse", alpha=3e-3, epochs=1).unlearn(make_original(), task, runtime)
+    assert l1(sparse) < 0.98 * l1(plain)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_unknown_hyperparameter_is_named(name):
+    with pytest.raises(ConfigError, match="learning_rate_typo"):
+        get_unlearner(name, learning_rate_typo=0.1)
+
+
+@pytest.mark.parametrize(("name", "field", "value"), [
+    ("neggrad_plus", "alpha", 1.5), ("salun", "k", 2), ("del", "threshold", -0.1), ("iau", "steps", 0),
+    ("iau", "steps", 1.5), ("l1_sparse", "alpha", -1.0), ("scrub", "temperature", 0),
+    ("random_label", "label_mode", "shuffled"), ("neggrad", "lr", -1.0),
+])
+def test_bad_hyperparameter_values_are_named(name, field, value):
+    with pytest.raises(ConfigError, match=f"hyperparameters.{field}"):
+        get_unlearner(name, **{field: value})
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_cancellation(name, make_original, task, runtime):
+    ctx = RunContext(cancel_requested=lambda: True)
+    with pytest.raises(Cancelled):
+        get_unlearner(name, **fast(name)).unlearn(make_original(), task, runtime, ctx)
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"none"}))
+def test_cancellation_mid_run(name, make_original, task, runtime):
+    """Cancellation is polled inside the work (per batch), not only at the start or at progress reports."""
+    polls = []
+
+    def cancel():
+        polls.append(1)
+        return len(polls) > 3
+
+    with pytest.raises(Cancelled):
+        get_unlearner(name, **fast(name)).unlearn(make_original(), task, runtime, RunContext(cancel_requested=cancel))
+    assert len(polls) == 4
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_progress_increases_to_one(name, make_original, task, runtime):
+    seen = []
+    ctx = RunContext(progress=lambda stage, f: seen.append(f), stage="unlearning")
+    get_unlearner(name, **fast(name)).unlearn(make_original(), task, runtime, ctx)
+    assert seen, "no progress reported"
+    assert all(b > a for a, b in zip(seen, seen[1:], strict=False)), seen
+    assert seen[-1] == pytest.approx(1.0)
+
+
+def test_masked_methods_keep_no_state_after_a_run(make_original, task, runtime):
+    for name in ("salun", "del", "scrub", "random_label"):
+        u = get_unlearner(name, epochs=1)
+        u.unlearn(make_original(), task, runtime)
+        assert not getattr(u, "_masked", [])
+        assert getattr(u, "_teacher", None) is None and getattr(u, "_view", None) is None
+
+
+def test_same_seed_same_result(make_original, task, runtime):
+    a = get_unlearner("salun", epochs=1).unlearn(make_original(), task, runtime)
+    b = get_unlearner("salun", epochs=1).unlearn(make_original(), task, runtime)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_masked_loop_keeps_unmasked_entries_with_weight_decay_and_adam(make_original, task, runtime):
+    model = make_original()
+    before = snapshot(model)
+    get_unlearner("salun", epochs=1, weight_decay=5e-3, optimizer="adam", lr=1e-3, k=0.2).unlearn(
+        model, task, runtime)
+    assert fraction_changed(before, snapshot(model)) <= 0.2 + 1e-6
+
+
+def test_head_is_the_last_linear_module():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+            self.classifier = nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.classifier(self.body(x))
+
+    assert head_parameter_names(Net()) == {"classifier.weight", "classifier.bias"}
+    assert head_parameter_names(nn.Sequential(nn.Conv2d(1, 4, 3))) == set()
