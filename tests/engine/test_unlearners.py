@@ -371,3 +371,19 @@ def test_head_is_the_last_linear_module():
 
     assert head_parameter_names(Net()) == {"classifier.weight", "classifier.bias"}
     assert head_parameter_names(nn.Sequential(nn.Conv2d(1, 4, 3))) == set()
+
+
+@pytest.mark.parametrize(("arch", "kwargs"), [("mlp", {}), ("lenet5", {}), ("resnet18", {"width": 4})])
+def test_every_method_runs_on_every_builtin_architecture(arch, kwargs, digits, runtime):
+    forget, retain = digits.view("train", torch.arange(20)), digits.view("train", torch.arange(20, 220))
+    small = UnlearningTask(forget, retain, digits.num_classes, seed=0)
+    spec = architectures.default_spec(arch, digits.input_shape, digits.num_classes, **kwargs)
+    torch.manual_seed(0)
+    state = architectures.build(spec).state_dict()
+    for name in METHODS:
+        model = architectures.build(spec)
+        model.load_state_dict(state)
+        hp = {} if name in ("iau", "none") else {"epochs": 1}
+        out = get_unlearner(name, **hp).unlearn(model, small, runtime)
+        assert all(torch.isfinite(p).all() for p in out.parameters()), (arch, name)
+        assert torch.isfinite(predict(out, forget, runtime)).all(), (arch, name)
