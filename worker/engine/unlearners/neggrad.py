@@ -5,7 +5,9 @@ seen, so nothing holds utility in place: the method is very sensitive to ``lr ×
 our defaults (found by ``bench.tune_unlearners``, see bench/results/TUNING.md) are a short, small
 push. RUM's README default for CIFAR-10/ResNet-18 is lr 1e-4 for 5 epochs at batch 256; on our
 small models and forget sets of a few dozen rows that is one step per epoch and does nothing,
-hence the smaller batch.
+hence the smaller batch. Even tuned, ascent is fragile: on a less-converged model (larger
+forget-set gradients) the same defaults overshoot (test accuracy 0.90 on one of three held-out
+models in TUNING.md); prefer ``neggrad_plus``, ``salun``, ``scrub`` or ``del`` in production.
 """
 
 from __future__ import annotations
