@@ -27,7 +27,7 @@ from worker.engine.runtime import RunContext
 from worker.engine.sample_data import digits_arrays
 from worker.engine.training import TrainConfig, train_model
 
-torch.set_num_threads(1)
+# (no global torch.set_num_threads here: changing it mid-process crashed later tests)
 
 N_FLIP = 20
 FAST = {"holdout_retrain": {"ft_epochs": 8}}  # keeps the file fast; the recipe is otherwise the default
