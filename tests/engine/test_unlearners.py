@@ -387,3 +387,42 @@ def test_every_method_runs_on_every_builtin_architecture(arch, kwargs, digits, r
         out = get_unlearner(name, **hp).unlearn(model, small, runtime)
         assert all(torch.isfinite(p).all() for p in out.parameters()), (arch, name)
         assert torch.isfinite(predict(out, forget, runtime)).all(), (arch, name)
+
+
+def test_retain_guard_stops_a_runaway_ascent_and_restores_a_good_state(make_original, task, runtime):
+    """NegGrad at a reckless learning rate wrecks the model without the guard and not with it."""
+    reckless = {"lr": 0.5, "epochs": 3, "loss_bound": 50.0}
+    before = accuracy(make_original(), task.retain, runtime)
+    unguarded = get_unlearner("neggrad", max_retain_drop=None, **reckless)
+    wrecked = accuracy(unguarded.unlearn(make_original(), task, runtime), task.retain, runtime)
+    assert wrecked < before - 0.3
+    assert unguarded.last_run == {"guard_tripped": False}
+
+    guarded = get_unlearner("neggrad", **reckless)  # default max_retain_drop 0.05
+    kept = accuracy(guarded.unlearn(make_original(), task, runtime), task.retain, runtime)
+    assert guarded.last_run["guard_tripped"] is True
+    assert kept >= before - 0.08  # the probe is 512 retain rows: allow its sampling error
+    assert guarded.last_run["retain_probe_before"] - guarded.last_run["retain_probe_after"] <= 0.05
+
+
+def test_guard_is_validated_and_off_for_del_and_finetune():
+    with pytest.raises(ConfigError, match="hyperparameters.max_retain_drop"):
+        get_unlearner("salun", max_retain_drop=2)
+    assert get_unlearner("del").hp["max_retain_drop"] is None
+    assert get_unlearner("finetune").hp["max_retain_drop"] is None
+    assert get_unlearner("scrub").hp["max_retain_drop"] == 0.05
+
+
+def test_bounded_ascent_stops_pushing_examples_past_the_bound():
+    from worker.engine.unlearners.neggrad import bounded_ce
+
+    logits = torch.tensor([[10.0, 0.0, 0.0], [0.0, 10.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 0])  # the first is confidently right, the second confidently wrong
+    loss = bounded_ce(logits, y, None)  # bound ln 3
+    loss.backward()
+    assert loss.item() == pytest.approx((torch.nn.functional.cross_entropy(logits[:1], y[:1]).item()
+                                         + torch.log(torch.tensor(3.0)).item()) / 2, rel=1e-5)
+    assert logits.grad[1].abs().sum() == 0  # past the bound: no gradient
+    assert logits.grad[0].abs().sum() > 0
+    with pytest.raises(ConfigError, match="hyperparameters.loss_bound"):
+        get_unlearner("neggrad", loss_bound=-1)

@@ -58,10 +58,17 @@ def fit(
     ctx: RunContext | None = None,
     after_backward: Callable[[nn.Module], None] | None = None,
     train_mode: bool = True,
+    monitor: Callable[[], bool] | None = None,
+    monitor_every: int = 10,
 ) -> nn.Module:
-    """Run ``epochs`` epochs of ``loss_fn`` over ``batches(epoch)``; report progress per epoch."""
+    """Run ``epochs`` epochs of ``loss_fn`` over ``batches(epoch)``; report progress per epoch.
+
+    ``monitor()``, if given, is called every ``monitor_every`` optimizer steps and at the end of
+    every epoch; when it returns False the loop stops there (the monitor restores what it wants).
+    """
     ctx = ctx or RunContext()
     model.train(train_mode)
+    steps = 0
     for epoch in range(epochs):
         for batch in batches(epoch):
             ctx.check()
@@ -73,8 +80,16 @@ def fit(
             if after_backward is not None:
                 after_backward(model)
             optimizer.step()
+            steps += 1
+            if monitor is not None and steps % monitor_every == 0 and not monitor():
+                ctx.report(1.0)
+                model.eval()
+                return model
         if scheduler is not None:
             scheduler.step()
+        if monitor is not None and not monitor():
+            ctx.report(1.0)
+            break
         ctx.report((epoch + 1) / max(epochs, 1))
     model.eval()
     return model

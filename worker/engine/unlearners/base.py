@@ -19,7 +19,7 @@ from torch import nn
 from ..data import Batch, View
 from ..errors import ConfigError
 from ..runtime import RunContext, Runtime, seed_everything
-from ..training import fit, make_optimizer, make_scheduler
+from ..training import accuracy, fit, make_optimizer, make_scheduler
 
 REGISTRY: dict[str, type[Unlearner]] = {}
 
@@ -90,8 +90,16 @@ class LoopUnlearner(Unlearner):
 
     defaults: ClassVar[dict[str, Any]] = {
         "epochs": 5, "lr": 0.01, "batch_size": 128, "optimizer": "sgd", "momentum": 0.9,
-        "weight_decay": 5e-4, "schedule": "constant", "eta_min_frac": 0.0,
+        "weight_decay": 5e-4, "schedule": "cosine", "eta_min_frac": 0.0, "max_retain_drop": None,
     }
+    #: What the last run did: {"steps_checked", "guard_tripped", "retain_probe_before", "retain_probe_after"}.
+    last_run: dict[str, Any] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        d = self.hp.get("max_retain_drop")
+        if d is not None and (not isinstance(d, int | float) or isinstance(d, bool) or not 0 < d <= 1):
+            raise ConfigError(f"hyperparameters.max_retain_drop: must be in (0, 1] or null (no guard), got {d!r}")
 
     def prepare(self, model: nn.Module, task: UnlearningTask, runtime: Runtime) -> None:
         """Called once before the loop (e.g. to compute a saliency mask)."""
@@ -133,11 +141,61 @@ class LoopUnlearner(Unlearner):
             epochs = int(hp["epochs"])
             opt = self.make_optimizer(model)
             sched = make_scheduler(opt, hp.get("schedule", "constant"), epochs, hp.get("eta_min_frac", 0.0))
-            return fit(
+            guard = None
+            if hp.get("max_retain_drop") is not None and len(task.retain):
+                guard = RetainGuard(model, task.retain, runtime, float(hp["max_retain_drop"]), seed=task.seed)
+            model = fit(
                 model, epochs=epochs, batches=lambda e: self.batches(task, e, gen), loss_fn=self.loss,
                 optimizer=opt, scheduler=sched, runtime=runtime, ctx=ctx,
-                after_backward=self.after_backward if self.has_after_backward() else None,
+                after_backward=self.after_backward if self.has_after_backward() else None, monitor=guard,
             )
+            self.last_run = guard.report() if guard is not None else {"guard_tripped": False}
+            return model
         finally:
             self._task = self._ctx = None
             self.finish()
+
+
+class RetainGuard:
+    """Stops a loop whose retain accuracy falls more than ``max_drop`` below where it started.
+
+    [Ours] Users' first complaint about peer tools is defaults that wreck the model (ascent
+    diverging, SCRUB's max-steps running away). Every ``fit`` monitor call measures accuracy on a
+    fixed seeded probe of ``probe_size`` retain rows; while it is within ``max_drop`` of the
+    starting value the state is remembered, and when it falls further the last good state is
+    restored and the loop stops. The probe is part of the retain set (never the test split), so
+    the audit's test accuracy stays clean. ``max_retain_drop: null`` turns it off (DEL does: its
+    reset drops accuracy on purpose before the fine-tuning recovers it). It is on by default
+    (0.05) for the methods with an ascent or a penalty that can run away: neggrad, neggrad_plus,
+    l1_sparse, random_label, salun and scrub; off for finetune, whose transient dip after the
+    learning rate restarts recovers under the cosine schedule.
+    """
+
+    def __init__(self, model: nn.Module, retain: View, runtime: Runtime, max_drop: float, *,
+                 probe_size: int = 512, seed: int = 0):
+        g = torch.Generator().manual_seed(seed + 104729)
+        pick = torch.randperm(len(retain), generator=g)[:probe_size]
+        self.model, self.runtime, self.max_drop = model, runtime, max_drop
+        self.probe = View(retain.split, retain.index[pick.to(retain.index.device)],
+                          retain.labels[pick.to(retain.labels.device)] if retain.labels is not None else None)
+        self.before = self.last = accuracy(model, self.probe, runtime)
+        self.good = self._state()
+        self.checks = 0
+        self.tripped = False
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def __call__(self) -> bool:
+        self.checks += 1
+        acc = accuracy(self.model, self.probe, self.runtime)
+        if self.before - acc > self.max_drop:
+            self.model.load_state_dict(self.good)
+            self.tripped = True
+            return False
+        self.good, self.last = self._state(), acc
+        return True
+
+    def report(self) -> dict[str, Any]:
+        return {"guard_tripped": self.tripped, "guard_checks": self.checks,
+                "retain_probe_before": self.before, "retain_probe_after": self.last}

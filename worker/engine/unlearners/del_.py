@@ -77,6 +77,7 @@ class Del(MaskedLoopUnlearner):
     defaults = {
         **MaskedLoopUnlearner.defaults, "epochs": 5, "lr": 0.1, "batch_size": 128, "threshold": 0.3,
         "momentum": 0.9, "weight_decay": 0.0, "schedule": "cosine", "eta_min_frac": 0.01,
+        "max_retain_drop": None,  # the reset drops accuracy on purpose; fine-tuning recovers it
     }
 
     reset_fraction: float | None = None  # fraction of trainable entries reset by the last run

@@ -20,7 +20,9 @@ from .base import LoopUnlearner, register
 @register
 class L1Sparse(LoopUnlearner):
     name = "l1_sparse"
-    defaults = {**LoopUnlearner.defaults, "epochs": 3, "lr": 0.05, "alpha": 1e-3, "no_l1_epochs": 0}
+    defaults = {
+        **LoopUnlearner.defaults, "max_retain_drop": 0.05,
+        "epochs": 3, "lr": 0.05, "alpha": 1e-3, "no_l1_epochs": 0}
 
     def validate(self):
         super().validate()

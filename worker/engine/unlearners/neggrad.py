@@ -8,23 +8,53 @@ small models and forget sets of a few dozen rows that is one step per epoch and 
 hence the smaller batch. Even tuned, ascent is fragile: on a less-converged model (larger
 forget-set gradients) the same defaults overshoot (test accuracy 0.90 on one of three held-out
 models in TUNING.md); prefer ``neggrad_plus``, ``salun``, ``scrub`` or ``del`` in production.
+
+[Ours] Bounded ascent. Unbounded ascent has no floor: on Fashion-MNIST (an under-fit model, whose
+forget-set loss is not near zero) the tuned defaults drove test accuracy from 0.86 to 0.20 in
+three epochs. Each example's loss is clamped at ``loss_bound`` (default ln C, the loss of a
+uniform prediction) before the ascent, so an example stops pushing once the model knows nothing
+about it, and the method stops by itself when the whole forget set is there.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .base import LoopUnlearner, register
 
 
 @register
 class NegGrad(LoopUnlearner):
     name = "neggrad"
-    defaults = {**LoopUnlearner.defaults, "epochs": 3, "lr": 0.005, "batch_size": 16}
+    defaults = {
+        **LoopUnlearner.defaults, "max_retain_drop": 0.05,
+        "epochs": 3, "lr": 0.005, "batch_size": 16, "loss_bound": None}
+
+    def validate(self):
+        super().validate()
+        check_loss_bound(self.hp["loss_bound"])
 
     def batches(self, task, epoch, gen):
         return task.forget.batches(int(self.hp["batch_size"]), shuffle=True, generator=gen)
 
     def loss(self, model, x, batch, epoch):
         logits = model(x)
-        return -F.cross_entropy(logits, batch.y.to(logits.device))
+        return -bounded_ce(logits, batch.y.to(logits.device), self.hp["loss_bound"])
+
+
+def check_loss_bound(bound) -> None:
+    if bound is not None and (not isinstance(bound, int | float) or isinstance(bound, bool) or bound <= 0):
+        raise ConfigError(f"hyperparameters.loss_bound: must be a number > 0 or null (ln C), got {bound!r}")
+
+
+def bounded_ce(logits: torch.Tensor, y: torch.Tensor, bound: float | None) -> torch.Tensor:
+    """Mean over the batch of min(CE_i, bound); ``bound`` None = ln(num classes).
+
+    Examples already at the bound contribute no gradient, which bounds gradient *ascent*.
+    """
+    b = math.log(logits.shape[1]) if bound is None else float(bound)
+    return F.cross_entropy(logits.float(), y, reduction="none").clamp(max=b).mean()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..data import Batch, View
 from ..errors import ConfigError
 from .base import LoopUnlearner, register
+from .neggrad import bounded_ce, check_loss_bound
 
 
 def reshuffled_cycle(view: View, batch_size: int, gen: torch.Generator) -> Iterator[Batch]:
@@ -31,13 +32,16 @@ def reshuffled_cycle(view: View, batch_size: int, gen: torch.Generator) -> Itera
 @register
 class NegGradPlus(LoopUnlearner):
     name = "neggrad_plus"
-    defaults = {**LoopUnlearner.defaults, "epochs": 3, "lr": 0.05, "alpha": 0.9}
+    defaults = {
+        **LoopUnlearner.defaults, "max_retain_drop": 0.05,
+        "epochs": 3, "lr": 0.05, "alpha": 0.9, "loss_bound": None}
 
     def validate(self):
         super().validate()
         a = self.hp["alpha"]
         if not isinstance(a, int | float) or isinstance(a, bool) or not 0 <= a <= 1:
             raise ConfigError(f"hyperparameters.alpha: must be in [0, 1], got {a!r}")
+        check_loss_bound(self.hp["loss_bound"])
 
     def batches(self, task, epoch, gen):
         bs = int(self.hp["batch_size"])
@@ -60,5 +64,5 @@ class NegGradPlus(LoopUnlearner):
             return a * F.cross_entropy(model(x), y)
         f = batch.forget.to(x.device)
         retain_loss = F.cross_entropy(model(x[~f]), y[~f])
-        forget_loss = F.cross_entropy(model(x[f]), y[f])
+        forget_loss = bounded_ce(model(x[f]), y[f], self.hp["loss_bound"])
         return a * retain_loss - (1 - a) * forget_loss

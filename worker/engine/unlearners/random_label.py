@@ -30,7 +30,7 @@ def random_labels(y: torch.Tensor, num_classes: int, mode: str, seed: int) -> to
 @register
 class RandomLabel(LoopUnlearner):
     name = "random_label"
-    defaults = {**LoopUnlearner.defaults, "epochs": 3, "lr": 0.005, "label_mode": "any"}
+    defaults = {**LoopUnlearner.defaults, "max_retain_drop": 0.05, "epochs": 3, "lr": 0.005, "label_mode": "any"}
 
     _view: View | None = None
     _n_forget: int = 0

@@ -32,7 +32,7 @@ def saliency_mask(model, forget, runtime, *, k: float, batch_size: int, ctx=None
 @register
 class SalUn(MaskedLoopUnlearner, RandomLabel):
     name = "salun"
-    defaults = {**RandomLabel.defaults, "epochs": 3, "lr": 0.005, "k": 0.5}
+    defaults = {**RandomLabel.defaults, "max_retain_drop": 0.05, "epochs": 3, "lr": 0.005, "k": 0.5}
 
     def validate(self):
         super().validate()

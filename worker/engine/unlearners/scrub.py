@@ -32,7 +32,7 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: fl
 class Scrub(LoopUnlearner):
     name = "scrub"
     defaults = {
-        **LoopUnlearner.defaults, "epochs": 5, "lr": 0.02, "msteps": 2, "temperature": 4.0,
+        **LoopUnlearner.defaults, "max_retain_drop": 0.05, "epochs": 5, "lr": 0.02, "msteps": 2, "temperature": 4.0,
         "beta": 0.5, "gamma": 1.0, "forget_batch_size": 32,
     }
 
