@@ -114,11 +114,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timing-repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--label-noise", type=float, default=0.0,
+                    help="flip this fraction of training labels to another class (seeded): the "
+                         "mislabeled-data use case, where some examples can only be memorized")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     runtime = Runtime.auto("cpu")
 
-    data = from_arrays(validate_arrays(digits_arrays(0)), mean=[0.5], std=[0.5])
+    arrays = digits_arrays(0)
+    if args.label_noise > 0:
+        rng = np.random.default_rng(1000 + args.seed)
+        y = arrays["y_train"].copy()
+        flip = rng.choice(len(y), int(round(args.label_noise * len(y))), replace=False)
+        y[flip] = (y[flip] + rng.integers(1, 10, len(flip))) % 10
+        arrays = dict(arrays, y_train=y)
+    data = from_arrays(validate_arrays(arrays), mean=[0.5], std=[0.5])
     spec = architectures.default_spec("small_cnn", data.input_shape, data.num_classes, width=args.width)
     cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
 
@@ -176,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
             for k, p in dp.items()}
     out = {
         "dataset": "digits (sample_data.digits_arrays(0): 1197 train / 200 holdout / 400 test, mean/std 0.5)",
+        "label_noise": args.label_noise,
         "architecture": spec, "train_config": cfg.to_dict(), "runs": args.runs, "subset_frac": args.subset_frac,
         "seeds": {"original": args.seed, "estimator": args.seed, "split": 0}, "threads": args.threads,
         "runtime": runtime.describe(),
@@ -212,7 +223,8 @@ def _finite(x):
 def render(out: dict) -> str:
     t, m = out["timing"], out["memorization"]
     lines = [
-        f"digits, small_cnn width {out['architecture']['kwargs']['width']}, {out['train_config']['epochs']} epochs; "
+        f"digits (label noise {out.get('label_noise', 0):.0%}), "
+        f"small_cnn width {out['architecture']['kwargs']['width']}, {out['train_config']['epochs']} epochs; "
         f"estimator: {out['runs']} runs on {out['subset_frac']:.0%} subsets in {t['estimator_s']:.0f} s "
         f"({out['threads']} thread(s))",
         f"training the original: {t['train_plain_s']:.2f} s plain, {t['train_recorded_s']:.2f} s recording events "
