@@ -214,3 +214,34 @@ def test_cancellation_within_a_bin(original, digits, runtime, proxy, mixed):
         run_unlearning(original, digits, mixed, proxy, policy, runtime, RunContext(cancel_requested=cancel))
     # one pass over ~1,180 retain rows is 10 batches: stopping after 4 polls means mid-bin
     assert len(polls) == 4
+
+
+def test_guard_budget_is_shared_across_bins(original, digits, runtime, proxy, mixed):
+    """Reckless guarded NegGrad in three bins: drops are measured from the model entering RUM."""
+    from worker.engine.training import accuracy
+
+    _, retain = digits.forget_retain(mixed)
+    before = accuracy(original, retain, runtime)
+    policy = rum_same_method("neggrad", {"lr": 0.5, "epochs": 3, "loss_bound": 50.0})
+    result = run_unlearning(original, digits, mixed, proxy, policy, runtime)
+    after = accuracy(result.model, retain, runtime)
+    assert after >= before - 0.08  # one 0.05 budget (plus probe sampling error), not three
+    assert all("guard_tripped" in s.to_dict() for s in result.steps)
+    assert any(s.run["guard_tripped"] for s in result.steps)
+
+
+def test_retain_guard_measures_against_the_reference(original, digits, runtime, mixed):
+    import copy
+
+    from worker.engine.unlearners import UnlearningTask
+    from worker.engine.unlearners.base import RetainGuard
+
+    forget, retain = digits.forget_retain(mixed)
+    broken = copy.deepcopy(original)
+    with torch.no_grad():
+        broken.fc.weight.mul_(-1.0)  # far worse than the original on the retain set
+    alone = RetainGuard(broken, retain, runtime, 0.05)
+    assert alone() is True  # no drop relative to itself
+    task = UnlearningTask(forget, retain, digits.num_classes, reference=original)
+    against = RetainGuard(broken, task.retain, runtime, 0.05, reference=task.reference)
+    assert against() is False and against.tripped

@@ -17,6 +17,7 @@ and MIA of any model for the job report.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -207,6 +208,7 @@ class StepReport:
     hparams: dict[str, Any]
     n_retain: int
     seconds: float
+    run: dict[str, Any] = field(default_factory=dict)  # what the unlearner reported (e.g. the guard)
 
     @property
     def n_forget(self) -> int:
@@ -214,7 +216,7 @@ class StepReport:
 
     def to_dict(self) -> dict:
         return {**self.bin.to_dict(), "method": self.method, "hparams": dict(self.hparams),
-                "n_retain": self.n_retain, "seconds": self.seconds}
+                "n_retain": self.n_retain, "seconds": self.seconds, **self.run}
 
 
 @dataclass
@@ -295,12 +297,16 @@ def run_unlearning(
     steps: list[StepReport] = []
     done: list[torch.Tensor] = []
     t_start = time.perf_counter()
+    # Guarded unlearners compare retain accuracy with the model as it entered RUM, not with each
+    # bin's starting point (else three bins could each spend the whole budget).
+    guarded = len(plan) > 1 and any(u.hp.get("max_retain_drop") is not None for _, u in plan)
+    reference = copy.deepcopy(model).eval() if guarded else None
     for j, (b, unlearner) in enumerate(plan):
         ctx.check()
         done.append(b.rows)
         retain_rows = _rows_except(n, torch.cat(done), excluded)
         task = UnlearningTask(forget=data.view("train", b.rows), retain=data.view("train", retain_rows),
-                              num_classes=data.num_classes, seed=seed + b.index)
+                              num_classes=data.num_classes, seed=seed + b.index, reference=reference)
         sub = ctx.sub(j / len(plan), (j + 1) / len(plan), ctx.stage)
         _sync(runtime)
         t0 = time.perf_counter()
@@ -308,7 +314,8 @@ def run_unlearning(
         _sync(runtime)
         seconds = time.perf_counter() - t0
         sub.report(1.0)
-        steps.append(StepReport(b, unlearner.name, dict(unlearner.hp), len(retain_rows), seconds))
+        steps.append(StepReport(b, unlearner.name, dict(unlearner.hp), len(retain_rows), seconds,
+                                dict(getattr(unlearner, "last_run", None) or {})))
     return UnlearningResult(model=model, method=policy.method, config=policy.to_dict(), steps=steps,
                             seconds=time.perf_counter() - t_start, thresholds=cuts)
 

@@ -32,6 +32,10 @@ class UnlearningTask:
     retain: View
     num_classes: int
     seed: int = 0
+    # The model the retain guard measures drops against; None = the model as it enters this call.
+    # RUM passes the model as it entered the *first* bin, so the guard's budget is not spent anew
+    # in every bin.
+    reference: nn.Module | None = None
 
 
 class Unlearner:
@@ -143,7 +147,8 @@ class LoopUnlearner(Unlearner):
             sched = make_scheduler(opt, hp.get("schedule", "constant"), epochs, hp.get("eta_min_frac", 0.0))
             guard = None
             if hp.get("max_retain_drop") is not None and len(task.retain):
-                guard = RetainGuard(model, task.retain, runtime, float(hp["max_retain_drop"]), seed=task.seed)
+                guard = RetainGuard(model, task.retain, runtime, float(hp["max_retain_drop"]), seed=task.seed,
+                                    reference=task.reference)
             model = fit(
                 model, epochs=epochs, batches=lambda e: self.batches(task, e, gen), loss_fn=self.loss,
                 optimizer=opt, scheduler=sched, runtime=runtime, ctx=ctx,
@@ -172,13 +177,14 @@ class RetainGuard:
     """
 
     def __init__(self, model: nn.Module, retain: View, runtime: Runtime, max_drop: float, *,
-                 probe_size: int = 512, seed: int = 0):
+                 probe_size: int = 512, seed: int = 0, reference: nn.Module | None = None):
         g = torch.Generator().manual_seed(seed + 104729)
         pick = torch.randperm(len(retain), generator=g)[:probe_size]
         self.model, self.runtime, self.max_drop = model, runtime, max_drop
         self.probe = View(retain.split, retain.index[pick.to(retain.index.device)],
                           retain.labels[pick.to(retain.labels.device)] if retain.labels is not None else None)
-        self.before = self.last = accuracy(model, self.probe, runtime)
+        self.last = accuracy(model, self.probe, runtime)
+        self.before = accuracy(reference, self.probe, runtime) if reference is not None else self.last
         self.good = self._state()
         self.checks = 0
         self.tripped = False
