@@ -77,7 +77,8 @@ def run_seed(args, data, spec: dict, seed: int, methods: list[str], runtime: Run
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed)
     events = LearningEvents.empty(n)
     t0 = time.perf_counter()
-    original = train_model(architectures.build(spec), data.view("train"), cfg, runtime=runtime, events=events)
+    model = architectures.build(spec, seed=seed)  # seeded init: the run is reproducible
+    original = train_model(model, data.view("train"), cfg, runtime=runtime, events=events)
     original_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     proxy_name, proxy = compute_default_proxy(original, data, runtime, events)

@@ -132,3 +132,13 @@ def test_fresh_init_differs_and_is_seeded():
     assert torch.equal(a.fc.weight, b.fc.weight)
     assert not torch.equal(a.fc.weight, c.fc.weight)
     assert not torch.equal(a.fc.weight, model.fc.weight)
+
+
+def test_seeded_build_is_reproducible_and_leaves_the_global_rng_alone():
+    spec = A.default_spec("small_cnn", (1, 8, 8), 10, width=8)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a, b, c = A.build(spec, seed=5), A.build(spec, seed=5), A.build(spec, seed=6)
+    assert torch.equal(torch.rand(1), expected_next)
+    assert torch.equal(a.fc.weight, b.fc.weight) and not torch.equal(a.fc.weight, c.fc.weight)

@@ -187,8 +187,15 @@ def validate_spec(spec: object) -> dict:
     return {"name": spec["name"], "kwargs": dict(kwargs)}
 
 
-def build(spec: dict) -> nn.Module:
-    """Instantiate the architecture a spec names; bad names or kwargs raise :class:`ArchitectureError`."""
+def build(spec: dict, seed: int | None = None) -> nn.Module:
+    """Instantiate the architecture a spec names; bad names or kwargs raise :class:`ArchitectureError`.
+
+    With ``seed`` the initialization is reproducible (the global RNG is left as it was).
+    """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build(spec)
     spec = validate_spec(spec)
     builder = _resolve(spec["name"])
     try:

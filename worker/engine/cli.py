@@ -51,7 +51,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         data = load_dataset(args.data, args.mean, args.std)
         spec = architectures.default_spec(args.arch, data.input_shape, data.num_classes, **kwargs)
-        model = architectures.build(spec)
+        model = architectures.build(spec, seed=args.seed)
         runtime = Runtime.auto(args.device)
         data = data.to(runtime.device)
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
