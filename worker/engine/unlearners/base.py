@@ -24,6 +24,31 @@ from ..training import accuracy, fit, make_optimizer, make_scheduler
 REGISTRY: dict[str, type[Unlearner]] = {}
 
 
+def check_number(
+    hp: dict[str, Any], key: str, *, low: float | None = None, high: float | None = None,
+    low_open: bool = False, integer: bool = False, optional: bool = False,
+) -> None:
+    """The one hyperparameter check: a number (not a bool) within [low, high] (or (low, high]).
+
+    Raises :class:`ConfigError` naming ``hyperparameters.<key>``; ``optional`` allows null.
+    """
+    v = hp[key]
+    if optional and v is None:
+        return
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and (not integer or v == int(v))
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"<= {high:g}"
+        kind = "an integer" if integer else "a number"
+        bounds = " and ".join(b for b in (lo, hi) if b)
+        raise ConfigError(f"hyperparameters.{key}: must be {kind}{' ' + bounds if bounds else ''}"
+                          f"{' or null' if optional else ''}, got {v!r}")
+
+
 @dataclass
 class UnlearningTask:
     """What to forget and what to keep. Views live on the runtime's device or on CPU."""
@@ -53,13 +78,9 @@ class Unlearner:
 
     def validate(self) -> None:
         """Check hyperparameter values; raise ConfigError naming the field."""
-        for key in ("lr", "epochs", "batch_size"):
+        for key, low, integer in (("lr", 0, False), ("epochs", 0, True), ("batch_size", 1, True)):
             if key in self.hp:
-                v = self.hp[key]
-                if not isinstance(v, int | float) or isinstance(v, bool) or v < 0 or (key != "lr" and v != int(v)):
-                    raise ConfigError(f"hyperparameters.{key}: must be a non-negative number, got {v!r}")
-                if key == "batch_size" and v < 1:
-                    raise ConfigError("hyperparameters.batch_size: must be >= 1")
+                check_number(self.hp, key, low=low, integer=integer)
 
     def config(self) -> dict[str, Any]:
         return {"method": self.name, **self.hp}
@@ -101,9 +122,7 @@ class LoopUnlearner(Unlearner):
 
     def validate(self) -> None:
         super().validate()
-        d = self.hp.get("max_retain_drop")
-        if d is not None and (not isinstance(d, int | float) or isinstance(d, bool) or not 0 < d <= 1):
-            raise ConfigError(f"hyperparameters.max_retain_drop: must be in (0, 1] or null (no guard), got {d!r}")
+        check_number(self.hp, "max_retain_drop", low=0, low_open=True, high=1, optional=True)
 
     def prepare(self, model: nn.Module, task: UnlearningTask, runtime: Runtime) -> None:
         """Called once before the loop (e.g. to compute a saliency mask)."""

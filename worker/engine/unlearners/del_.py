@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architectures import fresh_init
-from ..errors import ConfigError
-from .base import register
+from .base import check_number, register
 from .masking import MaskedLoopUnlearner, gradient_sum, top_fraction, trainable
 
 CHANNEL_TOPK = 0.1  # k = int(CHANNEL_TOPK · C_out) entries per row (reference value)
@@ -84,9 +83,7 @@ class Del(MaskedLoopUnlearner):
 
     def validate(self):
         super().validate()
-        t = self.hp["threshold"]
-        if not isinstance(t, int | float) or isinstance(t, bool) or not 0 <= t <= 1:
-            raise ConfigError(f"hyperparameters.threshold: must be a fraction in [0, 1], got {t!r}")
+        check_number(self.hp, "threshold", low=0, high=1)
 
     def prepare(self, model, task, runtime):
         mask = criticality_mask(model, task.forget, runtime, threshold=float(self.hp["threshold"]),

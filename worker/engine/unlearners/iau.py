@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
 from ..runtime import RunContext, seed_everything
-from .base import Unlearner, register
+from .base import Unlearner, check_number, register
 from .masking import gradient_sum, trainable
 
 
@@ -43,12 +42,8 @@ class IAU(Unlearner):
 
     def validate(self):
         super().validate()
-        s = self.hp["steps"]
-        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
-            raise ConfigError(f"hyperparameters.steps: must be an integer >= 1, got {s!r}")
-        e = self.hp["eps"]
-        if not isinstance(e, int | float) or isinstance(e, bool) or e <= 0:
-            raise ConfigError(f"hyperparameters.eps: must be > 0, got {e!r}")
+        check_number(self.hp, "steps", low=1, integer=True)
+        check_number(self.hp, "eps", low=0, low_open=True)
 
     def unlearn(self, model, task, runtime, ctx=None):
         ctx = ctx or RunContext()

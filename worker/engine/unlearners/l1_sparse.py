@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from .base import LoopUnlearner, register
+from .base import LoopUnlearner, check_number, register
 
 
 @register
@@ -26,10 +25,8 @@ class L1Sparse(LoopUnlearner):
 
     def validate(self):
         super().validate()
-        for key in ("alpha", "no_l1_epochs"):
-            v = self.hp[key]
-            if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"hyperparameters.{key}: must be a non-negative number, got {v!r}")
+        check_number(self.hp, "alpha", low=0)
+        check_number(self.hp, "no_l1_epochs", low=0, integer=True)
 
     def alpha_at(self, epoch: int) -> float:
         span = int(self.hp["epochs"]) - int(self.hp["no_l1_epochs"])

@@ -23,8 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from .base import LoopUnlearner, register
+from .base import LoopUnlearner, check_number, register
 
 
 @register
@@ -36,7 +35,7 @@ class NegGrad(LoopUnlearner):
 
     def validate(self):
         super().validate()
-        check_loss_bound(self.hp["loss_bound"])
+        check_number(self.hp, "loss_bound", low=0, low_open=True, optional=True)
 
     def batches(self, task, epoch, gen):
         return task.forget.batches(int(self.hp["batch_size"]), shuffle=True, generator=gen)
@@ -44,11 +43,6 @@ class NegGrad(LoopUnlearner):
     def loss(self, model, x, batch, epoch):
         logits = model(x)
         return -bounded_ce(logits, batch.y.to(logits.device), self.hp["loss_bound"])
-
-
-def check_loss_bound(bound) -> None:
-    if bound is not None and (not isinstance(bound, int | float) or isinstance(bound, bool) or bound <= 0):
-        raise ConfigError(f"hyperparameters.loss_bound: must be a number > 0 or null (ln C), got {bound!r}")
 
 
 def bounded_ce(logits: torch.Tensor, y: torch.Tensor, bound: float | None) -> torch.Tensor:

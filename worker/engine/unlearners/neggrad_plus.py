@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Batch, View
-from ..errors import ConfigError
-from .base import LoopUnlearner, register
-from .neggrad import bounded_ce, check_loss_bound
+from .base import LoopUnlearner, check_number, register
+from .neggrad import bounded_ce
 
 
 def reshuffled_cycle(view: View, batch_size: int, gen: torch.Generator) -> Iterator[Batch]:
@@ -38,10 +37,8 @@ class NegGradPlus(LoopUnlearner):
 
     def validate(self):
         super().validate()
-        a = self.hp["alpha"]
-        if not isinstance(a, int | float) or isinstance(a, bool) or not 0 <= a <= 1:
-            raise ConfigError(f"hyperparameters.alpha: must be in [0, 1], got {a!r}")
-        check_loss_bound(self.hp["loss_bound"])
+        check_number(self.hp, "alpha", low=0, high=1)
+        check_number(self.hp, "loss_bound", low=0, low_open=True, optional=True)
 
     def batches(self, task, epoch, gen):
         bs = int(self.hp["batch_size"])

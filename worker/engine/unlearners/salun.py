@@ -17,8 +17,7 @@ lets SGD's decay shrink them too.
 
 from __future__ import annotations
 
-from ..errors import ConfigError
-from .base import register
+from .base import check_number, register
 from .masking import MaskedLoopUnlearner, gradient_sum, top_fraction
 from .random_label import RandomLabel
 
@@ -36,9 +35,7 @@ class SalUn(MaskedLoopUnlearner, RandomLabel):
 
     def validate(self):
         super().validate()
-        k = self.hp["k"]
-        if not isinstance(k, int | float) or isinstance(k, bool) or not 0 <= k <= 1:
-            raise ConfigError(f"hyperparameters.k: must be a fraction in [0, 1], got {k!r}")
+        check_number(self.hp, "k", low=0, high=1)
 
     def prepare(self, model, task, runtime):
         mask = saliency_mask(model, task.forget, runtime, k=float(self.hp["k"]),

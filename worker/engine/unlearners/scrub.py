@@ -18,8 +18,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from .base import LoopUnlearner, register
+from .base import LoopUnlearner, check_number, register
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -40,14 +39,11 @@ class Scrub(LoopUnlearner):
 
     def validate(self):
         super().validate()
-        for key in ("beta", "gamma", "temperature", "msteps", "forget_batch_size"):
-            v = self.hp[key]
-            if not isinstance(v, int | float) or isinstance(v, bool) or v < 0:
-                raise ConfigError(f"hyperparameters.{key}: must be a non-negative number, got {v!r}")
-        if self.hp["temperature"] <= 0:
-            raise ConfigError("hyperparameters.temperature: must be > 0")
-        if self.hp["forget_batch_size"] < 1:
-            raise ConfigError("hyperparameters.forget_batch_size: must be >= 1")
+        for key in ("beta", "gamma"):
+            check_number(self.hp, key, low=0)
+        check_number(self.hp, "temperature", low=0, low_open=True)
+        check_number(self.hp, "msteps", low=0, integer=True)
+        check_number(self.hp, "forget_batch_size", low=1, integer=True)
 
     def prepare(self, model, task, runtime):
         self._teacher = copy.deepcopy(model).eval()
