@@ -1,14 +1,75 @@
-"""The ``unlearnd`` command. It never imports torch itself: engine commands load it lazily."""
+"""The ``unlearnd`` command. It never imports torch itself: engine commands load it lazily.
+
+- ``serve``: the embedded default, API + one real worker process, everything under ``--data-dir``
+- ``api`` / ``worker`` / ``beat``: the production processes (same code, ``DATABASE_URL``,
+  ``BROKER_URL``, ``ARTIFACT_DIR`` from the environment)
+- ``migrate``: bring the database schema to the newest migration
+- ``keys create --tenant T``: print a new API key
+- ``train``: train an unlearning-ready model (weights, events, architecture)
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "unlearnd-data"
+
+
+def _data_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"embedded default's directory (database, broker, artifacts); env UNLEARND_DATA_DIR, "
+                        f"default ./{DEFAULT_DATA_DIR}. DATABASE_URL, BROKER_URL, ARTIFACT_DIR override its parts")
+
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--queues", default="gpu,default", help="comma-separated queues to consume (default: gpu,default)")
+    p.add_argument("--concurrency", type=int, default=1, help="tasks at once (keep 1 per GPU)")
+    p.add_argument("--pool", choices=("solo", "threads", "prefork"), default="solo",
+                   help="solo (default) or threads: CUDA is not fork-safe")
+    p.add_argument("--loglevel", default="info")
+    p.add_argument("--beat", action="store_true", help="also run the periodic sweeper in this process")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unlearnd", description="Make trained classifiers forget, and prove it.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the API and one worker on the embedded default (no server needed)")
+    _data_dir_arg(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true", help="API only (a worker runs elsewhere)")
+
+    api = sub.add_parser("api", help="run the API process only (production)")
+    _data_dir_arg(api)
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+
+    worker = sub.add_parser("worker", help="run a Celery worker (one per GPU: set CUDA_VISIBLE_DEVICES)")
+    _data_dir_arg(worker)
+    _worker_args(worker)
+
+    beat = sub.add_parser("beat", help="run the periodic sweeper (one per deployment)")
+    _data_dir_arg(beat)
+    beat.add_argument("--loglevel", default="info")
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the database schema (Alembic)")
+    _data_dir_arg(migrate)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create an API key for a tenant (created on first use)")
+    _data_dir_arg(create)
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", default=None, help="a label for the key")
 
     train = sub.add_parser("train", help="train an unlearning-ready model (weights, events, architecture)")
     from worker.engine.cli import add_train_arguments  # cheap: torch loads when the command runs
@@ -17,13 +78,163 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings(args: argparse.Namespace):
+    """Settings from the environment, with ``--data-dir`` exported so child processes agree."""
+    if getattr(args, "data_dir", None) is not None:
+        os.environ["UNLEARND_DATA_DIR"] = str(args.data_dir.resolve())
+    from .settings import Settings
+
+    settings = Settings()
+    os.environ["UNLEARND_DATA_DIR"] = str(settings.data_dir.resolve())
+    settings.ensure_dirs()
+    return settings
+
+
+def cmd_migrate(args) -> int:
+    from .migrate import head_revision, upgrade
+
+    settings = _settings(args)
+    upgrade(settings.db_url)
+    print(f"database at revision {head_revision(settings.db_url)}: {settings.public()['database']}")
+    return 0
+
+
+def cmd_keys_create(args) -> int:
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from .auth import create_key
+    from .db import Database
+
+    settings = _settings(args)
+    db = Database(settings.db_url)
+    try:
+        with db.transaction() as session:
+            key, row = create_key(session, args.tenant, args.name)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OperationalError, ProgrammingError) as exc:
+        print(f"error: the database is not ready ({type(exc).__name__}); run 'unlearnd migrate' first",
+              file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    print(key)
+    print(f"# tenant {args.tenant!r}, key prefix {row.prefix}; shown once, stored hashed. "
+          f"Use it as 'Authorization: Bearer <key>'.", file=sys.stderr)
+    return 0
+
+
+def _worker_argv(args) -> list[str]:
+    settings = _settings(args)
+    argv = ["worker", f"--queues={args.queues}", f"--pool={args.pool}", f"--concurrency={args.concurrency}",
+            f"--loglevel={args.loglevel}", "--hostname=unlearnd-%h-" + str(os.getpid())]
+    if args.beat:
+        argv += ["--beat", f"--schedule={settings.data_dir.resolve() / 'beat-schedule'}"]
+    return argv
+
+
+def cmd_worker(args) -> int:
+    argv = _worker_argv(args)
+    from .settings import Settings
+
+    threads = Settings().worker_threads
+    if threads > 0:  # once, at start: changing it mid-job has crashed backward passes
+        import torch
+
+        torch.set_num_threads(threads)
+    from worker.tasks import app
+
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_beat(args) -> int:
+    settings = _settings(args)
+    from worker.tasks import app
+
+    app.start(["beat", f"--loglevel={args.loglevel}", f"--schedule={settings.data_dir.resolve() / 'beat-schedule'}"])
+    return 0
+
+
+def cmd_api(args) -> int:
+    import uvicorn
+
+    _settings(args)
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level="info")
+    return 0
+
+
+class WorkerSupervisor:
+    """The embedded worker as a child process, restarted if it dies (a killed worker must not stall
+    the queue); stopped with the API."""
+
+    def __init__(self, argv: list[str]):
+        self.argv, self.proc, self.stopping = argv, None, threading.Event()
+        self.restarts = 0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv)
+        threading.Thread(target=self._watch, daemon=True, name="worker-supervisor").start()
+
+    def _watch(self) -> None:
+        while not self.stopping.is_set():
+            if self.proc.poll() is not None and not self.stopping.is_set():
+                self.restarts += 1
+                print(f"unlearnd: worker exited with {self.proc.returncode}; restarting", file=sys.stderr)
+                time.sleep(min(30.0, 1.0 * self.restarts))
+                if not self.stopping.is_set():
+                    self.proc = subprocess.Popen(self.argv)
+            self.stopping.wait(0.5)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.stopping.set()
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.db_url)
+    supervisor = None
+    if not args.no_worker:
+        supervisor = WorkerSupervisor([sys.executable, "-m", "service.cli", "worker", "--beat",
+                                       "--queues", "gpu,default"])
+        supervisor.start()
+    url = f"http://{args.host}:{args.port}"
+    data_flag = f" --data-dir {settings.data_dir}" if settings.embedded else ""
+    print(f"unlearnd is serving on {url}  (API docs: {url}/docs)\n"
+          f"  data:     {settings.public()}\n"
+          f"  get a key: unlearnd keys create --tenant <name>{data_flag}", flush=True)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level)
+    finally:
+        if supervisor:
+            supervisor.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         from worker.engine.cli import run_train
 
         return run_train(args)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    if args.command == "keys":
+        return cmd_keys_create(args)
+    return {"serve": cmd_serve, "api": cmd_api, "worker": cmd_worker, "beat": cmd_beat,
+            "migrate": cmd_migrate}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+import migrations
+
+MIGRATIONS = Path(migrations.__file__).resolve().parent
 
 
 def alembic_config(url: str) -> Config:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .catalog import PROXY_ALIASES
 from .data import Batch, UnlearningData, View
 from .errors import CheckpointError, ConfigError, DatasetError
 from .events import EVENT_KEYS, LearningEvents, read_events
@@ -101,7 +102,7 @@ class ProxyInfo:
 
 
 PROXIES: dict[str, ProxyInfo] = {}
-ALIASES = {"ho_ret": "holdout_retrain", "curvature_final": "loss_curvature", "curvature": "loss_curvature"}
+ALIASES = PROXY_ALIASES  # defined with the torch-free catalog the API validates against
 
 
 def available_proxies() -> list[str]:

@@ -1,0 +1,193 @@
+"""Models, their immutable versions and movable aliases."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..auth import Caller
+from ..models import Model, ModelAlias, ModelVersion, utcnow
+from ..problems import Problem, conflict, invalid, not_found
+from . import audit
+from .common import iso
+
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+SYSTEM_ALIASES = ("latest",)  # moved by the service to the newest ready version
+
+
+def get(session: Session, caller: Caller, model_id: int, *, lock: bool = False) -> Model:
+    q = select(Model).where(Model.id == model_id, Model.tenant_id == caller.tenant_id)
+    row = session.scalar(q.with_for_update(of=Model) if lock else q)
+    if row is None:
+        raise not_found(f"model {model_id}")
+    return row
+
+
+def query(caller: Caller, name: str | None = None):
+    q = select(Model).where(Model.tenant_id == caller.tenant_id)
+    return q.where(Model.name == name) if name else q
+
+
+def create(session: Session, caller: Caller, *, name: str, dataset_id: int, architecture: dict, policy: dict,
+           checkpoint_sha256: str, checkpoint_size: int, events_sha256: str | None) -> tuple[Model, ModelVersion]:
+    """Insert the model and its version 1 (``pending`` until the registration task validates it)."""
+    if session.scalar(select(Model.id).where(Model.tenant_id == caller.tenant_id, Model.name == name)):
+        raise conflict(f"name: a model named {name!r} exists already", field="name")
+    model = Model(tenant_id=caller.tenant_id, name=name, dataset_id=dataset_id, architecture=architecture,
+                  policy=policy, events_sha256=events_sha256)
+    session.add(model)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise conflict(f"name: a model named {name!r} exists already", field="name") from None
+    version = ModelVersion(model_id=model.id, version=1, status="pending", checkpoint_sha256=checkpoint_sha256,
+                           checkpoint_size=checkpoint_size, method="upload")
+    session.add(version)
+    session.flush()
+    audit.record(session, caller.tenant_id, caller.actor, "model.registered", f"model:{model.id}",
+                 {"name": name, "dataset_id": dataset_id, "architecture": architecture,
+                  "checkpoint_sha256": checkpoint_sha256, "events_sha256": events_sha256})
+    return model, version
+
+
+def versions_query(model_id: int):
+    return select(ModelVersion).where(ModelVersion.model_id == model_id)
+
+
+def get_version(session: Session, caller: Caller, model_id: int, version: int) -> ModelVersion:
+    get(session, caller, model_id)
+    row = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model_id,
+                                                    ModelVersion.version == version))
+    if row is None:
+        raise not_found(f"version {version} of model {model_id}")
+    return row
+
+
+def resolve(session: Session, caller: Caller, model_id: int, ref: str) -> ModelVersion:
+    """A version by number or by alias (``latest``, ``production``, …)."""
+    if ref.isdigit():
+        return get_version(session, caller, model_id, int(ref))
+    get(session, caller, model_id)
+    alias = session.get(ModelAlias, (model_id, ref))
+    if alias is None:
+        raise not_found(f"alias {ref!r} of model {model_id}")
+    return get_version(session, caller, model_id, alias.version)
+
+
+def aliases(session: Session, model_id: int) -> dict[str, int]:
+    rows = session.scalars(select(ModelAlias).where(ModelAlias.model_id == model_id).order_by(ModelAlias.alias))
+    return {a.alias: a.version for a in rows}
+
+
+def set_alias(session: Session, caller: Caller, model_id: int, alias: str, version: int) -> ModelAlias:
+    get(session, caller, model_id, lock=True)
+    if not ALIAS_RE.match(alias):
+        raise invalid("alias", "1 to 64 characters: lowercase letters, digits, '-' and '_', starting with a letter")
+    if alias in SYSTEM_ALIASES:
+        raise invalid("alias", f"{alias!r} is moved by the service to the newest ready version")
+    target = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model_id,
+                                                       ModelVersion.version == version))
+    if target is None:
+        raise invalid("version", f"model {model_id} has no version {version}")
+    if target.status != "ready":
+        raise conflict(f"version: version {version} is {target.status}, only a ready version can be aliased",
+                       field="version")
+    row = session.get(ModelAlias, (model_id, alias))
+    before = row.version if row else None
+    if row is None:
+        row = ModelAlias(model_id=model_id, alias=alias, version=version)
+        session.add(row)
+    else:
+        row.version = version
+        row.updated_at = utcnow()
+    session.flush()
+    audit.record(session, caller.tenant_id, caller.actor, "alias.moved", f"model:{model_id}",
+                 {"alias": alias, "from": before, "to": version})
+    return row
+
+
+def delete_alias(session: Session, caller: Caller, model_id: int, alias: str) -> None:
+    get(session, caller, model_id, lock=True)
+    if alias in SYSTEM_ALIASES:
+        raise invalid("alias", f"{alias!r} is moved by the service and cannot be deleted")
+    row = session.get(ModelAlias, (model_id, alias))
+    if row is None:
+        raise not_found(f"alias {alias!r} of model {model_id}")
+    session.delete(row)
+    audit.record(session, caller.tenant_id, caller.actor, "alias.deleted", f"model:{model_id}",
+                 {"alias": alias, "was": row.version})
+
+
+def move_alias(session: Session, model_id: int, alias: str, version: int) -> None:
+    """Point ``alias`` at ``version`` (worker side: no caller, the version is known to be ready)."""
+    row = session.get(ModelAlias, (model_id, alias))
+    if row is None:
+        session.add(ModelAlias(model_id=model_id, alias=alias, version=version))
+    elif row.version != version:
+        row.version = version
+        row.updated_at = utcnow()
+    session.flush()
+
+
+def finish_registration(session: Session, version_id: int, *, ok: bool, reason: str | None,
+                        metrics: dict | None) -> bool:
+    """Mark a pending version ``ready`` (moving ``latest``, and ``production`` for version 1) or
+    ``invalid``. Idempotent: a version that is no longer pending is left alone (returns False)."""
+    done = session.execute(
+        update(ModelVersion).where(ModelVersion.id == version_id, ModelVersion.status == "pending")
+        .values(status="ready" if ok else "invalid", status_reason=reason, metrics=metrics, updated_at=utcnow()))
+    if done.rowcount != 1:
+        return False
+    version = session.get(ModelVersion, version_id)
+    model = session.get(Model, version.model_id)
+    if ok:
+        move_alias(session, model.id, "latest", version.version)
+        if version.version == 1:
+            move_alias(session, model.id, "production", 1)
+    audit.record(session, model.tenant_id, "worker", "version.validated" if ok else "version.invalid",
+                 f"model:{model.id}/version:{version.version}", {"reason": reason, "metrics": metrics})
+    return True
+
+
+def pending_registrations(session: Session, older_than) -> list[int]:
+    """Versions still pending whose wake-up went out before ``older_than`` (or never)."""
+    stale = ModelVersion.dispatched_at.is_(None) | (ModelVersion.dispatched_at < older_than)
+    q = select(ModelVersion.id).where(ModelVersion.status == "pending", ModelVersion.job_id.is_(None), stale)
+    return list(session.scalars(q))
+
+
+def mark_dispatched(session: Session, version_ids: list[int]) -> None:
+    if version_ids:
+        session.execute(update(ModelVersion).where(ModelVersion.id.in_(version_ids)).values(dispatched_at=utcnow()))
+
+
+def checkpoint_url(model_id: int, version: int) -> str:
+    return f"/v1/models/{model_id}/versions/{version}/checkpoint"
+
+
+def render_version(v: ModelVersion, alias_map: dict[str, int] | None = None) -> dict:
+    return {"model_id": v.model_id, "version": v.version, "status": v.status, "status_reason": v.status_reason,
+            "parent_version": v.parent_version, "job_id": v.job_id,
+            "aliases": sorted(a for a, n in (alias_map or {}).items() if n == v.version),
+            "checkpoint": {"sha256": v.checkpoint_sha256, "size_bytes": v.checkpoint_size,
+                           "url": checkpoint_url(v.model_id, v.version)},
+            "method": v.method, "config": v.config, "metrics": v.metrics, "seconds": v.seconds,
+            "n_forgotten": v.n_forgotten, "created_at": iso(v.created_at), "updated_at": iso(v.updated_at)}
+
+
+def render(session: Session, m: Model) -> dict:
+    alias_map = aliases(session, m.id)
+    last = session.scalar(select(ModelVersion).where(ModelVersion.model_id == m.id)
+                          .order_by(ModelVersion.version.desc()).limit(1))
+    return {"id": m.id, "name": m.name, "dataset_id": m.dataset_id, "architecture": m.architecture,
+            "policy": m.policy, "has_events": m.events_sha256 is not None, "aliases": alias_map,
+            "latest_version": render_version(last, alias_map) if last else None, "created_at": iso(m.created_at)}
+
+
+def ensure_ready(v: ModelVersion) -> None:
+    if v.status != "ready":
+        raise Problem(409, "Conflict", f"version {v.version} is {v.status}"
+                      + (f": {v.status_reason}" if v.status_reason else ""), kind="version-not-ready")

@@ -1,0 +1,190 @@
+"""``/v1/models``: register a model (version 1 is validated asynchronously by a worker), read its
+versions, download checkpoints, move aliases."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Annotated
+
+from fastapi import APIRouter, Body, File, Form, Header, Query, UploadFile
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sqlalchemy import select
+
+from worker.celery_app import REGISTER_VERSION
+from worker.engine.catalog import NEEDS_EVENTS
+
+from ..deps import Auth, Ctx
+from ..models import Dataset, ModelVersion
+from ..pagination import paginate, parse_page
+from ..policy import parse_policy
+from ..problems import Problem, invalid
+from ..repo import datasets, models
+from ..uploads import (
+    check_architecture,
+    check_events,
+    check_extension,
+    check_name,
+    parse_json_field,
+    read_safetensors_header,
+)
+from .common import stored_upload
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.post("", status_code=201, summary="Register a model; version 1 is pending until a worker validates it")
+def create_model(
+    ctx: Ctx, caller: Auth,
+    name: Annotated[str, Form()],
+    dataset_id: Annotated[int, Form()],
+    architecture: Annotated[str, Form(description='JSON, e.g. {"name": "small_cnn", "kwargs": {"width": 16}}')],
+    weights: Annotated[UploadFile, File(description="state dict as .safetensors")],
+    events: Annotated[UploadFile | None, File(description="learning events .npz (optional)")] = None,
+    policy: Annotated[str | None, Form(description="unlearning policy as JSON (optional)")] = None,
+):
+    name = check_name(name)
+    spec = check_architecture(parse_json_field("architecture", architecture, required=True))
+    policy_v = parse_policy(parse_json_field("policy", policy))
+    check_extension("weights", weights.filename, ".safetensors")
+    if events is not None and events.filename:
+        check_extension("events", events.filename, ".npz")
+    else:
+        events = None
+    with ctx.db.session() as session:
+        ds = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == caller.tenant_id))
+        if ds is None:
+            raise invalid("dataset_id", f"no dataset {dataset_id}")
+        ids_train = datasets.sample_ids(session, ds.id) if events is not None else None
+    if events is None and policy_v.proxy in NEEDS_EVENTS:
+        raise invalid("policy.proxy", f"{policy_v.proxy!r} needs learning events; upload them as 'events'")
+    with ExitStack() as stack:
+        w = stack.enter_context(stored_upload(ctx, weights.file, "weights"))
+        read_safetensors_header(w.staged.path, "weights")
+        e = None
+        if events is not None:
+            e = stack.enter_context(stored_upload(ctx, events.file, "events"))
+            check_events(e.staged.path, ids_train, "events")
+        with ctx.db.transaction() as session:
+            model, version = models.create(
+                session, caller, name=name, dataset_id=ds.id, architecture=spec, policy=policy_v.model_dump(),
+                checkpoint_sha256=w.staged.sha256, checkpoint_size=w.staged.size,
+                events_sha256=e.staged.sha256 if e else None)
+            w.commit()
+            if e:
+                e.commit()
+            body = models.render(session, model)
+            version_id = version.id
+    if ctx.dispatcher.send(REGISTER_VERSION, version_id):
+        with ctx.db.transaction() as session:
+            models.mark_dispatched(session, [version_id])
+    return JSONResponse(body, status_code=201, headers={"Location": f"/v1/models/{body['id']}"})
+
+
+@router.get("", summary="List models")
+def list_models(ctx: Ctx, caller: Auth, name: str | None = None,
+                max_results: Annotated[int | None, Query()] = None, page_token: str | None = None):
+    page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
+    with ctx.db.session() as session:
+        return paginate(session, models.query(caller, name), models.Model.id, page,
+                        lambda m: models.render(session, m))
+
+
+@router.get("/{model_id}", summary="Get a model")
+def get_model(ctx: Ctx, caller: Auth, model_id: int):
+    with ctx.db.session() as session:
+        return models.render(session, models.get(session, caller, model_id))
+
+
+@router.get("/{model_id}/versions", summary="List a model's versions")
+def list_versions(ctx: Ctx, caller: Auth, model_id: int, max_results: Annotated[int | None, Query()] = None,
+                  page_token: str | None = None):
+    page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
+    with ctx.db.session() as session:
+        models.get(session, caller, model_id)
+        alias_map = models.aliases(session, model_id)
+        return paginate(session, models.versions_query(model_id), ModelVersion.version, page,
+                        lambda v: models.render_version(v, alias_map))
+
+
+@router.get("/{model_id}/versions/{ref}", summary="Get a version by number or alias")
+def get_version(ctx: Ctx, caller: Auth, model_id: int, ref: str):
+    with ctx.db.session() as session:
+        v = models.resolve(session, caller, model_id, ref)
+        return models.render_version(v, models.aliases(session, model_id))
+
+
+@router.get("/{model_id}/versions/{ref}/checkpoint", summary="Download a version's weights (.safetensors)",
+            response_class=StreamingResponse)
+def download_checkpoint(ctx: Ctx, caller: Auth, model_id: int, ref: str,
+                        range_: Annotated[str | None, Header(alias="Range")] = None,
+                        if_none_match: Annotated[str | None, Header()] = None):
+    with ctx.db.session() as session:
+        v = models.resolve(session, caller, model_id, ref)
+        model = models.get(session, caller, model_id)
+        sha, size, number = v.checkpoint_sha256, v.checkpoint_size, v.version
+    etag = f'"{sha}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, max-age=31536000, immutable",
+               "Content-Disposition": f'attachment; filename="{_filename(model.name, number)}"'}
+    if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
+        return Response(status_code=304, headers=headers)
+    if not ctx.store.exists(sha):
+        raise Problem(500, "Artifact missing", f"checkpoint {sha} of version {number} is not in the artifact store",
+                      kind="artifact-missing")
+    media = "application/octet-stream"
+    if range_:
+        start, end = _parse_range(range_, size)
+        headers.update({"Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(end - start + 1)})
+        return StreamingResponse(ctx.store.iter_range(sha, start, end), status_code=206, media_type=media,
+                                 headers=headers)
+    headers["Content-Length"] = str(size)
+    return StreamingResponse(ctx.store.iter_range(sha, 0, size - 1), media_type=media, headers=headers)
+
+
+def _filename(name: str, version: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return f"{safe}-v{version}.safetensors"
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int]:
+    """One ``bytes=a-b``, ``bytes=a-`` or ``bytes=-n`` range (RFC 9110 §14.1.2)."""
+    unsatisfiable = Problem(416, "Range not satisfiable", f"Range: {header!r} does not fit {size} bytes",
+                            kind="range-not-satisfiable", field="Range", headers={"Content-Range": f"bytes */{size}"})
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        raise invalid("Range", "only a single 'bytes=start-end' range is supported", status=416)
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            n = int(last)
+            if n <= 0:
+                raise unsatisfiable
+            return max(0, size - n), size - 1
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        raise unsatisfiable from None
+    if start < 0 or start >= size or end < start:
+        raise unsatisfiable
+    return start, min(end, size - 1)
+
+
+@router.get("/{model_id}/aliases", summary="A model's aliases")
+def list_aliases(ctx: Ctx, caller: Auth, model_id: int):
+    with ctx.db.session() as session:
+        models.get(session, caller, model_id)
+        return {"aliases": models.aliases(session, model_id)}
+
+
+@router.put("/{model_id}/aliases/{alias}", summary="Point an alias (e.g. production) at a ready version")
+def put_alias(ctx: Ctx, caller: Auth, model_id: int, alias: str,
+              version: Annotated[int, Body(embed=True, ge=1)]):
+    with ctx.db.transaction() as session:
+        row = models.set_alias(session, caller, model_id, alias, version)
+        return {"alias": row.alias, "version": row.version}
+
+
+@router.delete("/{model_id}/aliases/{alias}", status_code=204, summary="Remove an alias")
+def delete_alias(ctx: Ctx, caller: Auth, model_id: int, alias: str):
+    with ctx.db.transaction() as session:
+        models.delete_alias(session, caller, model_id, alias)
+    return Response(status_code=204)

@@ -1,0 +1,95 @@
+"""Registration check of a model version: load the weights into the architecture, check the
+policy with the engine, run the test split, record baseline accuracy; mark the version ``ready``
+or ``invalid`` with the reason. Idempotent: a version that is no longer pending is skipped."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from service.models import Model, ModelVersion
+from service.policy import Policy
+from service.repo import models as model_repo
+
+from .context import WorkerContext
+
+log = logging.getLogger("unlearnd.worker")
+
+
+def validate_version(ctx: WorkerContext, version_id: int) -> str | None:
+    """Check one version; return its new status (None if it was not pending)."""
+    with ctx.db.session() as s:
+        v = s.get(ModelVersion, version_id)
+        if v is None or v.status != "pending":
+            return None
+        model = s.get(Model, v.model_id)
+        ds = model.dataset
+        job = dict(spec=model.architecture, policy=model.policy, weights=v.checkpoint_sha256,
+                   events=model.events_sha256, data=ds.sha256, mean=ds.mean, std=ds.std,
+                   num_classes=ds.num_classes, has_holdout=ds.n_holdout > 0)
+    ok, reason, metrics = check(ctx, **job)
+    with ctx.db.transaction() as s:
+        model_repo.finish_registration(s, version_id, ok=ok, reason=reason, metrics=metrics)
+    log.info("version %s is %s%s", version_id, "ready" if ok else "invalid", f": {reason}" if reason else "")
+    return "ready" if ok else "invalid"
+
+
+def check(ctx: WorkerContext, *, spec, policy, weights, events, data, mean, std, num_classes,
+          has_holdout) -> tuple[bool, str | None, dict | None]:
+    from worker.engine import architectures, rum
+    from worker.engine.data import load_dataset
+    from worker.engine.errors import EngineError
+    from worker.engine.proxies import check_proxy
+    from worker.engine.runtime import Runtime
+    from worker.engine.training import accuracy
+
+    start = time.perf_counter()
+    try:
+        model = architectures.load_model(spec, ctx.store.local_path(weights))
+        pol = Policy.model_validate(policy)
+        try:
+            rum.parse_policy(_engine_policy(pol))
+            if pol.proxy is not None:
+                check_proxy(pol.proxy, pol.proxy_params, has_events=events is not None, has_holdout=has_holdout)
+        except EngineError as exc:
+            raise EngineError(f"policy.{exc}") from exc
+        dataset = load_dataset(ctx.store.local_path(data), mean, std, num_classes=num_classes)
+        runtime = Runtime.auto()
+        model = runtime.prepare(model)
+        dataset = dataset.to(runtime.device)
+        try:
+            test_acc = accuracy(model, dataset.view("test"), runtime)
+            train_acc = accuracy(model, dataset.view("train"), runtime)
+            out_classes = int(architectures_output(model, dataset, runtime))
+        except RuntimeError as exc:  # shapes that do not fit the architecture
+            return False, f"architecture: the model cannot run on this dataset's inputs ({_first_line(exc)})", None
+        if out_classes != num_classes:
+            return False, (f"architecture: the model outputs {out_classes} classes, the dataset has "
+                           f"{num_classes}"), None
+    except EngineError as exc:
+        return False, str(exc), None
+    params = sum(p.numel() for p in model.parameters())
+    return True, None, {"test_accuracy": test_acc, "train_accuracy": train_acc, "n_test": len(dataset.view("test")),
+                        "n_train": len(dataset.view("train")), "parameters": int(params),
+                        "device": str(runtime.device), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _engine_policy(pol: Policy) -> dict:
+    from worker.engine.rum import default_rum_config
+
+    out = pol.engine_policy()
+    if out["method"] == "rum" and "bins" not in out:
+        out["bins"] = [b.to_dict() for b in default_rum_config().bins]
+        if "quantiles" not in out and "thresholds" not in out:
+            out["quantiles"] = default_rum_config().quantiles
+    return out
+
+
+def architectures_output(model, dataset, runtime) -> int:
+    from worker.engine.runtime import predict
+
+    return predict(model, dataset.view("test").head(2), runtime).shape[1]
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
