@@ -215,14 +215,23 @@ def cmd_serve(args) -> int:
     url = f"http://{args.host}:{args.port}"
     data_flag = f" --data-dir {settings.data_dir}" if settings.embedded else ""
     print(f"unlearnd is serving on {url}  (API docs: {url}/docs)\n"
-          f"  data:     {settings.public()}\n"
-          f"  get a key: unlearnd keys create --tenant <name>{data_flag}", flush=True)
+          f"  data:      {settings.public()}\n"
+          f"  get a key: {_prog()} keys create --tenant <name>{data_flag}", flush=True)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level)
     finally:
         if supervisor:
             supervisor.stop()
     return 0
+
+
+def _prog() -> str:
+    """How the user called us (``.venv/bin/unlearnd`` when it is not on PATH)."""
+    me = sys.argv[0]
+    if os.path.basename(me) != "unlearnd":
+        return "unlearnd"
+    rel = os.path.relpath(me)
+    return rel if not rel.startswith("..") and os.sep in rel else me if os.sep in me else "unlearnd"
 
 
 def main(argv: list[str] | None = None) -> int:
