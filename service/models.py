@@ -143,6 +143,7 @@ class Job(Base):
     """One batched unlearning run of one model: ``queued → running → succeeded | failed | canceled``."""
 
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_model_status", "model_id", "status"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
@@ -157,8 +158,11 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None]
     timings: Mapped[dict[str, Any] | None]
     report_sha256: Mapped[str | None] = mapped_column(String(64))
+    n_requests: Mapped[int] = mapped_column(default=0, server_default="0")
+    n_forget: Mapped[int] = mapped_column(default=0, server_default="0")
     worker: Mapped[str | None] = mapped_column(String(200))
     heartbeat_at: Mapped[dt.datetime | None]
+    dispatched_at: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
@@ -188,6 +192,7 @@ class DeletionRequest(Base):
     error: Mapped[dict[str, Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    completed_at: Mapped[dt.datetime | None]
 
 
 class DeletionRequestSample(Base):
@@ -211,6 +216,7 @@ class ForgottenSample(Base):
     sample_id: Mapped[str] = mapped_column(String(256))
     version: Mapped[int]
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    request_id: Mapped[int | None] = mapped_column(ForeignKey("deletion_requests.id"))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     # by the sweeper after this many seconds.
     redispatch_after_s: float = 60.0
     sweep_interval_s: float = 30.0
+    # Jobs: a running job's worker touches heartbeat_at every job_heartbeat_s; a job whose heartbeat
+    # is older than job_stale_after_s (its worker was killed) is taken over by the next delivery.
+    job_heartbeat_s: float = 5.0
+    job_stale_after_s: float = 60.0
+    # A deletion request whose job failed goes back to pending until it took part in this many jobs.
+    max_request_attempts: int = 3
     # Torch threads of a worker process, set once at start (0 = torch's default).
     worker_threads: int = 0
     log_level: str = "info"

@@ -15,9 +15,10 @@ from kombu import Queue
 from service.settings import Settings
 
 REGISTER_VERSION = "unlearnd.register_version"
+RUN_JOB = "unlearnd.run_job"
 SWEEP = "unlearnd.sweep"
 QUEUES = ("gpu", "default")
-TASK_QUEUES = {REGISTER_VERSION: "gpu", SWEEP: "default"}
+TASK_QUEUES = {REGISTER_VERSION: "gpu", RUN_JOB: "gpu", SWEEP: "default"}
 
 
 def make_celery(settings: Settings) -> Celery:
