@@ -91,6 +91,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, TooLarge):  # FastAPI turns an error while reading a form body into a 400
+            return await _too_large(request, exc.__cause__)
         return problem_response(Problem(exc.status_code, _reason(exc.status_code), str(exc.detail),
                                         headers=dict(exc.headers or {})), request)
 
