@@ -28,6 +28,7 @@ SAFETENSORS_DTYPES = {
     "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
 }
 MAX_HEADER_BYTES = 100 << 20
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a .npz is a zip (the second: an empty one)
 NAME_MAX = 200
 
 
@@ -59,6 +60,16 @@ def _refuse_pickles(field: str, head: bytes, expected: str) -> None:
                                  "save the state dict with safetensors")
 
 
+def _refuse_non_npz(field: str, path: Path) -> None:
+    """Pickles (415), then anything that is not a zip: np.load would take a bare .npy (and hand back an
+    array, not an archive) or call other bytes pickled data."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    _refuse_pickles(field, head, ".npz")
+    if head not in ZIP_MAGIC:
+        raise invalid(field, "not a .npz file (a .npz is a zip archive of .npy arrays, as np.savez writes)")
+
+
 def parse_json_field(field: str, raw: str | None, *, required: bool = False) -> Any:
     if raw is None or raw == "":
         if required:
@@ -74,7 +85,7 @@ def parse_json_field(field: str, raw: str | None, *, required: bool = False) -> 
 
 
 def read_dataset(path: Path, field: str, max_samples: int) -> DatasetArrays:
-    _refuse_pickles(field, path.open("rb").read(4), ".npz")
+    _refuse_non_npz(field, path)
     try:
         return read_dataset_file(path, max_samples=max_samples)
     except DatasetError as exc:
@@ -191,7 +202,7 @@ def check_architecture(spec: Any) -> dict:
 
 
 def check_events(path: Path, ids_train: np.ndarray, field: str = "events") -> None:
-    _refuse_pickles(field, path.open("rb").read(4), ".npz")
+    _refuse_non_npz(field, path)
     try:
         read_events(path, ids_train)
     except DatasetError as exc:
