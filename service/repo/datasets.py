@@ -14,10 +14,12 @@ from . import audit
 from .common import iso
 
 INSERT_CHUNK = 5000
+MAX_ID = 2**31 - 1  # ids and version numbers are INTEGER columns (int4 on PostgreSQL): a larger one matches nothing
 
 
 def get(session: Session, caller: Caller, dataset_id: int) -> Dataset:
-    row = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == caller.tenant_id))
+    row = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == caller.tenant_id)
+                         ) if 0 < dataset_id <= MAX_ID else None
     if row is None:
         raise not_found(f"dataset {dataset_id}")
     return row

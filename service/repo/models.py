@@ -13,6 +13,7 @@ from ..models import Model, ModelAlias, ModelVersion, utcnow
 from ..problems import Problem, conflict, invalid, not_found
 from . import audit
 from .common import iso
+from .datasets import MAX_ID
 
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 SYSTEM_ALIASES = ("latest",)  # moved by the service to the newest ready version
@@ -20,7 +21,7 @@ SYSTEM_ALIASES = ("latest",)  # moved by the service to the newest ready version
 
 def get(session: Session, caller: Caller, model_id: int, *, lock: bool = False) -> Model:
     q = select(Model).where(Model.id == model_id, Model.tenant_id == caller.tenant_id)
-    row = session.scalar(q.with_for_update(of=Model) if lock else q)
+    row = session.scalar(q.with_for_update(of=Model) if lock else q) if 0 < model_id <= MAX_ID else None
     if row is None:
         raise not_found(f"model {model_id}")
     return row
@@ -60,7 +61,7 @@ def versions_query(model_id: int):
 def get_version(session: Session, caller: Caller, model_id: int, version: int) -> ModelVersion:
     get(session, caller, model_id)
     row = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model_id,
-                                                    ModelVersion.version == version))
+                                                    ModelVersion.version == version)) if version <= MAX_ID else None
     if row is None:
         raise not_found(f"version {version} of model {model_id}")
     return row
@@ -89,7 +90,7 @@ def set_alias(session: Session, caller: Caller, model_id: int, alias: str, versi
     if alias in SYSTEM_ALIASES:
         raise invalid("alias", f"{alias!r} is moved by the service to the newest ready version")
     target = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model_id,
-                                                       ModelVersion.version == version))
+                                                       ModelVersion.version == version)) if version <= MAX_ID else None
     if target is None:
         raise invalid("version", f"model {model_id} has no version {version}")
     if target.status != "ready":

@@ -51,7 +51,8 @@ def create_model(
     else:
         events = None
     with ctx.db.session() as session:
-        ds = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == caller.tenant_id))
+        ds = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == caller.tenant_id)
+                            ) if 0 < dataset_id <= datasets.MAX_ID else None
         if ds is None:
             raise invalid("dataset_id", f"no dataset {dataset_id}")
         ids_train = datasets.sample_ids(session, ds.id) if events is not None else None
