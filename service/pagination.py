@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session
 
 from .problems import invalid
 
+MAX_KEY = 2**31 - 1  # ids and version numbers are INTEGER columns
+
 
 @dataclass(frozen=True)
 class Page:
@@ -31,8 +33,10 @@ def parse_page(page_token: str | None, max_results: int | None, default: int, ca
     if page_token:
         try:
             after = int(json.loads(base64.urlsafe_b64decode(page_token.encode() + b"==="))["after"])
-        except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError):
             raise invalid("page_token", "not a token this API returned", status=400) from None
+        if not 0 <= after <= MAX_KEY:
+            raise invalid("page_token", "not a token this API returned", status=400)
     return Page(after, size)
 
 

@@ -115,7 +115,8 @@ def check_normalization(mean: Any, std: Any, input_shape: tuple[int, ...]) -> tu
                 isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
             raise invalid(field, "must be a JSON list of finite numbers")
         if len(vals) not in (1, channels):
-            raise invalid(field, f"needs 1 or {channels} value(s) (one per channel), got {len(vals)}")
+            need = "1 value" if channels == 1 else f"1 or {channels} values (one per channel)"
+            raise invalid(field, f"needs {need}, got {len(vals)}")
         out.append([float(v) for v in vals])
     if any(v <= 0 for v in out[1]):
         raise invalid("std", "values must be > 0")

@@ -86,7 +86,7 @@ def read_events(source: str | Path | BinaryIO, ids_train: np.ndarray | None = No
     if ids_train is not None:
         pos = {s: i for i, s in enumerate(ids)}
         ids_train = np.asarray(ids_train).astype(str)
-        absent = [s for s in ids_train if s not in pos]
+        absent = [str(s) for s in ids_train if s not in pos]
         if absent:
             raise DatasetError(f"events.ids: {len(absent)} training id(s) have no events, e.g. {absent[:5]}")
         order = np.array([pos[s] for s in ids_train], dtype=np.int64)
