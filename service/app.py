@@ -17,7 +17,7 @@ from .db import Database
 from .deps import Context
 from .dispatch import Dispatcher
 from .problems import Problem, install, problem_response
-from .routes import audit, datasets, health, models
+from .routes import audit, datasets, deletions, health, models
 from .settings import Settings
 from .telemetry import Metrics, MetricsMiddleware
 
@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "Errors are application/problem+json (RFC 9457)."))
     app.state.ctx = ctx
     install(app)
-    for router in (health.router, datasets.router, models.router, audit.router):
+    for router in (health.router, datasets.router, models.router, deletions.router, audit.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, limit=2 * settings.max_upload_bytes + FORM_OVERHEAD)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import socket
 
+from sqlalchemy import select
+
+from service import batching
 from service.dispatch import Dispatcher
-from service.models import utcnow
+from service.models import Job, ModelVersion, utcnow
 from service.repo import models as model_repo
 from service.settings import Settings
 
-from .celery_app import REGISTER_VERSION, SWEEP, make_celery
+from .celery_app import REGISTER_VERSION, RUN_JOB, SWEEP, make_celery
 from .context import worker_context
 from .registration import validate_version
 
@@ -22,20 +27,54 @@ app = make_celery(Settings())
 
 @app.task(name=REGISTER_VERSION)
 def register_version(version_id: int) -> str | None:
-    return validate_version(worker_context(), int(version_id))
+    ctx = worker_context()
+    status = validate_version(ctx, int(version_id))
+    if status == "ready":  # requests may have arrived while version 1 was pending
+        with ctx.db.session() as s:
+            model_id = s.scalar(select(ModelVersion.model_id).where(ModelVersion.id == int(version_id)))
+        batching.claim_and_dispatch(ctx.db, Dispatcher(ctx.settings), model_id)
+    return status
+
+
+@app.task(name=RUN_JOB)
+def run_job(job_id: int) -> str | None:
+    """Run one claimed job; then claim the model's next batch if one is due (one job per model)."""
+    from .jobs import run_job as run
+
+    ctx = worker_context()
+    status = run(ctx, int(job_id), worker_name=f"{socket.gethostname()}:{os.getpid()}")
+    if status is not None:
+        with ctx.db.session() as s:
+            model_id = s.scalar(select(Job.model_id).where(Job.id == int(job_id)))
+        batching.claim_and_dispatch(ctx.db, Dispatcher(ctx.settings), model_id)
+    return status
 
 
 @app.task(name=SWEEP)
 def sweep() -> dict:
-    """Re-send wake-ups that were lost (broker down at the time, worker killed): the database
-    says what is still pending."""
+    """The database says what is owed; re-send what the broker lost and start what is due:
+    registrations still pending, batches whose wait ran out, queued jobs whose wake-up was lost,
+    and running jobs whose worker stopped beating (killed): the next delivery takes them over."""
     ctx = worker_context()
-    cutoff = utcnow() - dt.timedelta(seconds=ctx.settings.redispatch_after_s)
+    dispatcher = Dispatcher(ctx.settings)
+    now = utcnow()
+    cutoff = now - dt.timedelta(seconds=ctx.settings.redispatch_after_s)
+    stale = now - dt.timedelta(seconds=ctx.settings.job_stale_after_s)
     with ctx.db.session() as s:
         pending = model_repo.pending_registrations(s, cutoff)
-    sent = [v for v in pending if Dispatcher(ctx.settings).send(REGISTER_VERSION, v)]
+        models = batching.models_with_pending(s)
+        lost = list(s.scalars(select(Job.id).where(
+            ((Job.status == "queued") & (Job.dispatched_at.is_(None) | (Job.dispatched_at < cutoff)))
+            | ((Job.status == "running") & (Job.heartbeat_at < stale)))))
+    sent = [v for v in pending if dispatcher.send(REGISTER_VERSION, v)]
     if sent:
         with ctx.db.transaction() as s:
             model_repo.mark_dispatched(s, sent)
         log.info("sweeper re-sent %d registration(s)", len(sent))
-    return {"registrations": len(sent)}
+    claimed = [m for m in models if batching.claim_and_dispatch(ctx.db, dispatcher, m) is not None]
+    resent = [j for j in lost if dispatcher.send(RUN_JOB, j)]
+    if resent:
+        with ctx.db.transaction() as s:
+            s.execute(Job.__table__.update().where(Job.id.in_(resent)).values(dispatched_at=utcnow()))
+        log.info("sweeper re-sent %d job(s): %s", len(resent), resent)
+    return {"registrations": len(sent), "batches": len(claimed), "jobs": len(resent)}

@@ -71,3 +71,8 @@ def render(d: Dataset) -> dict:
             "n_train": d.n_train, "n_test": d.n_test, "n_holdout": d.n_holdout,
             "normalization": {"mean": d.mean, "std": d.std} if d.mean is not None else None,
             "created_at": iso(d.created_at)}
+
+
+def sample_row(session: Session, dataset_id: int, sample_id: str) -> int | None:
+    return session.scalar(select(DatasetSample.row).where(DatasetSample.dataset_id == dataset_id,
+                                                          DatasetSample.sample_id == sample_id))

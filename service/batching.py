@@ -1,0 +1,94 @@
+"""Batching: pending deletion requests of one model are claimed atomically into one job.
+
+A batch is claimed when ``batching.max_requests`` requests are pending, when the oldest waited
+``batching.max_wait_s``, or on ``POST /v1/models/{id}/flush``. One job per model runs at a time:
+a model with a queued or running job claims nothing (its requests wait for the next batch, which
+the worker claims when the job ends, or the sweeper). On PostgreSQL the model row is locked and
+the pending requests are taken with ``FOR UPDATE SKIP LOCKED``; SQLite has a single writer
+(``BEGIN IMMEDIATE``), which serializes claims the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import Session
+
+from .db import is_postgres
+from .models import DeletionRequest, DeletionRequestSample, Job, Model, ModelVersion, utcnow
+from .repo import audit
+
+ACTIVE_JOB = ("queued", "running")
+
+
+def _aware(ts: dt.datetime) -> dt.datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
+
+
+def has_new_samples():
+    """A request with at least one sample not already covered by earlier work."""
+    return exists().where(DeletionRequestSample.request_id == DeletionRequest.id,
+                          DeletionRequestSample.linked_request_id.is_(None))
+
+
+def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datetime | None = None) -> Job | None:
+    """Claim the model's pending requests into a new ``queued`` job, if a batch is due; in the
+    caller's transaction. Returns the job, or None (nothing pending, not due, or a job active)."""
+    now = now or utcnow()
+    pg = is_postgres(session)
+    q = select(Model).where(Model.id == model_id)
+    model = session.scalar(q.with_for_update() if pg else q)
+    if model is None:
+        return None
+    if session.scalar(select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_JOB)).limit(1)):
+        return None
+    if not session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model_id,
+                                                        ModelVersion.status == "ready").limit(1)):
+        return None  # nothing to unlearn from yet
+    pending_q = (select(DeletionRequest).where(DeletionRequest.model_id == model_id,
+                                               DeletionRequest.status == "received", has_new_samples())
+                 .order_by(DeletionRequest.id))
+    pending = list(session.scalars(pending_q.with_for_update(skip_locked=True) if pg else pending_q))
+    if not pending:
+        return None
+    batching = model.policy.get("batching", {})
+    max_requests = int(batching.get("max_requests", 32))
+    max_wait = float(batching.get("max_wait_s", 60.0))
+    oldest = _aware(pending[0].created_at)
+    due = force or len(pending) >= max_requests or (now - oldest).total_seconds() >= max_wait
+    if not due:
+        return None
+    ids = [r.id for r in pending]
+    n_forget = session.scalar(select(func.count(func.distinct(DeletionRequestSample.row))).where(
+        DeletionRequestSample.request_id.in_(ids), DeletionRequestSample.linked_request_id.is_(None)))
+    job = Job(tenant_id=model.tenant_id, model_id=model_id, status="queued", policy=model.policy,
+              n_requests=len(ids), n_forget=int(n_forget or 0))
+    session.add(job)
+    session.flush()
+    session.execute(update(DeletionRequest).where(DeletionRequest.id.in_(ids))
+                    .values(status="batched", job_id=job.id, updated_at=now))
+    audit.record(session, model.tenant_id, "batcher", "job.created", f"job:{job.id}",
+                 {"model_id": model_id, "requests": ids, "n_forget": job.n_forget,
+                  "trigger": "flush" if force else "batch"})
+    return job
+
+
+def models_with_pending(session: Session) -> list[int]:
+    """Models that have claimable requests and no active job (the sweeper checks if they are due)."""
+    active = select(Job.model_id).where(Job.status.in_(ACTIVE_JOB))
+    q = (select(DeletionRequest.model_id).where(DeletionRequest.status == "received", has_new_samples(),
+                                                DeletionRequest.model_id.not_in(active)).distinct())
+    return list(session.scalars(q))
+
+
+def claim_and_dispatch(db, dispatcher, model_id: int, *, force: bool = False) -> Job | None:
+    """Claim in its own transaction, then wake a worker (a lost wake-up is re-sent by the sweeper)."""
+    from worker.celery_app import RUN_JOB
+
+    with db.transaction() as session:
+        job = claim(session, model_id, force=force)
+    if job is not None and dispatcher.send(RUN_JOB, job.id):
+        with db.transaction() as session:
+            session.execute(update(Job).where(Job.id == job.id).values(dispatched_at=utcnow()))
+    return job

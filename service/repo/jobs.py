@@ -1,0 +1,66 @@
+"""Jobs: status, stage, progress, timings, error; cancellation."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from ..auth import Caller
+from ..models import DeletionRequest, Job, utcnow
+from ..problems import Problem, not_found
+from . import audit
+from .common import iso
+from .datasets import MAX_ID
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def get(session: Session, caller: Caller, job_id: int) -> Job:
+    row = (session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == caller.tenant_id))
+           if 0 < job_id <= MAX_ID else None)
+    if row is None:
+        raise not_found(f"job {job_id}")
+    return row
+
+
+def query(caller: Caller, model_id: int | None = None, status: str | None = None):
+    q = select(Job).where(Job.tenant_id == caller.tenant_id)
+    if model_id is not None:
+        q = q.where(Job.model_id == model_id)
+    return q.where(Job.status == status) if status else q
+
+
+def cancel(session: Session, caller: Caller, job_id: int) -> Job:
+    """A queued job is canceled at once (its requests go back to pending); a running one is asked
+    to stop at its next step and publishes nothing."""
+    job = get(session, caller, job_id)
+    if job.status in TERMINAL:
+        raise Problem(409, "Job finished", f"job {job_id} is {job.status} and cannot be canceled", kind="job-finished")
+    now = utcnow()
+    if job.status == "queued":
+        done = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+            status="canceled", cancel_requested=True, finished_at=now, stage=None))
+        if done.rowcount == 1:
+            session.execute(update(DeletionRequest).where(DeletionRequest.job_id == job_id).values(
+                status="received", job_id=None, updated_at=now))
+            audit.record(session, caller.tenant_id, caller.actor, "job.canceled", f"job:{job_id}", {"while": "queued"})
+            session.refresh(job)
+            return job
+    job.cancel_requested = True
+    audit.record(session, caller.tenant_id, caller.actor, "job.cancel_requested", f"job:{job_id}", {})
+    session.flush()
+    return job
+
+
+def render(j: Job) -> dict:
+    return {"id": j.id, "model_id": j.model_id, "status": j.status, "stage": j.stage, "progress": j.progress,
+            "base_version": j.base_version, "result_version": j.result_version, "n_requests": j.n_requests,
+            "n_forget": j.n_forget, "cancel_requested": j.cancel_requested, "attempts": j.attempts,
+            "error": j.error, "timings": j.timings, "worker": j.worker, "created_at": iso(j.created_at),
+            "started_at": iso(j.started_at), "finished_at": iso(j.finished_at),
+            "heartbeat_at": iso(j.heartbeat_at),
+            "links": {"self": f"/v1/jobs/{j.id}",
+                      "report": f"/v1/jobs/{j.id}/report" if j.report_sha256 else None,
+                      "report_html": f"/v1/jobs/{j.id}/report.html" if j.report_sha256 else None,
+                      "version": (f"/v1/models/{j.model_id}/versions/{j.result_version}"
+                                  if j.result_version else None)}}
