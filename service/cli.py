@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -70,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir_arg(create)
     create.add_argument("--tenant", required=True)
     create.add_argument("--name", default=None, help="a label for the key")
+
+    demo = sub.add_parser("demo", help="register digits and a small CNN, send deletion requests, show the report")
+    _data_dir_arg(demo)
+    demo.add_argument("--url", default=None, help="a running service (default: start the embedded one)")
+    demo.add_argument("--key", default=os.environ.get("UNLEARND_API_KEY"),
+                      help="API key for --url (env UNLEARND_API_KEY)")
+    demo.add_argument("--port", type=int, default=None, help="port of the embedded service (default: a free one)")
+    demo.add_argument("--out", type=Path, default=Path("unlearnd-demo"), help="where inputs and results go")
+    demo.add_argument("--keep-serving", action="store_true",
+                      help="keep the embedded service running afterwards (Ctrl-C stops it)")
 
     train = sub.add_parser("train", help="train an unlearning-ready model (weights, events, architecture)")
     from worker.engine.cli import add_train_arguments  # cheap: torch loads when the command runs
@@ -234,6 +245,33 @@ def _prog() -> str:
     return rel if not rel.startswith("..") and os.sep in rel else me if os.sep in me else "unlearnd"
 
 
+def cmd_demo(args) -> int:
+    from .demo import DemoError, embedded_service, make_key, run_demo
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.url:
+            if not args.key:
+                print("error: --key (or UNLEARND_API_KEY) is needed with --url", file=sys.stderr)
+                return 2
+            run_demo(args.url.rstrip("/"), args.key, args.out)
+            return 0
+        settings = _settings(args)
+        log = args.out / "serve.log"
+        with embedded_service(settings.data_dir, args.port, log) as (url, proc):
+            key = make_key(settings.data_dir, "demo")
+            run_demo(url, key, args.out)
+            if args.keep_serving:
+                print(f"\nthe service keeps running on {url} (API docs {url}/docs; log {log}); "
+                      f"your demo key: {key}\nCtrl-C stops it.", flush=True)
+                with contextlib.suppress(KeyboardInterrupt):
+                    proc.wait()
+        return 0
+    except DemoError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
@@ -243,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return cmd_keys_create(args)
     return {"serve": cmd_serve, "api": cmd_api, "worker": cmd_worker, "beat": cmd_beat,
-            "migrate": cmd_migrate}[args.command](args)
+            "migrate": cmd_migrate, "demo": cmd_demo}[args.command](args)
 
 
 if __name__ == "__main__":
