@@ -38,7 +38,7 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
     now = now or utcnow()
     pg = is_postgres(session)
     q = select(Model).where(Model.id == model_id)
-    model = session.scalar(q.with_for_update() if pg else q)
+    model = session.scalar(q.with_for_update(of=Model) if pg else q)
     if model is None:
         return None
     if session.scalar(select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_JOB)).limit(1)):
