@@ -245,3 +245,12 @@ def test_retain_guard_measures_against_the_reference(original, digits, runtime, 
     task = UnlearningTask(forget, retain, digits.num_classes, reference=original)
     against = RetainGuard(broken, task.retain, runtime, 0.05, reference=task.reference)
     assert against() is False and against.tripped
+
+
+def test_non_finite_weights_are_never_returned(original, digits, forget_rows, runtime):
+    from worker.engine.errors import EngineError
+    from worker.engine.rum import PlainConfig, run_unlearning
+
+    policy = PlainConfig("neggrad", {"lr": 1e30, "epochs": 1, "max_retain_drop": None})
+    with pytest.raises(EngineError, match="non-finite weights"):
+        run_unlearning(original, digits, forget_rows, None, policy, runtime)

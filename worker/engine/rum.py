@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .data import UnlearningData, View
-from .errors import ConfigError
+from .errors import ConfigError, EngineError
 from .metrics import MAX_SHADOW, mia_feature, probabilities
 from .refine import (
     Bin,
@@ -312,12 +312,22 @@ def run_unlearning(
         t0 = time.perf_counter()
         model = unlearner.unlearn(model, task, runtime, sub)
         _sync(runtime)
+        _check_finite(model, f"bins[{b.index}] ({unlearner.name})")
         seconds = time.perf_counter() - t0
         sub.report(1.0)
         steps.append(StepReport(b, unlearner.name, dict(unlearner.hp), len(retain_rows), seconds,
                                 dict(getattr(unlearner, "last_run", None) or {})))
     return UnlearningResult(model=model, method=policy.method, config=policy.to_dict(), steps=steps,
                             seconds=time.perf_counter() - t_start, thresholds=cuts)
+
+
+def _check_finite(model: nn.Module, where: str) -> None:
+    """Never hand back a model with NaN or infinite weights (a diverged ascent, an absurd learning
+    rate with the retain guard off): the job fails with the reason instead of publishing it."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise EngineError(f"{where}: unlearning produced non-finite weights ({name} has NaN or inf); "
+                              "lower the learning rate or keep max_retain_drop on")
 
 
 def _whole_bin(forget: torch.Tensor, values: np.ndarray | None) -> Bin:
