@@ -74,6 +74,20 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
     return job
 
 
+def maybe_due(session: Session, model_id: int, now: dt.datetime | None = None) -> bool:
+    """A cheap, lock-free look: could a batch be due now? (``claim`` decides under the lock.) Keeps
+    the per-model lock off the hot path of accepting requests."""
+    now = now or utcnow()
+    policy = session.scalar(select(Model.policy).where(Model.id == model_id)) or {}
+    batching = policy.get("batching", {})
+    n, oldest = session.execute(select(func.count(), func.min(DeletionRequest.created_at)).where(
+        DeletionRequest.model_id == model_id, DeletionRequest.status == "received", has_new_samples())).one()
+    if not n:
+        return False
+    waited = (now - _aware(oldest)).total_seconds()
+    return n >= int(batching.get("max_requests", 32)) or waited >= float(batching.get("max_wait_s", 60.0))
+
+
 def models_with_pending(session: Session) -> list[int]:
     """Models that have claimable requests and no active job (the sweeper checks if they are due)."""
     active = select(Job.model_id).where(Job.status.in_(ACTIVE_JOB))

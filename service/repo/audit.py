@@ -2,7 +2,7 @@
 
 Each entry's hash is sha256 over the previous entry's hash and the entry's canonical JSON; the
 database refuses UPDATE and DELETE on the table (triggers in the initial migration). Appends of
-one tenant are serialized by locking the tenant row (PostgreSQL) or by SQLite's single writer.
+one tenant are serialized by an advisory lock (PostgreSQL) or by SQLite's single writer.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from ..db import is_postgres
-from ..models import AuditEntry, Tenant, utcnow
+from ..models import AuditEntry, utcnow
 from .common import iso
 
 GENESIS = "0" * 64
+AUDIT_LOCK_BASE = 0x61756474 << 32  # "audt": advisory-lock ids of the per-tenant chains
 
 
 def _digest(prev: str, tenant_id: int, created_at: str, actor: str, action: str, resource: str,
@@ -39,7 +40,9 @@ def record(session: Session, tenant_id: int, actor: str, action: str, resource: 
            details: dict[str, Any] | None = None) -> AuditEntry:
     """Append one entry in the caller's transaction."""
     if is_postgres(session):
-        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+        # An advisory lock, not a row lock on the tenant: the inserts before this one already hold
+        # a key-share lock on that row (foreign keys), and upgrading it would deadlock two writers.
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK_BASE + tenant_id})
     prev = session.scalar(select(AuditEntry.hash).where(AuditEntry.tenant_id == tenant_id)
                           .order_by(AuditEntry.id.desc()).limit(1)) or GENESIS
     details = json.loads(json.dumps(details or {}, default=str))

@@ -59,9 +59,11 @@ def create_deletion_request(ctx: Ctx, caller: Auth, model_id: int, body: Deletio
                                    subject_ref=body.subject_ref, idempotency_key=idempotency_key, fp=fp)
         out = deletions.render(session, req)
     if not replayed and out["status"] == "received":
-        batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id)
         with ctx.db.session() as session:
-            out = deletions.render(session, deletions.get(session, caller, out["id"]))
+            due = batching.maybe_due(session, model_id)
+        if due and batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id) is not None:
+            with ctx.db.session() as session:
+                out = deletions.render(session, deletions.get(session, caller, out["id"]))
     headers = {"Location": out["links"]["self"], "Retry-After": "5"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"

@@ -1,0 +1,257 @@
+"""Service benchmark: how fast the API accepts deletion requests, and what batching buys.
+
+    python -m bench.service [--requests 2000] [--concurrency 8] [--n 8] [--repeats 3] [--out bench/results]
+
+1. Acceptance: deletion requests (one sample each) POSTed by ``--concurrency`` client threads to
+   ``unlearnd api`` (a real uvicorn process) on PostgreSQL with Redis as the broker. The model's
+   batching window is set so that no job starts meanwhile: this measures the API and the
+   database (each request is validated, deduplicated and committed before the 202). Reports
+   requests per second and p50 / p99 latency, per repeat and as median with a 95% interval.
+2. Batching: with a real worker, N deletion requests answered by one batched job
+   (``max_requests = N``) against the same N requests answered by N single-request jobs
+   (``max_requests = 1``): wall time from the first POST until every request is completed.
+
+Needs PostgreSQL (127.0.0.1:5432, trust) and Redis (127.0.0.1:6379), as the tests do. Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("UNLEARND_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("UNLEARND_BENCH_REDIS", "redis://127.0.0.1:6379/9")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def fresh_database():
+    import psycopg
+
+    name = f"unlearnd_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def processes(db_url: str, workdir: Path, worker: bool):
+    """``unlearnd migrate``, ``unlearnd api`` and optionally ``unlearnd worker --beat``."""
+    import redis
+
+    redis.Redis.from_url(REDIS).flushdb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNLEARND_")}
+    env.update({"DATABASE_URL": db_url, "BROKER_URL": REDIS, "UNLEARND_DATA_DIR": str(workdir),
+                "ARTIFACT_DIR": str(workdir / "artifacts"), "PYTHONPATH": str(ROOT),
+                "UNLEARND_SWEEP_INTERVAL_S": "1", "UNLEARND_JOB_HEARTBEAT_S": "1"})
+    cli = [sys.executable, "-m", "service.cli"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True)
+    port = _port()
+    commands = {"api": [*cli, "api", "--port", str(port)]}
+    if worker:
+        commands["worker"] = [*cli, "worker", "--beat", "--loglevel", "warning"]
+    procs = []
+    for name, cmd in commands.items():
+        with open(workdir / f"{name}.log", "wb") as log:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start; see {workdir / 'api.log'}")
+            time.sleep(0.2)
+        key_out = subprocess.run([*cli, "keys", "create", "--tenant", "bench"], env=env, check=True,
+                                 capture_output=True, text=True)
+        yield url, key_out.stdout.strip(), env
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _files(workdir: Path) -> dict:
+    from service.demo import prepare_files
+
+    return prepare_files(workdir / "inputs")
+
+
+def _register(c: httpx.Client, files: dict, name: str, policy: dict, db_url: str | None = None) -> int:
+    with open(files["dataset"], "rb") as f:
+        ds = c.post("/v1/datasets", data={"name": name, "mean": "[0.5]", "std": "[0.5]"},
+                    files={"file": ("digits.npz", f)}).json()
+    with open(files["weights"], "rb") as w, open(files["events"], "rb") as e:
+        m = c.post("/v1/models", data={"name": name, "dataset_id": str(ds["id"]),
+                                       "architecture": json.dumps(files["architecture"]), "policy": json.dumps(policy)},
+                   files={"weights": ("weights.safetensors", w), "events": ("events.npz", e)}).json()
+    if db_url:  # no worker in the acceptance run: mark version 1 ready as the registration task would
+        from service.db import Database
+        from service.models import ModelVersion
+        from service.repo.models import finish_registration
+
+        db = Database(db_url)
+        with db.transaction() as s:
+            vid = s.query(ModelVersion.id).filter(ModelVersion.model_id == m["id"]).scalar()
+            finish_registration(s, vid, ok=True, reason=None, metrics={})
+        db.dispose()
+    else:
+        deadline = time.monotonic() + 120
+        while c.get(f"/v1/models/{m['id']}/versions/1").json()["status"] == "pending":
+            if time.monotonic() > deadline:
+                raise RuntimeError("version 1 stayed pending")
+            time.sleep(0.3)
+    return m["id"]
+
+
+def acceptance(files: dict, n_requests: int, concurrency: int, seed: int, workdir: Path) -> dict:
+    with fresh_database() as db_url, processes(db_url, workdir, worker=False) as (url, key, _):
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
+            mid = _register(c, files, f"accept-{seed}", {"batching": {"max_requests": 10**5, "max_wait_s": 86400}},
+                            db_url)
+        ids = files["ids"]
+        rng = random.Random(seed)
+        bodies = [{"sample_ids": [rng.choice(ids)], "reason": "erasure", "subject_ref": f"s{i}"}
+                  for i in range(n_requests)]
+        latencies: list[float] = []
+        lock = threading.Lock()
+        local = threading.local()
+
+        def post(body: dict) -> int:
+            client = getattr(local, "client", None)
+            if client is None:
+                client = local.client = httpx.Client(base_url=url, headers=headers, timeout=60)
+            t0 = time.perf_counter()
+            r = client.post(f"/v1/models/{mid}/deletion-requests", json=body)
+            dt = time.perf_counter() - t0
+            with lock:
+                latencies.append(dt)
+            return r.status_code
+
+        for body in bodies[:20]:  # warm up connections and caches
+            post(body)
+        latencies.clear()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            codes = list(pool.map(post, bodies[20:]))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {"seed": seed, "requests": len(codes), "accepted": sum(c == 202 for c in codes), "seconds": wall,
+            "per_second": len(codes) / wall, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99))}
+
+
+def batching(files: dict, n: int, seed: int, workdir: Path) -> dict:
+    out = {"seed": seed, "n": n}
+    ids = files["ids"]
+    rng = random.Random(seed)
+    chosen = rng.sample(ids, 5 * n)
+    with fresh_database() as db_url, processes(db_url, workdir, worker=True) as (url, key, _), \
+            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+        for label, max_requests in (("batched", n), ("single", 1)):
+            policy = {"method": "rum", "seed": seed, "batching": {"max_requests": max_requests, "max_wait_s": 86400}}
+            mid = _register(c, files, f"{label}-{seed}", policy)
+            t0 = time.perf_counter()
+            locs = [c.post(f"/v1/models/{mid}/deletion-requests",
+                           json={"sample_ids": chosen[5 * i:5 * i + 5], "reason": "erasure"}).headers["location"]
+                    for i in range(n)]
+            deadline = time.monotonic() + 3600
+            while not all(c.get(loc).json()["status"] == "completed" for loc in locs):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{label}: requests not completed")
+                time.sleep(0.5)
+            jobs = c.get(f"/v1/models/{mid}/jobs").json()["items"]
+            out[label] = {"seconds": time.perf_counter() - t0, "jobs": len(jobs),
+                          "versions": len(c.get(f"/v1/models/{mid}/versions").json()["items"]) - 1}
+    out["speedup"] = out["single"]["seconds"] / out["batched"]["seconds"]
+    return out
+
+
+def median_ci(values: list[float]) -> tuple[float, float, float]:
+    """Median and a 95% t-interval of the mean (few repeats: the interval is wide, and says so)."""
+    from worker.engine.metrics import mean_ci
+
+    mean, half = mean_ci(values)
+    return statistics.median(values), mean - half, mean + half
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--n", type=int, default=8, help="requests in the batching comparison")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-batching", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files = _files(tmp)
+        accept = [acceptance(files, args.requests, args.concurrency, seed, tmp / f"a{seed}")
+                  for seed in range(args.repeats)]
+        batches = [] if args.skip_batching else [batching(files, args.n, seed, tmp / f"b{seed}")
+                                                 for seed in range(args.repeats)]
+    summary = {"acceptance": {k: median_ci([a[k] for a in accept]) for k in ("per_second", "p50_ms", "p99_ms")}}
+    if batches:
+        summary["batching"] = {"batched_s": median_ci([b["batched"]["seconds"] for b in batches]),
+                               "single_s": median_ci([b["single"]["seconds"] for b in batches]),
+                               "speedup": median_ci([b["speedup"] for b in batches])}
+    result = {"config": vars(args) | {"out": str(args.out)}, "machine": {"cpus": os.cpu_count()},
+              "acceptance": accept, "batching": batches, "summary": summary}
+    (args.out / "service.json").write_text(json.dumps(result, indent=2))
+    lines = ["| measure | median | 95% CI of the mean |", "|---|---|---|"]
+    for k, label in (("per_second", "accepted requests / s"), ("p50_ms", "p50 latency (ms)"),
+                     ("p99_ms", "p99 latency (ms)")):
+        m, lo, hi = summary["acceptance"][k]
+        lines.append(f"| {label} | {m:.1f} | {lo:.1f} – {hi:.1f} |")
+    if batches:
+        for k, label in (("batched_s", f"{args.n} requests, one batched job (s)"),
+                         ("single_s", f"{args.n} requests, {args.n} single jobs (s)"),
+                         ("speedup", "speedup of batching (×)")):
+            m, lo, hi = summary["batching"][k]
+            lines.append(f"| {label} | {m:.2f} | {lo:.2f} – {hi:.2f} |")
+    table = "\n".join(lines)
+    (args.out / "service.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {args.out / 'service.json'} and service.md ({args.repeats} repeats, seeds 0..{args.repeats - 1}; "
+          f"{args.requests} requests at concurrency {args.concurrency})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
