@@ -762,12 +762,20 @@ def _finish_published(ctx: WorkerContext, tr: _Tracker) -> str:
 
 def _finish_empty(ctx: WorkerContext, tr: _Tracker, st: _State) -> str:
     """Nothing left to unlearn (every new sample was forgotten by an earlier job meanwhile): publish
-    no version. A request whose own rows are all forgotten and whose linked requests are all
-    completed completes with the newest version involved; the others go back to pending."""
+    no version. Such samples are linked to the request that forgot them (as the API links them on
+    arrival); a request then covered by completed work completes with the newest version involved,
+    the others go back to pending (all linked now: they complete when their linked requests do)."""
     now = utcnow()
     with ctx.db.transaction() as s:
         job = tr.lock_job(s)
-        completed = []
+        by_row = dict(s.execute(select(ForgottenSample.row, ForgottenSample.request_id).where(
+            ForgottenSample.model_id == job.model_id, ForgottenSample.request_id.is_not(None))).all())
+        for request_id, row, _, linked in st.samples:
+            if linked is None and by_row.get(row) not in (None, request_id):
+                s.execute(update(DeletionRequestSample).where(DeletionRequestSample.request_id == request_id,
+                                                              DeletionRequestSample.row == row)
+                          .values(linked_request_id=by_row[row]))
+        completed = _complete_linked(s, job.model_id, now)
         for request_id in list(s.scalars(select(DeletionRequest.id).where(
                 DeletionRequest.job_id == job.id, DeletionRequest.status.in_(ACTIVE_REQUEST)))):
             version = _covered_by(s, job.model_id, request_id)
@@ -779,7 +787,6 @@ def _finish_empty(ctx: WorkerContext, tr: _Tracker, st: _State) -> str:
             DeletionRequest.job_id == job.id, DeletionRequest.status.in_(ACTIVE_REQUEST))))
         s.execute(update(DeletionRequest).where(DeletionRequest.id.in_(requeued)).values(
             status="received", job_id=None, updated_at=now))
-        completed += _complete_linked(s, job.model_id, now)
         job.status, job.stage, job.progress, job.finished_at = "succeeded", None, 1.0, now
         job.timings = tr.final_timings()
         audit.record(s, job.tenant_id, "worker", "job.succeeded", f"job:{job.id}", {

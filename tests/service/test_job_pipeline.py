@@ -447,10 +447,21 @@ def test_a_job_with_nothing_left_to_unlearn_publishes_nothing(setup):
     # requests that raced the linking: their rows were forgotten meanwhile by r1's job
     r2 = s.request(rows[:4])
     r3 = s.request(rows[4:6], links={rows[5]: r1})
-    job = s.job([r2, r3], NEGGRAD)
+    other = random_rows(s.n_train, 3, seed=9, exclude=rows)
+    r4 = s.request(other, status="received")  # pending, not in the job
+    r5 = s.request([rows[6], other[0]], links={other[0]: r4})  # forgotten row + a row r4 will forget
+    job = s.job([r2, r3, r5], NEGGRAD)
     assert jobs.run_job(s.ctx, job) == "succeeded"
     j = s.get(Job, job)
     assert (j.status, j.result_version, j.progress, j.report_sha256) == ("succeeded", None, 1.0, None)
     assert [(r.status, r.result_version) for r in s.requests([r1, r2, r3])] == [("completed", 2)] * 3
-    assert len(s.versions()) == 2 and len(s.forgotten()) == 10
-    assert s.actions()[-1] == "job.succeeded"
+    # r5 waits for r4 (its forgotten row is now linked to r1, so it is not batched again on its own)
+    (r5_row,) = s.requests([r5])
+    assert (r5_row.status, r5_row.job_id) == ("received", None)
+    with s.db.session() as sess:
+        links = dict(sess.execute(select(DeletionRequestSample.row, DeletionRequestSample.linked_request_id)
+                                  .where(DeletionRequestSample.request_id == r5)).all())
+    assert links == {rows[6]: r1, other[0]: r4}
+    assert jobs.run_job(s.ctx, s.job([r4], NEGGRAD)) == "succeeded"
+    assert [(r.status, r.result_version) for r in s.requests([r4, r5])] == [("completed", 3)] * 2
+    assert len(s.versions()) == 3 and len(s.forgotten()) == 13
