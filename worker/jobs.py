@@ -64,6 +64,7 @@ from service.policy import Policy
 from service.repo import audit
 from service.repo import models as model_repo
 from service.repo.common import iso
+from service.repo.deletions import ERASURE_DEADLINE
 
 from . import proxy_cache
 from .context import WorkerContext
@@ -81,7 +82,6 @@ SPANS_WITH_REFERENCE = {**SPANS, "unlearning": (0.17, 0.45), "auditing": (0.45, 
 PROGRESS_EVERY_S = 1.0  # at most one progress write per second
 CANCEL_POLL_S = 1.0  # at most one read of jobs.cancel_requested per second (inside a stage)
 MAX_CONFIDENCE_TEST = 2000  # test rows whose confidence goes in the report (a fixed-seed subsample)
-ERASURE_DEADLINE = dt.timedelta(days=30)  # GDPR Art. 12(3)
 TERMINAL_REQUEST = ("completed", "failed", "rejected")
 ACTIVE_REQUEST = ("batched", "processing")
 MIA_ATTACK = ("SVC on the true-label confidence (shadow-in: retain rows, shadow-out: test rows); "
@@ -845,6 +845,11 @@ def _fail(ctx: WorkerContext, tr: _Tracker, exc: BaseException) -> str:
         failed = list(s.scalars(select(DeletionRequest.id).where(active, DeletionRequest.attempts >= limit)))
         s.execute(update(DeletionRequest).where(DeletionRequest.id.in_(failed)).values(
             status="failed", error={**error, "job_id": job.id}))
+        if failed:  # requests waiting on a failed one carry their samples themselves from now on
+            waiting = select(DeletionRequest.id).where(DeletionRequest.status.in_(("received",) + ACTIVE_REQUEST))
+            s.execute(update(DeletionRequestSample).where(DeletionRequestSample.linked_request_id.in_(failed),
+                                                          DeletionRequestSample.request_id.in_(waiting))
+                      .values(linked_request_id=None))
         requeued = list(s.scalars(select(DeletionRequest.id).where(active)))
         s.execute(update(DeletionRequest).where(DeletionRequest.id.in_(requeued)).values(
             status="received", job_id=None))

@@ -335,7 +335,10 @@ def test_a_failing_job_requeues_its_requests_until_they_ran_out_of_attempts(setu
 
     monkeypatch.setattr(rum, "run_unlearning", boom)
     s = setup
-    r1 = s.request(random_rows(s.n_train, 10, seed=4))
+    rows = random_rows(s.n_train, 10, seed=4)
+    r1 = s.request(rows)
+    # a later request waiting on r1 for two of its rows (linked, as the API links duplicates)
+    waiting = s.request(rows[:2] + random_rows(s.n_train, 1, seed=5, exclude=rows), links={rows[0]: r1, rows[1]: r1})
     limit = s.ctx.settings.max_request_attempts
     for attempt in range(1, limit + 1):
         job = s.job([r1], NEGGRAD)
@@ -351,6 +354,10 @@ def test_a_failing_job_requeues_its_requests_until_they_ran_out_of_attempts(setu
             assert (r.status, r.job_id) == ("failed", job)
             assert r.error["message"] == "bins[1].method: boom" and r.error["job_id"] == job
     assert len(s.versions()) == 1 and s.actions().count("job.failed") == limit
+    with s.db.session() as sess:  # r1 failed for good: the waiting request now carries those rows itself
+        linked = sess.scalars(select(DeletionRequestSample.linked_request_id)
+                              .where(DeletionRequestSample.request_id == waiting)).all()
+        assert linked == [None, None, None]
     with s.db.session() as sess:  # the proxy was computed once, then found in the cache
         assert sess.scalar(select(func.count()).select_from(ProxyCacheEntry)) == 1
 

@@ -39,7 +39,7 @@ from .refine import (
     proxy_thresholds,
     row_tensor,
 )
-from .runtime import RunContext, Runtime
+from .runtime import RunContext, Runtime, predict
 from .unlearners import Unlearner, UnlearningTask, get_unlearner
 
 
@@ -312,7 +312,7 @@ def run_unlearning(
         t0 = time.perf_counter()
         model = unlearner.unlearn(model, task, runtime, sub)
         _sync(runtime)
-        _check_finite(model, f"bins[{b.index}] ({unlearner.name})")
+        _check_finite(model, f"bins[{b.index}] ({unlearner.name})", task.retain, runtime)
         seconds = time.perf_counter() - t0
         sub.report(1.0)
         steps.append(StepReport(b, unlearner.name, dict(unlearner.hp), len(retain_rows), seconds,
@@ -321,13 +321,16 @@ def run_unlearning(
                             seconds=time.perf_counter() - t_start, thresholds=cuts)
 
 
-def _check_finite(model: nn.Module, where: str) -> None:
-    """Never hand back a model with NaN or infinite weights (a diverged ascent, an absurd learning
-    rate with the retain guard off): the job fails with the reason instead of publishing it."""
+def _check_finite(model: nn.Module, where: str, probe: View, runtime: Runtime) -> None:
+    """Never hand back a model with NaN or infinite weights, or finite weights so large that its
+    outputs overflow (a diverged ascent, an absurd learning rate with the retain guard off): the
+    job fails with the reason instead of publishing it."""
+    hint = "lower the learning rate or keep max_retain_drop on"
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise EngineError(f"{where}: unlearning produced non-finite weights ({name} has NaN or inf); "
-                              "lower the learning rate or keep max_retain_drop on")
+            raise EngineError(f"{where}: unlearning produced non-finite weights ({name} has NaN or inf); {hint}")
+    if len(probe) and not torch.isfinite(predict(model, probe.head(256), runtime)).all():
+        raise EngineError(f"{where}: unlearning produced a model whose outputs are not finite; {hint}")
 
 
 def _whole_bin(forget: torch.Tensor, values: np.ndarray | None) -> Bin:
