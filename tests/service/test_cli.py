@@ -4,6 +4,7 @@ worker on the embedded default, everything under --data-dir)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -113,3 +114,18 @@ def test_serve_runs_api_and_worker_on_the_embedded_default(tmp_path, user_files)
         except ProcessLookupError:
             continue
         raise AssertionError(f"worker {pid} outlived serve")
+
+
+def test_demo_runs_the_whole_path_on_the_embedded_default(tmp_path):
+    """The README's first command runs this: register, three requests, one job, the report."""
+    out = subprocess.run([*CLI, "demo", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "demo")],
+                         env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "guardrails" in out.stdout and "report:" in out.stdout
+    results = list((tmp_path / "demo").glob("model-*-job-*"))
+    assert len(results) == 1
+    files = {p.name for p in results[0].iterdir()}
+    assert {"v2.safetensors", "report.json", "report.html"} <= files
+    report = json.loads((results[0] / "report.json").read_text())
+    assert report["job"]["new_version"] == 2 and len(report["requests"]) == 3
+    assert report["forget_set"]["n"] == 40  # 10 + 15 + 15 new ids; the 3 repeated ones are linked, not redone
