@@ -147,14 +147,7 @@ def _worker_argv(args) -> list[str]:
 
 def cmd_worker(args) -> int:
     argv = _worker_argv(args)
-    from .settings import Settings
-
-    threads = Settings().worker_threads
-    if threads > 0:  # once, at start: changing it mid-job has crashed backward passes
-        import torch
-
-        torch.set_num_threads(threads)
-    from worker.tasks import app
+    from worker.tasks import app  # sets the worker's torch threads once, at start (worker_init)
 
     app.worker_main(argv)
     return 0

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 
+from celery.signals import worker_init
 from sqlalchemy import select
 
 from service import batching
@@ -23,6 +24,17 @@ from .registration import validate_version
 
 log = logging.getLogger("unlearnd.worker")
 app = make_celery(Settings())
+
+
+@worker_init.connect
+def _set_threads(**_) -> None:
+    """Torch's CPU threads, once at start (``UNLEARND_WORKER_THREADS``): changing them mid-job has
+    crashed backward passes."""
+    threads = Settings().worker_threads
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @app.task(name=REGISTER_VERSION)
