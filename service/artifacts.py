@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +66,8 @@ class ArtifactStore(Protocol):
         """Remove a blob (only for one that no row references, e.g. after a failed commit)."""
 
     def put_bytes(self, data: bytes) -> str: ...
+
+    def put_file(self, path: str | Path) -> str: ...
 
 
 class LocalArtifactStore:
@@ -159,9 +160,6 @@ class LocalArtifactStore:
                 left -= len(chunk)
                 yield chunk
 
-    def blobs(self) -> list[str]:
-        return sorted(p.name for p in self.root.glob("??/*") if p.is_file())
-
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -169,9 +167,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def copy_to(store: LocalArtifactStore, sha256: str, dest: str | Path) -> Path:
-    dest = Path(dest)
-    shutil.copyfile(store.path(sha256), dest)
-    return dest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sqlalchemy import func, insert, select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -59,10 +59,6 @@ def sample_ids(session: Session, dataset_id: int) -> np.ndarray:
     ids = session.scalars(select(DatasetSample.sample_id).where(DatasetSample.dataset_id == dataset_id)
                           .order_by(DatasetSample.row)).all()
     return np.asarray(ids, dtype=str)
-
-
-def count_samples(session: Session, dataset_id: int) -> int:
-    return session.scalar(select(func.count()).select_from(DatasetSample).where(DatasetSample.dataset_id == dataset_id))
 
 
 def render(d: Dataset) -> dict:

@@ -27,7 +27,7 @@ from ..models import (
     ModelVersion,
     utcnow,
 )
-from ..problems import Problem, invalid, not_found
+from ..problems import Problem, not_found
 from . import audit
 from .common import iso
 from .datasets import MAX_ID
@@ -170,9 +170,3 @@ def render(session: Session, r: DeletionRequest) -> dict:
                       "job": f"/v1/jobs/{r.job_id}" if r.job_id else None,
                       "version": (f"/v1/models/{r.model_id}/versions/{r.result_version}"
                                   if r.result_version else None)}}
-
-
-def check_reason(reason: str) -> str:
-    if reason not in REASONS:
-        raise invalid("reason", f"must be one of {list(REASONS)}")
-    return reason

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from ..auth import Caller
 from ..models import Model, ModelAlias, ModelVersion, utcnow
-from ..problems import Problem, conflict, invalid, not_found
+from ..problems import conflict, invalid, not_found
 from . import audit
 from .common import iso
 from .datasets import MAX_ID
@@ -187,8 +187,3 @@ def render(session: Session, m: Model) -> dict:
             "policy": m.policy, "has_events": m.events_sha256 is not None, "aliases": alias_map,
             "latest_version": render_version(last, alias_map) if last else None, "created_at": iso(m.created_at)}
 
-
-def ensure_ready(v: ModelVersion) -> None:
-    if v.status != "ready":
-        raise Problem(409, "Conflict", f"version {v.version} is {v.status}"
-                      + (f": {v.status_reason}" if v.status_reason else ""), kind="version-not-ready")

@@ -25,7 +25,7 @@ class DeletionRequestIn(BaseModel):
 
     sample_ids: list[str | int] = Field(min_length=1, max_length=deletions.MAX_SAMPLES_PER_REQUEST,
                                         description="ids from the dataset's ids_train")
-    reason: Literal["erasure", "mislabeled", "poisoned", "other"]
+    reason: Literal[deletions.REASONS]  # type: ignore[valid-type]
     subject_ref: str | None = Field(None, min_length=1, max_length=512,
                                     description="pseudonymous subject reference; only its hash is stored")
 
