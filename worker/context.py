@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 from service.artifacts import LocalArtifactStore
 from service.db import Database
+from service.dispatch import Dispatcher
 from service.settings import Settings
 
 
@@ -15,6 +16,11 @@ class WorkerContext:
     settings: Settings
     db: Database
     store: LocalArtifactStore
+
+    @cached_property
+    def dispatcher(self) -> Dispatcher:
+        """One Celery client per worker process (not a new one per task or sweep)."""
+        return Dispatcher(self.settings)
 
 
 @cache

@@ -66,9 +66,8 @@ from service.repo import models as model_repo
 from service.repo.common import iso
 from service.repo.deletions import ERASURE_DEADLINE
 
-from . import proxy_cache
+from . import proxy_cache, registration
 from .context import WorkerContext
-from .registration import _engine_policy
 
 log = logging.getLogger("unlearnd.worker")
 
@@ -393,7 +392,7 @@ def _execute(ctx: WorkerContext, tr: _Tracker) -> str:
     pol = Policy.model_validate(st.job.policy)
     if pol.audit.reference == "retrain":
         tr.spans = SPANS_WITH_REFERENCE
-    engine_policy = rum.parse_policy(_engine_policy(pol))
+    engine_policy = rum.parse_policy(registration.engine_policy(pol))
     runtime = Runtime.auto()
     ds = st.dataset
     data = load_dataset(ctx.store.local_path(ds.sha256), ds.mean, ds.std, num_classes=ds.num_classes)

@@ -48,7 +48,7 @@ def check(ctx: WorkerContext, *, spec, policy, weights, events, data, mean, std,
         model = architectures.load_model(spec, ctx.store.local_path(weights))
         pol = Policy.model_validate(policy)
         try:
-            rum.parse_policy(_engine_policy(pol))
+            rum.parse_policy(engine_policy(pol))
             if pol.proxy is not None:
                 check_proxy(pol.proxy, pol.proxy_params, has_events=events is not None, has_holdout=has_holdout)
         except EngineError as exc:
@@ -74,14 +74,17 @@ def check(ctx: WorkerContext, *, spec, policy, weights, events, data, mean, std,
                         "device": str(runtime.device), "seconds": round(time.perf_counter() - start, 3)}
 
 
-def _engine_policy(pol: Policy) -> dict:
+def engine_policy(pol: Policy) -> dict:
+    """The policy the engine's ``parse_policy`` takes: RUM without ``bins`` is the default pipeline
+    (its bins, and its quantiles unless the policy gives cut points)."""
     from worker.engine.rum import default_rum_config
 
     out = pol.engine_policy()
     if out["method"] == "rum" and "bins" not in out:
-        out["bins"] = [b.to_dict() for b in default_rum_config().bins]
+        default = default_rum_config()
+        out["bins"] = [b.to_dict() for b in default.bins]
         if "quantiles" not in out and "thresholds" not in out:
-            out["quantiles"] = default_rum_config().quantiles
+            out["quantiles"] = default.quantiles
     return out
 
 

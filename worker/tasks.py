@@ -13,7 +13,6 @@ from celery.signals import worker_init
 from sqlalchemy import select
 
 from service import batching
-from service.dispatch import Dispatcher
 from service.models import Job, ModelVersion, utcnow
 from service.repo import models as model_repo
 from service.settings import Settings
@@ -44,7 +43,7 @@ def register_version(version_id: int) -> str | None:
     if status == "ready":  # requests may have arrived while version 1 was pending
         with ctx.db.session() as s:
             model_id = s.scalar(select(ModelVersion.model_id).where(ModelVersion.id == int(version_id)))
-        batching.claim_and_dispatch(ctx.db, Dispatcher(ctx.settings), model_id)
+        batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id)
     return status
 
 
@@ -58,7 +57,7 @@ def run_job(job_id: int) -> str | None:
     if status is not None:
         with ctx.db.session() as s:
             model_id = s.scalar(select(Job.model_id).where(Job.id == int(job_id)))
-        batching.claim_and_dispatch(ctx.db, Dispatcher(ctx.settings), model_id)
+        batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id)
     return status
 
 
@@ -68,7 +67,7 @@ def sweep() -> dict:
     registrations still pending, batches whose wait ran out, queued jobs whose wake-up was lost,
     and running jobs whose worker stopped beating (killed): the next delivery takes them over."""
     ctx = worker_context()
-    dispatcher = Dispatcher(ctx.settings)
+    dispatcher = ctx.dispatcher
     now = utcnow()
     cutoff = now - dt.timedelta(seconds=ctx.settings.redispatch_after_s)
     stale = now - dt.timedelta(seconds=ctx.settings.job_stale_after_s)
