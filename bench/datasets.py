@@ -1,6 +1,7 @@
 """Write the benchmark datasets in the dataset-file format (DESIGN.md "Contracts").
 
-    python -m bench.datasets [--out DIR] [--which digits,fashion_mnist] [--fashion-train N] [--fashion-test N]
+    python -m bench.datasets [--out DIR] [--which digits,fashion_mnist,breast_cancer]
+        [--fashion-train N] [--fashion-test N]
 
 * ``digits.npz``: scikit-learn's digits, uint8 (N,1,8,8) scaled x·255/16, the seed-0 split
   1,197 train / 200 holdout / 400 test with ids ``d{index:04d}`` — the very split of the test
@@ -12,6 +13,12 @@
   With ``--fashion-train N`` the train split is the first N of those 55,000 rows and the holdout
   keeps the 55k:5k ratio (the last ceil(N/11) rows, at most 5,000); ``--fashion-test M`` keeps
   the first M test rows. The file is then named ``fashion_mnist_n{N}.npz`` (or ``_t{M}``).
+  The 3,500-row held-out subset of the benchmarks is ``--fashion-train 3500 --fashion-test 2000``
+  (``fashion_mnist_n3500_t2000.npz``: 3,500 train / 319 holdout / 2,000 test).
+* ``breast_cancer.npz``: scikit-learn's breast cancer (569 rows, 30 features, 2 classes) as
+  float32 (N, 30), standardized with the *train* split's mean and std (so no ``--mean/--std`` is
+  needed at load), split by a seed-0 permutation: 400 train / 69 holdout / 100 test; ids
+  ``b{index}`` with the index into ``load_breast_cancer()``.
 
 The output directory defaults to ``data/`` (gitignored).
 """
@@ -35,6 +42,8 @@ FASHION_FILES = {
     "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte",
 }
 FASHION_HOLDOUT = 5000
+DATASETS = ("digits", "fashion_mnist", "breast_cancer")
+BREAST_CANCER_SPLIT = (400, 69, 100)  # train / holdout / test of the 569 rows
 INSTALL_HINT = "Fashion-MNIST not found; install it with: apt-get install -y dataset-fashion-mnist"
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -93,6 +102,28 @@ def fashion_arrays(n_train: int | None = None, n_test: int | None = None,
     }
 
 
+def breast_cancer_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    """Breast cancer in the dataset-file layout: float32 (N, 30) standardized by train statistics."""
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    x = d.data.astype(np.float64)
+    y = d.target.astype(np.int64)
+    p = np.random.default_rng(seed).permutation(len(y))
+    n_tr, n_ho, n_te = BREAST_CANCER_SPLIT
+    tr, ho, te = p[:n_tr], p[n_tr : n_tr + n_ho], p[n_tr + n_ho : n_tr + n_ho + n_te]
+    mean, std = x[tr].mean(0), x[tr].std(0)
+    std[std == 0] = 1.0
+
+    def z(rows: np.ndarray) -> np.ndarray:
+        return ((x[rows] - mean) / std).astype(np.float32)
+
+    return {
+        "x_train": z(tr), "y_train": y[tr], "x_holdout": z(ho), "y_holdout": y[ho],
+        "x_test": z(te), "y_test": y[te], "ids_train": np.array([f"b{i}" for i in tr]),
+    }
+
+
 def write(arrays: dict[str, np.ndarray], path: Path) -> dict:
     summary = validate_arrays(arrays).summary()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,12 +136,12 @@ def write(arrays: dict[str, np.ndarray], path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.datasets", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("data"), help="output directory (default: data/)")
-    ap.add_argument("--which", default="digits,fashion_mnist", help="comma-separated: digits, fashion_mnist")
+    ap.add_argument("--which", default="digits,fashion_mnist", help="comma-separated: " + ", ".join(DATASETS))
     ap.add_argument("--fashion-train", type=int, default=None, help="first N of the 55k train rows")
     ap.add_argument("--fashion-test", type=int, default=None, help="first M of the 10k test rows")
     args = ap.parse_args(argv)
     which = [w.strip() for w in args.which.split(",") if w.strip()]
-    unknown = sorted(set(which) - {"digits", "fashion_mnist"})
+    unknown = sorted(set(which) - set(DATASETS))
     if unknown:
         ap.error(f"--which: unknown dataset(s) {unknown}")
     status = 0
@@ -118,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "digits":
             path = args.out / "digits.npz"
             summary = write(digits_arrays(0), path)
+        elif name == "breast_cancer":
+            path = args.out / "breast_cancer.npz"
+            summary = write(breast_cancer_arrays(0), path)
         else:
             suffix = (f"_n{args.fashion_train}" if args.fashion_train else "") + (
                 f"_t{args.fashion_test}" if args.fashion_test else "")

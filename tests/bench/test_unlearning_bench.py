@@ -1,0 +1,92 @@
+"""bench.unlearning end to end on digits (tiny), and its CUDA-less failure paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import unlearning
+from bench.datasets import write
+from worker.engine.sample_data import digits_arrays
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def digits_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "digits.npz"
+    write(digits_arrays(0), path)
+    return path
+
+
+def test_poisoned_smoke(digits_file, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    rc = unlearning.main(["--data", str(digits_file), "--mean", "0.5", "--std", "0.5", "--scenario", "poisoned",
+                          "--methods", "finetune", "--seeds", "1", "--epochs", "3", "--arch-kwargs",
+                          '{"width": 8}', "--threads", "1", "--json", str(out), "--device", "cpu"])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    methods = {(r["method"], r["rum"]) for r in rows}
+    assert methods == {("original", False), ("retrain", False), ("finetune", False), ("finetune", True),
+                       ("rum_default", True)}
+    for r in rows:
+        assert r["scenario"] == "poisoned"
+        assert "test_drop" in r and "asr" in r
+        assert r["asr_original"] == next(x["asr"] for x in rows if x["method"] == "original")
+        assert r["recipe"]["n_train"] == 1197 and r["recipe"]["epochs"] == 3
+        assert r["forget_size"] == round(0.03 * 1197)
+    orig = next(r for r in rows if r["method"] == "original")
+    ref = next(r for r in rows if r["method"] == "retrain")
+    assert orig["test_drop"] == 0.0
+    assert ref["test_drop"] == pytest.approx(orig["acc_test"] - ref["acc_test"])
+    printed = capsys.readouterr().out
+    head = next(line for line in printed.splitlines() if line.startswith("method"))
+    assert "test_drop" in head and "ASR" in head
+    assert "original train accuracy" in printed
+    assert "UNDER-FIT ORIGINAL" in printed  # 3 epochs of a width-8 CNN do not memorize digits
+
+
+def test_forget_alias_and_table_without_asr(digits_file, tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    table = tmp_path / "table.txt"
+    rc = unlearning.main(["--data", str(digits_file), "--mean", "0.5", "--std", "0.5", "--forget", "random",
+                          "--methods", "none", "--seeds", "1", "--epochs", "1", "--arch", "mlp", "--threads", "1",
+                          "--json", str(out), "--table", str(table), "--device", "cpu", "--forget-size", "30"])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert {r["scenario"] for r in rows} == {"random"} and all("asr" not in r for r in rows)
+    head = next(line for line in table.read_text().splitlines() if line.startswith("method"))
+    assert "test_drop" in head and "ASR" not in head
+    assert table.read_text().splitlines()[-1].startswith("# per-bin sizes")
+
+
+def test_table_puts_default_last_and_lists_skipped():
+    base = {"tow": 1.0, "tow_mia": 1.0, "acc_forget": 1.0, "acc_retain": 1.0, "acc_test": 1.0, "test_drop": 0.0,
+            "mia": 0.5, "seconds": 1.0, "share": 0.1}
+    rows = [{"method": "rum_default", "rum": True, **base}, {"method": "original", "rum": False, **base},
+            {"method": "scrub", "rum": False, "skipped": "time budget"}]
+    text = unlearning.table(rows)
+    lines = text.splitlines()
+    assert lines[2].startswith("original") and lines[3].startswith("rum_default")
+    assert "skipped (--time-budget): scrub (rum=no)" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CUDA-less failure path")
+def test_device_cuda_without_cuda_exits_2(digits_file, capsys):
+    assert unlearning.main(["--data", str(digits_file), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CUDA-less failure path")
+def test_gpu_script_fails_fast_without_cuda(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "PY": sys.executable, "RESULTS": str(tmp_path), "HOME": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "CUDA is not available" in proc.stderr
+    assert not list(tmp_path.glob("*.json"))  # nothing was run
