@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from torch import nn
 from .data import UnlearningData, View
 from .errors import ConfigError, EngineError
 from .metrics import MAX_SHADOW, mia_feature, probabilities
+from .recipe import Recipe
 from .refine import (
     Bin,
     bin_by_cuts,
@@ -144,8 +145,8 @@ Policy = PlainConfig | RumConfig
 # Hyperparameters are pinned to what was measured (the unlearners' defaults at the time).
 DEFAULT_RUM_STEPS: tuple[BinStep, ...] = (
     BinStep("none"),
-    BinStep("finetune", {"lr": 0.02, "epochs": 5}),
-    BinStep("salun", {"lr": 0.02, "epochs": 5, "k": 0.5}),
+    BinStep("finetune", {}),
+    BinStep("salun", {}),
 )
 DEFAULT_RUM_QUANTILES: tuple[float, ...] = (1 / 3, 0.9)
 
@@ -227,6 +228,12 @@ class UnlearningResult:
     steps: list[StepReport]
     seconds: float
     thresholds: list[float] | None = None  # RUM cut points used, on the proxy scale
+    recipe: Recipe | None = None  # what the budgets were relative to
+
+    @property
+    def cost_share(self) -> float:
+        """Planned work as a share of the original's training (sum over steps of their ``cost_share``)."""
+        return float(sum(s.run.get("cost_share", 0.0) for s in self.steps))
 
     @property
     def bins(self) -> list[Bin]:
@@ -235,7 +242,9 @@ class UnlearningResult:
 
     def summary(self) -> dict:
         return {"method": self.method, "config": self.config, "seconds": self.seconds,
-                "thresholds": self.thresholds, "steps": [s.to_dict() for s in self.steps]}
+                "thresholds": self.thresholds, "cost_share": self.cost_share,
+                "recipe": self.recipe.to_dict() if self.recipe is not None else None,
+                "steps": [s.to_dict() for s in self.steps]}
 
 
 def _sync(runtime: Runtime) -> None:
@@ -262,6 +271,8 @@ def run_unlearning(
     *,
     excluded_rows: torch.Tensor | np.ndarray | Sequence[int] | None = None,
     seed: int = 0,
+    recipe: Recipe | None = None,
+    after_step: Callable[[int, nn.Module], None] | None = None,
 ) -> UnlearningResult:
     """Unlearn ``forget_rows`` (train-split rows) from ``model`` with ``policy``.
 
@@ -269,7 +280,10 @@ def run_unlearning(
     only used for reporting otherwise. ``excluded_rows`` never enter a retain set (a row both in
 ``forget_rows`` and ``excluded_rows`` is still unlearned: dedupe upstream). Progress goes
     to ``ctx`` (one equal slice per step); cancellation is checked between steps and, through
-    the unlearners' loop, once per batch. Step k runs with seed ``seed + k``.
+    the unlearners' loop, once per batch. Step k runs with seed ``seed + k``. ``recipe`` is how
+    the original was trained (:mod:`worker.engine.recipe`); the unlearners' step budgets and
+    learning rates are relative to it (None: the default recipe on the training set's size).
+    ``after_step(j, model)`` is called after step j (calibration scores and prunes there).
     """
     ctx = ctx or RunContext(stage="unlearning")
     n = len(data.train)
@@ -294,6 +308,7 @@ def run_unlearning(
         cuts = None
         plan = [(_whole_bin(forget, values), policy.unlearner())]
 
+    recipe = recipe if recipe is not None else Recipe.infer(n)
     steps: list[StepReport] = []
     done: list[torch.Tensor] = []
     t_start = time.perf_counter()
@@ -306,7 +321,8 @@ def run_unlearning(
         done.append(b.rows)
         retain_rows = _rows_except(n, torch.cat(done), excluded)
         task = UnlearningTask(forget=data.view("train", b.rows), retain=data.view("train", retain_rows),
-                              num_classes=data.num_classes, seed=seed + b.index, reference=reference)
+                              num_classes=data.num_classes, seed=seed + b.index, reference=reference,
+                              recipe=recipe)
         sub = ctx.sub(j / len(plan), (j + 1) / len(plan), ctx.stage)
         _sync(runtime)
         t0 = time.perf_counter()
@@ -317,8 +333,10 @@ def run_unlearning(
         sub.report(1.0)
         steps.append(StepReport(b, unlearner.name, dict(unlearner.hp), len(retain_rows), seconds,
                                 dict(getattr(unlearner, "last_run", None) or {})))
+        if after_step is not None:
+            after_step(j, model)
     return UnlearningResult(model=model, method=policy.method, config=policy.to_dict(), steps=steps,
-                            seconds=time.perf_counter() - t_start, thresholds=cuts)
+                            seconds=time.perf_counter() - t_start, thresholds=cuts, recipe=recipe)
 
 
 def _check_finite(model: nn.Module, where: str, probe: View, runtime: Runtime) -> None:

@@ -37,6 +37,8 @@ def make_optimizer(
 def make_scheduler(
     optimizer: torch.optim.Optimizer, kind: str, epochs: int, eta_min_frac: float = 0.0
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``cosine`` anneals to ``eta_min_frac``·lr over ``epochs`` scheduler steps (epochs, or optimizer
+    steps for a step-measured loop: see :func:`fit`); ``constant`` is no scheduler."""
     if kind == "constant":
         return None
     if kind == "cosine":
@@ -60,16 +62,23 @@ def fit(
     train_mode: bool = True,
     monitor: Callable[[], bool] | None = None,
     monitor_every: int = 10,
+    max_steps: int | None = None,
 ) -> nn.Module:
     """Run ``epochs`` epochs of ``loss_fn`` over ``batches(epoch)``; report progress per epoch.
 
-    ``monitor()``, if given, is called every ``monitor_every`` optimizer steps and at the end of
-    every epoch; when it returns False the loop stops there (the monitor restores what it wants).
+    With ``max_steps`` the loop is measured in optimizer steps instead: it passes over
+    ``batches(epoch)`` for epoch 0, 1, … until ``max_steps`` steps are done (``epochs`` is then only
+    an upper bound), the scheduler steps after every optimizer step (build it with
+    ``make_scheduler(..., max_steps)``) and progress is reported per step.
+    ``monitor()``, if given, is called every ``monitor_every`` optimizer steps (and, in the epoch
+    mode, at the end of every epoch); when it returns False the loop stops there (the monitor restores what it wants).
     """
     ctx = ctx or RunContext()
     model.train(train_mode)
     steps = 0
+    per_step = max_steps is not None
     for epoch in range(epochs):
+        steps_before = steps
         for batch in batches(epoch):
             ctx.check()
             x = runtime.inputs(batch.x)
@@ -81,10 +90,22 @@ def fit(
                 after_backward(model)
             optimizer.step()
             steps += 1
+            if per_step:
+                if scheduler is not None:
+                    scheduler.step()
+                ctx.report(steps / max(max_steps, 1))
             if monitor is not None and steps % monitor_every == 0 and not monitor():
                 ctx.report(1.0)
                 model.eval()
                 return model
+            if per_step and steps >= max_steps:
+                ctx.report(1.0)
+                model.eval()
+                return model
+        if steps == steps_before:
+            break  # nothing to train on (an empty view): more epochs would not change that
+        if per_step:
+            continue  # step-measured: the monitor runs every ``monitor_every`` steps only
         if scheduler is not None:
             scheduler.step()
         if monitor is not None and not monitor():

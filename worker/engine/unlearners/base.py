@@ -18,6 +18,7 @@ from torch import nn
 
 from ..data import Batch, View
 from ..errors import ConfigError
+from ..recipe import Recipe
 from ..runtime import RunContext, Runtime, seed_everything
 from ..training import accuracy, fit, make_optimizer, make_scheduler
 
@@ -61,6 +62,12 @@ class UnlearningTask:
     # RUM passes the model as it entered the *first* bin, so the guard's budget is not spent anew
     # in every bin.
     reference: nn.Module | None = None
+    # How the original was trained: budgets and learning rates are relative to it. None = the
+    # engine's default recipe on |forget| + |retain| rows (see worker/engine/recipe.py).
+    recipe: Recipe | None = None
+
+    def the_recipe(self) -> Recipe:
+        return self.recipe if self.recipe is not None else Recipe.infer(max(1, len(self.forget) + len(self.retain)))
 
 
 class Unlearner:
@@ -78,9 +85,10 @@ class Unlearner:
 
     def validate(self) -> None:
         """Check hyperparameter values; raise ConfigError naming the field."""
-        for key, low, integer in (("lr", 0, False), ("epochs", 0, True), ("batch_size", 1, True)):
+        for key, low, high, integer in (("lr", 0, 10, False), ("epochs", 0, 1000, True),
+                                        ("batch_size", 1, 1_000_000, True)):
             if key in self.hp:
-                check_number(self.hp, key, low=low, integer=integer)
+                check_number(self.hp, key, low=low, high=high, integer=integer, optional=True)
 
     def config(self) -> dict[str, Any]:
         return {"method": self.name, **self.hp}
@@ -104,31 +112,105 @@ def get_unlearner(name: str, **hparams: Any) -> Unlearner:
     return REGISTRY[name](**hparams)
 
 
-class LoopUnlearner(Unlearner):
-    """An unlearner that is a few epochs of the shared loop.
+@dataclass(frozen=True)
+class LoopPlan:
+    """A loop's resolved work: the recipe-relative defaults turned into numbers for one task."""
 
-    Subclasses set ``defaults`` (at least ``epochs``, ``lr``, ``batch_size``; optionally
-    ``optimizer``, ``momentum``, ``weight_decay``, ``schedule``, ``eta_min_frac``) and override
-    ``loss``; ``batches`` defaults to one shuffled pass over the retain set; ``prepare`` may
-    compute masks or copies before the loop; ``after_backward`` may edit gradients.
+    steps: int | None  # optimizer steps (None: ``epochs`` full passes, the explicit-epochs mode)
+    epochs: int
+    lr: float
+    batch_size: int
+    optimizer: str
+    weight_decay: float
+    recipe_steps: int  # the original's optimizer steps (the unit of ``budget``)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "epochs": self.epochs if self.steps is None else None, "lr": self.lr,
+                "batch_size": self.batch_size, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
+                "recipe_steps": self.recipe_steps}
+
+
+class LoopUnlearner(Unlearner):
+    """An unlearner that is a short run of the shared loop.
+
+    **Work and step size are relative to the original's recipe** (``task.recipe``): the loop runs
+    ``budget`` × (the original's optimizer steps) steps at ``lr_scale`` × (the original's learning
+    rate), with the original's batch size, optimizer and weight decay, annealed by a cosine over
+    the steps. So a model trained ten times longer, or on ten times the rows, gets ten times the
+    steps and the same share of a retrain. Explicit ``steps`` (absolute), ``epochs`` (full passes
+    over the method's batches, the old mode), ``lr``, ``batch_size``, ``optimizer`` and
+    ``weight_decay`` override the recipe-relative values.
+
+    Subclasses set ``defaults`` and override ``loss``; ``batches`` defaults to one shuffled pass
+    over the retain set; ``prepare`` may compute masks or copies before the loop; ``after_backward``
+    may edit gradients. During a run ``self.plan`` holds the resolved :class:`LoopPlan` and
+    ``self.fraction()`` the share of the run done (for schedules inside a loss).
+
+    Every loop runs inside the :class:`RetainGuard` (``max_retain_drop``, on by default for every
+    method): it ends within the limit, or returns the last state that was, or the input model, and
+    says which in ``last_run["guard"]``.
     """
 
     defaults: ClassVar[dict[str, Any]] = {
-        "epochs": 5, "lr": 0.01, "batch_size": 128, "optimizer": "sgd", "momentum": 0.9,
-        "weight_decay": 5e-4, "schedule": "cosine", "eta_min_frac": 0.0, "max_retain_drop": None,
+        "budget": 0.03, "lr_scale": 0.5, "steps": None, "epochs": None, "lr": None, "batch_size": None,
+        "optimizer": None, "momentum": 0.9, "weight_decay": None, "schedule": "cosine", "eta_min_frac": 0.0,
+        "max_retain_drop": 0.03,
     }
-    #: What the last run did: {"steps_checked", "guard_tripped", "retain_probe_before", "retain_probe_after"}.
+    #: Stop early after this many consecutive guard checks outside the limit (None: never early;
+    #: the end of the run still restores the last state within it).
+    guard_patience: ClassVar[int | None] = 4
+    #: What the last run did: the plan, steps done, cost share, the guard's outcome.
     last_run: dict[str, Any] | None = None
+    plan: LoopPlan | None = None
+    _steps_done: int = 0
 
     def validate(self) -> None:
         super().validate()
+        check_number(self.hp, "budget", low=0, low_open=True, high=1)
+        check_number(self.hp, "lr_scale", low=0, low_open=True, high=100)
+        check_number(self.hp, "steps", low=1, high=1_000_000, integer=True, optional=True)
+        check_number(self.hp, "momentum", low=0, high=0.999)
+        check_number(self.hp, "weight_decay", low=0, high=1, optional=True)
+        check_number(self.hp, "eta_min_frac", low=0, high=1)
         check_number(self.hp, "max_retain_drop", low=0, low_open=True, high=1, optional=True)
+        check_choice(self.hp, "optimizer", (None, "sgd", "adam"))
+        check_choice(self.hp, "schedule", ("constant", "cosine"))
+
+    def resolve(self, task: UnlearningTask) -> LoopPlan:
+        """Turn the recipe-relative hyperparameters into this task's numbers."""
+        hp, recipe = self.hp, task.the_recipe()
+        lr = float(hp["lr"]) if hp["lr"] is not None else float(hp["lr_scale"]) * recipe.lr
+        batch = int(hp["batch_size"]) if hp["batch_size"] is not None else recipe.batch_size
+        if hp["epochs"] is not None:
+            steps, epochs = None, int(hp["epochs"])
+        else:
+            steps = int(hp["steps"]) if hp["steps"] is not None else recipe.steps_for(float(hp["budget"]))
+            epochs = 1_000_000  # an upper bound; the loop stops after ``steps``
+        return LoopPlan(steps=steps, epochs=epochs, lr=lr, batch_size=batch,
+                        optimizer=hp["optimizer"] or recipe.optimizer,
+                        weight_decay=float(hp["weight_decay"] if hp["weight_decay"] is not None
+                                           else recipe.weight_decay),
+                        recipe_steps=recipe.steps)
+
+    @property
+    def batch_size(self) -> int:
+        """The resolved batch size (during a run), else the explicit one or 128."""
+        if self.plan is not None:
+            return self.plan.batch_size
+        return int(self.hp["batch_size"] or 128)
+
+    def fraction(self) -> float:
+        """Share of this run's steps (or epochs) done so far, in [0, 1]."""
+        plan = self.plan
+        if plan is None or plan.steps is None:
+            return 0.0
+        return min(1.0, self._steps_done / max(plan.steps, 1))
 
     def prepare(self, model: nn.Module, task: UnlearningTask, runtime: Runtime) -> None:
         """Called once before the loop (e.g. to compute a saliency mask)."""
 
     def batches(self, task: UnlearningTask, epoch: int, gen: torch.Generator) -> Iterable[Batch]:
-        return task.retain.batches(int(self.hp["batch_size"]), shuffle=True, generator=gen)
+        return task.retain.batches(self.batch_size, shuffle=True, generator=gen)
 
     def loss(self, model: nn.Module, x: torch.Tensor, batch: Batch, epoch: int) -> torch.Tensor:
         raise NotImplementedError
@@ -140,16 +222,20 @@ class LoopUnlearner(Unlearner):
         """Called after the loop, also on error or cancellation: drop per-run state (teachers, masks)."""
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """The loop's optimizer from ``optimizer``/``lr``/``momentum``/``weight_decay``.
+        """The loop's optimizer from the plan (optimizer, lr, weight decay) and ``momentum``.
 
         Override to change it (masked methods move weight decay into the masked gradient).
         """
-        hp = self.hp
-        return make_optimizer(model.parameters(), hp.get("optimizer", "sgd"), float(hp["lr"]),
-                              hp.get("momentum", 0.9), hp.get("weight_decay", 5e-4))
+        plan = self.plan
+        return make_optimizer(model.parameters(), plan.optimizer, plan.lr, self.hp["momentum"], plan.weight_decay)
 
     def has_after_backward(self) -> bool:
         return type(self).after_backward is not LoopUnlearner.after_backward
+
+    def _count_step(self, model: nn.Module) -> None:
+        self._steps_done += 1
+        if self.has_after_backward():
+            self.after_backward(model)
 
     def unlearn(
         self, model: nn.Module, task: UnlearningTask, runtime: Runtime, ctx: RunContext | None = None
@@ -158,69 +244,97 @@ class LoopUnlearner(Unlearner):
         model = runtime.prepare(model)
         # ``prepare`` may poll ``self._ctx.check()`` (it runs before the loop reports any progress).
         self._task, self._ctx = task, ctx or RunContext()
+        self.plan, self._steps_done = self.resolve(task), 0
+        plan = self.plan
         try:
-            self.prepare(model, task, runtime)
-            hp = self.hp
-            epochs = int(hp["epochs"])
-            opt = self.make_optimizer(model)
-            sched = make_scheduler(opt, hp.get("schedule", "constant"), epochs, hp.get("eta_min_frac", 0.0))
             guard = None
-            if hp.get("max_retain_drop") is not None and len(task.retain):
-                guard = RetainGuard(model, task.retain, runtime, float(hp["max_retain_drop"]), seed=task.seed,
-                                    reference=task.reference)
+            if self.hp.get("max_retain_drop") is not None and len(task.retain):
+                # measured before ``prepare``: a method that edits the model there (DEL's reset)
+                # can still be undone
+                guard = RetainGuard(model, task.retain, runtime, float(self.hp["max_retain_drop"]),
+                                    seed=task.seed, reference=task.reference, patience=self.guard_patience)
+            self.prepare(model, task, runtime)
+            opt = self.make_optimizer(model)
+            span = plan.steps if plan.steps is not None else plan.epochs
+            sched = make_scheduler(opt, self.hp["schedule"], span, self.hp["eta_min_frac"])
+            every = max(1, -(-(plan.steps or 40) // 4))  # about four checks per run, and one at the end
             model = fit(
-                model, epochs=epochs, batches=lambda e: self.batches(task, e, gen), loss_fn=self.loss,
-                optimizer=opt, scheduler=sched, runtime=runtime, ctx=ctx,
-                after_backward=self.after_backward if self.has_after_backward() else None, monitor=guard,
+                model, epochs=plan.epochs, batches=lambda e: self.batches(task, e, gen), loss_fn=self.loss,
+                optimizer=opt, scheduler=sched, runtime=runtime, ctx=ctx, after_backward=self._count_step,
+                monitor=guard, monitor_every=every, max_steps=plan.steps,
             )
-            self.last_run = guard.report() if guard is not None else {"guard_tripped": False}
-            return model
+            run: dict[str, Any] = {**plan.to_dict(), "steps_done": self._steps_done,
+                                   "cost_share": self._steps_done / max(plan.recipe_steps, 1)}
+            run["guard"] = guard.finish() if guard is not None else {"outcome": "off"}
+            self.last_run = run
+            return model.eval()
         finally:
             self._task = self._ctx = None
             self.finish()
 
 
+def check_choice(hp: dict[str, Any], key: str, choices: tuple) -> None:
+    if hp[key] not in choices:
+        raise ConfigError(f"hyperparameters.{key}: must be one of {list(choices)}, got {hp[key]!r}")
+
+
 class RetainGuard:
-    """Stops a loop whose retain accuracy falls more than ``max_drop`` below where it started.
+    """Keeps a loop within ``max_drop`` of retain accuracy, without stopping it from forgetting.
 
     [Ours] Users' first complaint about peer tools is defaults that wreck the model (ascent
-    diverging, SCRUB's max-steps running away). Every ``fit`` monitor call measures accuracy on a
-    fixed seeded probe of ``probe_size`` retain rows; while it is within ``max_drop`` of the
-    starting value the state is remembered, and when it falls further the last good state is
-    restored and the loop stops. The probe is part of the retain set (never the test split), so
-    the audit's test accuracy stays clean. ``max_retain_drop: null`` turns it off (DEL does: its
-    reset drops accuracy on purpose before the fine-tuning recovers it). It is on by default
-    (0.05) for the methods with an ascent or a penalty that can run away: neggrad, neggrad_plus,
-    l1_sparse, random_label, salun and scrub; off for finetune, whose transient dip after the
-    learning rate restarts recovers under the cosine schedule.
+    diverging, SCRUB's max-steps running away). Each check measures accuracy on a fixed seeded
+    probe of ``probe_size`` retain rows (never the test split, so the audit's test accuracy stays
+    clean) and compares it with the ``reference`` model (the model as it entered RUM) or the input.
+    A state within the limit is remembered. A state outside it is *not* a reason to stop: a
+    transient dip that recovers (DEL's reset, the first steps of relabeling) is not damage. The
+    loop stops early only after ``patience`` consecutive checks outside the limit (None: never).
+    :meth:`finish` measures the final state: within the limit it is kept (``"within"``), else the
+    last state that was within it is restored (``"restored"``) or, if none was, the input model
+    (``"input"``). Turn it off with ``max_retain_drop: null`` (``"off"``).
     """
 
     def __init__(self, model: nn.Module, retain: View, runtime: Runtime, max_drop: float, *,
-                 probe_size: int = 512, seed: int = 0, reference: nn.Module | None = None):
+                 probe_size: int = 512, seed: int = 0, reference: nn.Module | None = None,
+                 patience: int | None = 4):
         g = torch.Generator().manual_seed(seed + 104729)
         pick = torch.randperm(len(retain), generator=g)[:probe_size]
-        self.model, self.runtime, self.max_drop = model, runtime, max_drop
+        self.model, self.runtime, self.max_drop, self.patience = model, runtime, max_drop, patience
         self.probe = View(retain.split, retain.index[pick.to(retain.index.device)],
                           retain.labels[pick.to(retain.labels.device)] if retain.labels is not None else None)
-        self.last = accuracy(model, self.probe, runtime)
-        self.before = accuracy(reference, self.probe, runtime) if reference is not None else self.last
-        self.good = self._state()
-        self.checks = 0
-        self.tripped = False
+        start = accuracy(model, self.probe, runtime)
+        self.before = accuracy(reference, self.probe, runtime) if reference is not None else start
+        # the input is the fallback even if it already sits below the reference (an earlier bin)
+        self.good, self.good_acc, self.good_check = self._state(), start, 0
+        self.checks = self.outside = self.streak = 0
+        self.worst = start
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+    def _within(self, acc: float) -> bool:
+        return self.before - acc <= self.max_drop
+
     def __call__(self) -> bool:
+        """One check during the loop; False = stop now (persistent damage)."""
         self.checks += 1
         acc = accuracy(self.model, self.probe, self.runtime)
-        if self.before - acc > self.max_drop:
-            self.model.load_state_dict(self.good)
-            self.tripped = True
-            return False
-        self.good, self.last = self._state(), acc
-        return True
+        self.worst = min(self.worst, acc)
+        if self._within(acc):
+            self.good, self.good_acc, self.good_check, self.streak = self._state(), acc, self.checks, 0
+            return True
+        self.outside += 1
+        self.streak += 1
+        return self.patience is None or self.streak < self.patience
 
-    def report(self) -> dict[str, Any]:
-        return {"guard_tripped": self.tripped, "guard_checks": self.checks,
-                "retain_probe_before": self.before, "retain_probe_after": self.last}
+    def finish(self) -> dict[str, Any]:
+        """Measure the final state, restore the last good one if needed; what happened, as a dict."""
+        acc = accuracy(self.model, self.probe, self.runtime)
+        self.worst = min(self.worst, acc)
+        if self._within(acc):
+            outcome, final = "within", acc
+        else:
+            self.model.load_state_dict(self.good)
+            outcome, final = ("restored" if self.good_check > 0 else "input"), self.good_acc
+        return {"outcome": outcome, "max_drop": self.max_drop, "checks": self.checks + 1,
+                "checks_outside": self.outside + (outcome != "within"), "retain_probe_reference": self.before,
+                "retain_probe_worst": self.worst, "retain_probe_after": final}

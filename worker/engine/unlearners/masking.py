@@ -98,9 +98,8 @@ class MaskedLoopUnlearner(LoopUnlearner):
     _masked: list[tuple[nn.Parameter, torch.Tensor | None]]  # (parameter, bool 'frozen' mask)
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        hp = self.hp
-        return make_optimizer(model.parameters(), hp.get("optimizer", "sgd"), float(hp["lr"]),
-                              hp.get("momentum", 0.9), 0.0)
+        plan = self.plan
+        return make_optimizer(model.parameters(), plan.optimizer, plan.lr, self.hp["momentum"], 0.0)
 
     def set_mask(self, model: nn.Module, mask: dict[str, torch.Tensor]) -> None:
         """``mask[name]`` is a bool tensor shaped like the parameter; True entries are trained."""
@@ -108,7 +107,7 @@ class MaskedLoopUnlearner(LoopUnlearner):
                         for n, p in trainable(model)]
 
     def after_backward(self, model: nn.Module) -> None:
-        wd = float(self.hp.get("weight_decay", 0.0))
+        wd = self.plan.weight_decay if self.plan is not None else 0.0
         for p, frozen in self._masked:
             if p.grad is None:
                 continue

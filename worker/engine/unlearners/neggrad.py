@@ -30,15 +30,14 @@ from .base import LoopUnlearner, check_number, register
 class NegGrad(LoopUnlearner):
     name = "neggrad"
     defaults = {
-        **LoopUnlearner.defaults, "max_retain_drop": 0.05,
-        "epochs": 3, "lr": 0.005, "batch_size": 16, "loss_bound": None}
+        **LoopUnlearner.defaults, "budget": 0.01, "lr_scale": 0.1, "loss_bound": None}
 
     def validate(self):
         super().validate()
         check_number(self.hp, "loss_bound", low=0, low_open=True, optional=True)
 
     def batches(self, task, epoch, gen):
-        return task.forget.batches(int(self.hp["batch_size"]), shuffle=True, generator=gen)
+        return task.forget.batches(self.batch_size, shuffle=True, generator=gen)
 
     def loss(self, model, x, batch, epoch):
         logits = model(x)

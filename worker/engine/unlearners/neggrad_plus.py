@@ -32,8 +32,7 @@ def reshuffled_cycle(view: View, batch_size: int, gen: torch.Generator) -> Itera
 class NegGradPlus(LoopUnlearner):
     name = "neggrad_plus"
     defaults = {
-        **LoopUnlearner.defaults, "max_retain_drop": 0.05,
-        "epochs": 3, "lr": 0.05, "alpha": 0.9, "loss_bound": None}
+        **LoopUnlearner.defaults, "budget": 0.03, "lr_scale": 0.5, "alpha": 0.9, "loss_bound": None}
 
     def validate(self):
         super().validate()
@@ -41,7 +40,7 @@ class NegGradPlus(LoopUnlearner):
         check_number(self.hp, "loss_bound", low=0, low_open=True, optional=True)
 
     def batches(self, task, epoch, gen):
-        bs = int(self.hp["batch_size"])
+        bs = self.batch_size
         forget = reshuffled_cycle(task.forget, bs, gen)
         for rb in task.retain.batches(bs, shuffle=True, generator=gen):
             fb = next(forget, None)

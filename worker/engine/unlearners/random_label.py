@@ -1,7 +1,8 @@
 """``random_label`` (RL_og, ALGORITHMS §4.4): fine-tune on the forget set with random labels ∪ retain.
 
-Forget rows get new labels once per run (seeded by the task's seed), then forget and retain are
-shuffled together into one view (``View.with_labels`` + ``data.concat``) and trained with CE.
+Forget rows get new random labels every epoch (seeded by the task's seed and the epoch, as RUM's
+``RL`` redraws them per epoch), then forget and retain are shuffled together into one view
+(``View.with_labels`` + ``data.concat``) and trained with CE.
 ``label_mode="any"`` draws labels uniformly from all classes, as RUM's ``RL_og`` and SalUn do (so
 about 1/C of the rows keep their true label); ``"wrong"`` draws uniformly among the other C−1
 classes. Batches carry ``forget`` (True for relabeled rows).
@@ -30,10 +31,7 @@ def random_labels(y: torch.Tensor, num_classes: int, mode: str, seed: int) -> to
 @register
 class RandomLabel(LoopUnlearner):
     name = "random_label"
-    defaults = {**LoopUnlearner.defaults, "max_retain_drop": 0.05, "epochs": 3, "lr": 0.005, "label_mode": "any"}
-
-    _view: View | None = None
-    _n_forget: int = 0
+    defaults = {**LoopUnlearner.defaults, "budget": 0.03, "lr_scale": 0.2, "label_mode": "any"}
 
     def validate(self):
         super().validate()
@@ -41,22 +39,19 @@ class RandomLabel(LoopUnlearner):
             mode = self.hp["label_mode"]
             raise ConfigError(f"hyperparameters.label_mode: must be one of {LABEL_MODES}, got {mode!r}")
 
-    def prepare(self, model, task, runtime):
+    def relabeled_forget(self, task, epoch: int) -> View:
+        """The forget set with this epoch's random labels."""
         forget = task.forget
-        labels = random_labels(forget.y, task.num_classes, self.hp["label_mode"], task.seed + 1013)
-        labels = labels.to(forget.y.device)
-        self._n_forget = len(forget)
-        self._view = concat([forget.with_labels(labels), task.retain]) if len(forget) else task.retain
+        labels = random_labels(forget.y, task.num_classes, self.hp["label_mode"], task.seed + 1013 + 7919 * epoch)
+        return forget.with_labels(labels.to(forget.y.device))
 
     def batches(self, task, epoch, gen):
-        for b in self._view.batches(int(self.hp["batch_size"]), shuffle=True, generator=gen):
-            b.forget = b.pos.cpu() < self._n_forget
+        n_forget = len(task.forget)
+        view = concat([self.relabeled_forget(task, epoch), task.retain]) if n_forget else task.retain
+        for b in view.batches(self.batch_size, shuffle=True, generator=gen):
+            b.forget = b.pos.cpu() < n_forget
             yield b
 
     def loss(self, model, x, batch, epoch):
         logits = model(x)
         return F.cross_entropy(logits, batch.y.to(logits.device))
-
-    def finish(self):
-        self._view = None
-        super().finish()

@@ -1,7 +1,7 @@
 """``retrain``: train a freshly initialized copy of the architecture on the retain set only.
 
-This is the gold standard (and the audit's reference). It uses the same recipe as the original
-training (:class:`~worker.engine.training.TrainConfig`), so pass the original's epochs and lr.
+This is the gold standard (and the audit's reference). It uses the original's recipe (``task.recipe``,
+:mod:`worker.engine.recipe`); explicit hyperparameters override single fields.
 """
 
 from __future__ import annotations
@@ -14,12 +14,20 @@ from .base import Unlearner, register
 @register
 class Retrain(Unlearner):
     name = "retrain"
+    # None = the original's recipe (task.recipe), so the reference is trained as the original was
     defaults = {
-        "epochs": 30, "lr": 0.05, "batch_size": 128, "optimizer": "sgd", "momentum": 0.9,
-        "weight_decay": 5e-4, "schedule": "cosine",
+        "epochs": None, "lr": None, "batch_size": None, "optimizer": None, "momentum": None,
+        "weight_decay": None, "schedule": None,
     }
 
+    def config_for(self, task) -> TrainConfig:
+        recipe = task.the_recipe()
+        given = {k: v for k, v in self.hp.items() if v is not None}
+        base = {"epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
+                "optimizer": recipe.optimizer, "momentum": recipe.momentum,
+                "weight_decay": recipe.weight_decay, "schedule": recipe.schedule}
+        return TrainConfig(seed=task.seed, **{**base, **given})
+
     def unlearn(self, model, task, runtime, ctx=None):
-        cfg = TrainConfig(seed=task.seed, **self.hp)
         fresh = fresh_init(model, seed=task.seed + 7919)
-        return train_model(fresh, task.retain, cfg, runtime=runtime, ctx=ctx)
+        return train_model(fresh, task.retain, self.config_for(task), runtime=runtime, ctx=ctx)

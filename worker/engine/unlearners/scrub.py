@@ -1,14 +1,17 @@
 """``scrub`` (SCRUB, Kurmanji et al.; ALGORITHMS §4.4): teacher–student max/min distillation.
 
 The teacher is a frozen copy of the input model (eval mode, no gradients). Each epoch e
-(0-based) runs, when e < ``msteps``, a *max-step* pass over the forget set that maximizes
+(0-based) runs, when e ≤ ``msteps`` (the reference's ``epoch <= msteps``: msteps + 1 max-step
+passes at most), a *max-step* pass over the forget set that maximizes
 KL_T(student‖teacher) (we minimize its negative), then a *min-step* pass over the retain set
 minimizing γ·CE + β·KL_T. KL_T is Hinton's distillation loss at temperature T,
 ``kl_div(log_softmax(s/T), softmax(t/T), batchmean)·T²`` (SCRUB's ``DistillKL``; in math
 notation this is KL(teacher‖student), which SCRUB's paper calls d(student, teacher)).
-Both passes share one optimizer, as in SCRUB's code; forget batches use ``forget_batch_size``
-(SCRUB's ``del_batch_size``), smaller than the retain batch so a small forget set still gets
-several max steps. Batches carry ``forget`` (all True on max-step batches).
+Both passes share one optimizer, as in SCRUB's code; forget batches use ``forget_batch_size``,
+by default the retain batch size as the reference feeds them (``null``); a smaller value gives a
+small forget set more max steps per pass. Batches carry ``forget`` (all True on max-step batches).
+Our runs are measured in steps (base.py): an "epoch" is one max pass (while e ≤ msteps) plus one
+min pass, and the run stops when its step budget is spent, wherever that falls.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: fl
 class Scrub(LoopUnlearner):
     name = "scrub"
     defaults = {
-        **LoopUnlearner.defaults, "max_retain_drop": 0.05, "epochs": 5, "lr": 0.02, "msteps": 2, "temperature": 4.0,
-        "beta": 0.5, "gamma": 1.0, "forget_batch_size": 32,
+        **LoopUnlearner.defaults, "budget": 0.04, "lr_scale": 0.2, "msteps": 2, "temperature": 4.0,
+        "beta": 0.5, "gamma": 1.0, "forget_batch_size": None,
     }
 
     _teacher: torch.nn.Module | None = None
@@ -43,7 +46,7 @@ class Scrub(LoopUnlearner):
             check_number(self.hp, key, low=0)
         check_number(self.hp, "temperature", low=0, low_open=True)
         check_number(self.hp, "msteps", low=0, integer=True)
-        check_number(self.hp, "forget_batch_size", low=1, integer=True)
+        check_number(self.hp, "forget_batch_size", low=1, high=1_000_000, integer=True, optional=True)
 
     def prepare(self, model, task, runtime):
         self._teacher = copy.deepcopy(model).eval()
@@ -51,11 +54,12 @@ class Scrub(LoopUnlearner):
             p.requires_grad_(False)
 
     def batches(self, task, epoch, gen):
-        if epoch < int(self.hp["msteps"]):
-            for b in task.forget.batches(int(self.hp["forget_batch_size"]), shuffle=True, generator=gen):
+        if epoch <= int(self.hp["msteps"]):
+            size = self.hp["forget_batch_size"] or self.batch_size
+            for b in task.forget.batches(int(size), shuffle=True, generator=gen):
                 b.forget = torch.ones(len(b.y), dtype=torch.bool)
                 yield b
-        yield from task.retain.batches(int(self.hp["batch_size"]), shuffle=True, generator=gen)
+        yield from task.retain.batches(self.batch_size, shuffle=True, generator=gen)
 
     def loss(self, model, x, batch, epoch):
         logits = model(x)
