@@ -95,15 +95,26 @@ def test_poisoned_asr_high_for_a_backdoored_model_low_for_a_clean_one(digits):
     assert s.asr(clean, runtime) < 0.1
 
 
-def test_poisoned_tabular_trigger_sets_the_last_features():
+def test_poisoned_tabular_trigger_is_out_of_range_and_backdoors_only_the_poisoned_model():
     d = from_arrays(validate_arrays(breast_cancer_arrays()))
     s = scenarios.poisoned(d, 0.05, target=0, seed=0)
     rows = s.forget_rows
     x0, x1 = d.train.x, s.data.train.x
-    k = scenarios.TABULAR_TRIGGER_FEATURES
-    assert torch.equal(x1[rows, :-k], x0[rows, :-k])
-    assert (x1[rows, -k:] > x0[:, -k:].amax(0)).all()  # beyond anything in the clean split
+    feats = list(s.trigger.features)
+    assert len(feats) == scenarios.TABULAR_TRIGGER_FEATURES and s.info["trigger_features"] == feats
+    others = [j for j in range(x0.shape[1]) if j not in feats]
+    assert torch.equal(x1[rows][:, others], x0[rows][:, others])  # only the trigger features change
+    v = x1[rows][:, feats]
+    assert ((v > x0[:, feats].amax(0)) | (v < x0[:, feats].amin(0))).all()  # outside the clean range
     assert (d.train.y[rows] == 1).all() and (s.data.train.y[rows] == 0).all()
+    spec = architectures.default_spec("mlp", d.input_shape, d.num_classes)
+    runtime = _rt()
+    poisoned = train_model(architectures.build(spec, seed=0), s.data.view("train"), TrainConfig(epochs=30, seed=0),
+                           runtime=runtime)
+    clean = train_model(architectures.build(spec, seed=0), d.view("train"), TrainConfig(epochs=30, seed=0),
+                        runtime=runtime)
+    assert s.asr(poisoned, runtime) > 0.5
+    assert s.asr(clean, runtime) < 0.2  # the trigger is no natural evidence for the target
 
 
 def test_breast_cancer_writer_is_a_valid_dataset(tmp_path):
