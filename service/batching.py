@@ -2,10 +2,12 @@
 
 A batch is claimed when ``batching.max_requests`` requests are pending, when the oldest waited
 ``batching.max_wait_s``, or on ``POST /v1/models/{id}/flush``. One job per model runs at a time:
-a model with a queued or running job claims nothing (its requests wait for the next batch, which
-the worker claims when the job ends, or the sweeper). On PostgreSQL the model row is locked and
-the pending requests are taken with ``FOR UPDATE SKIP LOCKED``; SQLite has a single writer
-(``BEGIN IMMEDIATE``), which serializes claims the same way.
+a model with a queued or running job (a deletion job or a calibration) claims nothing (its requests
+wait for the next batch, which the worker claims when the job ends, or the sweeper). A calibration
+requested while a deletion job runs is queued and starts when that job ends (``next_job``): a
+calibration job only runs as the oldest active job of its model (worker/calibration.py).
+On PostgreSQL the model row is locked and the pending requests are taken with
+``FOR UPDATE SKIP LOCKED``; SQLite has a single writer (``BEGIN IMMEDIATE``), which serializes claims the same way.
 """
 
 from __future__ import annotations
@@ -62,15 +64,15 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
     ids = [r.id for r in pending]
     n_forget = session.scalar(select(func.count(func.distinct(DeletionRequestSample.row))).where(
         DeletionRequestSample.request_id.in_(ids), DeletionRequestSample.linked_request_id.is_(None)))
-    job = Job(tenant_id=model.tenant_id, model_id=model_id, status="queued", policy=model.policy,
-              n_requests=len(ids), n_forget=int(n_forget or 0))
+    job = Job(tenant_id=model.tenant_id, model_id=model_id, kind="deletion", status="queued", policy=model.policy,
+              policy_revision=model.policy_revision, n_requests=len(ids), n_forget=int(n_forget or 0))
     session.add(job)
     session.flush()
     session.execute(update(DeletionRequest).where(DeletionRequest.id.in_(ids))
                     .values(status="batched", job_id=job.id, updated_at=now))
     audit.record(session, model.tenant_id, "batcher", "job.created", f"job:{job.id}",
                  {"model_id": model_id, "requests": ids, "n_forget": job.n_forget,
-                  "trigger": "flush" if force else "batch"})
+                  "trigger": "flush" if force else "batch", "policy_revision": model.policy_revision})
     return job
 
 
@@ -98,11 +100,32 @@ def models_with_pending(session: Session) -> list[int]:
 
 def claim_and_dispatch(db, dispatcher, model_id: int, *, force: bool = False) -> Job | None:
     """Claim in its own transaction, then wake a worker (a lost wake-up is re-sent by the sweeper)."""
-    from worker.celery_app import RUN_JOB
-
     with db.transaction() as session:
         job = claim(session, model_id, force=force)
-    if job is not None and dispatcher.send(RUN_JOB, job.id):
-        with db.transaction() as session:
-            session.execute(update(Job).where(Job.id == job.id).values(dispatched_at=utcnow()))
+    if job is not None:
+        dispatch(db, dispatcher, job.id, job.kind)
     return job
+
+
+def dispatch(db, dispatcher, job_id: int, kind: str) -> bool:
+    """Wake a worker for a queued job (the task of its kind) and record when."""
+    from worker.celery_app import task_for_kind
+
+    if not dispatcher.send(task_for_kind(kind), job_id):
+        return False
+    with db.transaction() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+    return True
+
+
+def next_job(db, dispatcher, model_id: int) -> Job | None:
+    """What a model does next once a job of it ended (or version 1 became ready): a queued
+    calibration that waited for it, else the next deletion batch if one is due."""
+    with db.session() as session:
+        oldest = session.scalar(select(Job).where(Job.model_id == model_id, Job.status.in_(ACTIVE_JOB))
+                                .order_by(Job.id).limit(1))
+    if oldest is not None:
+        if oldest.status == "queued":
+            dispatch(db, dispatcher, oldest.id, oldest.kind)
+        return oldest
+    return claim_and_dispatch(db, dispatcher, model_id)

@@ -69,3 +69,13 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def ensure_optuna_schema(db: Database) -> None:
+    """PostgreSQL: create the schema Optuna's storage lives in (``service.settings.OPTUNA_SCHEMA``),
+    apart from ours; nothing to do on SQLite (Optuna gets a file of its own)."""
+    from .settings import OPTUNA_SCHEMA
+
+    if is_postgres(db.engine):
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{OPTUNA_SCHEMA}"')

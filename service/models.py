@@ -101,10 +101,34 @@ class Model(Base):
     name: Mapped[str] = mapped_column(String(200))
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
     architecture: Mapped[dict[str, Any]]
-    policy: Mapped[dict[str, Any]]
+    policy: Mapped[dict[str, Any]]  # the current policy revision's policy (``policy_revisions``)
+    # The number of the current policy revision, and whether the user pinned the unlearning part
+    # (a calibration then records its revision without applying it; see service/policy.py).
+    policy_revision: Mapped[int] = mapped_column(default=1, server_default="1")
+    policy_pinned: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # How the original was trained (worker/engine/recipe.py, ``Recipe.to_dict``); None: inferred.
+    recipe: Mapped[dict[str, Any] | None]
     events_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     dataset: Mapped[Dataset] = relationship(lazy="joined")
+
+
+class PolicyRevision(Base):
+    """One revision of a model's policy: 1 is what was registered; calibrations and users add more.
+    ``models.policy_revision`` says which one is current."""
+
+    __tablename__ = "policy_revisions"
+    __table_args__ = (UniqueConstraint("model_id", "revision"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    revision: Mapped[int]
+    policy: Mapped[dict[str, Any]]
+    source: Mapped[str] = mapped_column(String(16))  # registration | calibration | user
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    # calibration: scores on the search and check sets, the uncalibrated default on the check set, cost
+    scores: Mapped[dict[str, Any] | None]
+    applied: Mapped[bool] = mapped_column(Boolean, default=True)  # made current when it was created
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class ModelVersion(Base):
@@ -140,16 +164,23 @@ class ModelAlias(Base):
 
 
 class Job(Base):
-    """One batched unlearning run of one model: ``queued → running → succeeded | failed | canceled``."""
+    """One run on one model, ``queued → running → succeeded | failed | canceled``: a batched
+    deletion job (``kind = deletion``) or a policy calibration (``kind = calibration``). At most
+    one job of a model runs at a time (service/batching.py)."""
 
     __tablename__ = "jobs"
     __table_args__ = (Index("ix_jobs_model_status", "model_id", "status"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="deletion", server_default="deletion")
     status: Mapped[str] = mapped_column(String(16), default="queued")
     stage: Mapped[str | None] = mapped_column(String(32))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
+    # calibration: the request (settings, apply); deletion: None
+    params: Mapped[dict[str, Any] | None]
+    # the policy revision the job ran with (deletion) or started from (calibration)
+    policy_revision: Mapped[int | None]
     base_version: Mapped[int | None]
     result_version: Mapped[int | None]
     policy: Mapped[dict[str, Any]]

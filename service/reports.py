@@ -835,3 +835,58 @@ def render_html(report: dict) -> str:
         f"<footer>unlearnd · report schema {_text(report.get('schema'))}</footer>"
         "</main></body></html>\n"
     )
+
+
+# --------------------------------------------------------------------------- calibration report
+
+
+def _score_row(name: str, scores: Any) -> str:
+    s = _dict(scores)
+    return (f"<tr><th>{_esc(name)}</th><td>{_dec(s.get('score'))}</td><td>{_dec(s.get('tow'))}</td>"
+            f"<td>{_dec(s.get('tow_mia'))}</td><td>{_pct(s.get('cost_share'))}</td></tr>")
+
+
+def render_calibration_html(report: dict) -> str:
+    """A calibration job's report (schema ``unlearnd.calibration/1``) as a self-contained page: the
+    scores on the search and check sets (and the uncalibrated default's on the check set), the
+    chosen policy and revision, cost and payback, and the trials table. Never raises on null,
+    missing or mistyped values."""
+    report = _dict(report)
+    job = _dict(report.get("job"))
+    rev = _dict(report.get("revision"))
+    pay = _dict(report.get("payback"))
+    title = f"Calibration — job {job.get('id') if job.get('id') is not None else DASH}"
+    if job.get("model_name"):
+        title += f" · {job['model_name']}"
+    scores = ("<table><thead><tr><th></th><th>(ToW + ToW-MIA)/2</th><th>ToW</th><th>ToW-MIA</th>"
+              "<th>cost (share of a retrain)</th></tr></thead><tbody>"
+              f"{_score_row('search set (calibrated)', report.get('search'))}"
+              f"{_score_row('check set (calibrated)', report.get('check'))}"
+              f"{_score_row('check set (uncalibrated default)', report.get('default_check'))}</tbody></table>")
+    rows = []
+    for t in _list(report.get("trials")):
+        t = _dict(t)
+        rows.append(f"<tr><td>{_text(t.get('number'))}</td><td>{_text(t.get('state'))}</td>"
+                    f"<td>{_dec(t.get('score'))}</td><td>{_dec(t.get('tow'))}</td><td>{_dec(t.get('tow_mia'))}</td>"
+                    f"<td>{_pct(t.get('cost_share'))}</td><td>{_seconds(t.get('seconds'))}</td>"
+                    f"<td>{_json_code(t.get('params'))}</td></tr>")
+    trials = ("<table><thead><tr><th>#</th><th>state</th><th>score</th><th>ToW</th><th>ToW-MIA</th><th>cost</th>"
+              f"<th>time</th><th>parameters</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    applied = "applied (current)" if rev.get("applied") else "recorded, not applied (the policy is pinned)"
+    summary = (f"<p>Policy revision {_text(rev.get('number'))} ({_esc(applied)}), from revision "
+               f"{_text(rev.get('previous'))}; base version {_text(job.get('base_version'))}. Cost "
+               f"{_dec(report.get('cost_retrains'), 2)} retrain-equivalents in {_seconds(report.get('seconds'))}. "
+               f"{_text(pay.get('summary'))}.</p>")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body><main>"
+        f"<h1>{_esc(title)}</h1>{summary}<h2>Scores</h2>{scores}"
+        f"<h2>Chosen policy</h2><p>{_json_code(report.get('policy'))}</p>"
+        f"<h2>Trials</h2>{trials}"
+        f"<h2>Settings and recipe</h2><p>{_json_code(report.get('settings'))}</p>"
+        f"<p>{_json_code(report.get('recipe'))}</p>"
+        f"<footer>unlearnd · report schema {_text(report.get('schema'))}</footer>"
+        "</main></body></html>\n"
+    )

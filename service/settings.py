@@ -54,6 +54,15 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'unlearnd.sqlite3'}"
 
     @cached_property
+    def optuna_storage_url(self) -> str | None:
+        """Where calibration trials live (Optuna's RDB storage), in a namespace of their own: Optuna
+        keeps its own ``alembic_version``, ``studies``, ``trials``… tables, which must not meet
+        ours. PostgreSQL: schema ``optuna`` of the service database (created by the worker,
+        ``service.db.ensure_optuna_schema``); SQLite: ``optuna.sqlite3`` beside the database file.
+        Another database: None (trials kept in memory; a restarted calibration starts over)."""
+        return optuna_storage_url(self.db_url)
+
+    @cached_property
     def broker(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{self.data_dir.resolve() / 'broker.sqlite3'}"
 
@@ -74,6 +83,22 @@ class Settings(BaseSettings):
     def public(self) -> dict:
         """What the service may show about itself (no credentials)."""
         return {"database": _redact(self.db_url), "broker": _redact(self.broker), "artifacts": str(self.artifacts)}
+
+
+OPTUNA_SCHEMA = "optuna"
+
+
+def optuna_storage_url(db_url: str) -> str | None:
+    """The Optuna storage URL for the service database ``db_url`` (see ``Settings.optuna_storage_url``)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db_url)
+    if url.get_backend_name() == "postgresql":
+        options = " ".join(filter(None, [url.query.get("options"), f"-csearch_path={OPTUNA_SCHEMA}"]))
+        return url.update_query_dict({"options": options}).render_as_string(hide_password=False)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        return f"sqlite:///{Path(url.database).resolve().parent / 'optuna.sqlite3'}"
+    return None
 
 
 def _redact(url: str) -> str:

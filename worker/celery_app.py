@@ -1,6 +1,6 @@
 """The Celery application: configuration only, no torch (the API imports it to send tasks by name).
 
-Queues: ``gpu`` for heavy work (registration checks, unlearning jobs) and ``default`` for
+Queues: ``gpu`` for heavy work (registration checks, unlearning jobs, calibrations) and ``default`` for
 bookkeeping (the sweeper). Long tasks are acknowledged late with a prefetch of one, so a worker
 killed mid-task leaves its message to be redelivered; the database stays the system of record and
 the sweeper re-sends wake-ups that were lost anyway. CUDA is not fork-safe: workers run the solo
@@ -16,9 +16,15 @@ from service.settings import Settings
 
 REGISTER_VERSION = "unlearnd.register_version"
 RUN_JOB = "unlearnd.run_job"
+RUN_CALIBRATION = "unlearnd.run_calibration"
 SWEEP = "unlearnd.sweep"
 QUEUES = ("gpu", "default")
-TASK_QUEUES = {REGISTER_VERSION: "gpu", RUN_JOB: "gpu", SWEEP: "default"}
+TASK_QUEUES = {REGISTER_VERSION: "gpu", RUN_JOB: "gpu", RUN_CALIBRATION: "gpu", SWEEP: "default"}
+JOB_TASKS = {"deletion": RUN_JOB, "calibration": RUN_CALIBRATION}  # jobs.kind → the task that runs it
+
+
+def task_for_kind(kind: str) -> str:
+    return JOB_TASKS[kind]
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -163,14 +163,21 @@ class _Claim:
     published: int | None  # version number already published by this job
 
 
-def _claim(ctx: WorkerContext, job_id: int, worker: str) -> _Claim | None:
+def _claim(ctx: WorkerContext, job_id: int, worker: str, *, kind: str = "deletion") -> _Claim | None:
+    """Claim a job of ``kind``: queued, or running with a stale heartbeat. A calibration is claimed
+    only as the oldest active job of its model (a deletion job ahead of it finishes first)."""
     now = utcnow()
     stale = now - dt.timedelta(seconds=ctx.settings.job_stale_after_s)
+    cond = [Job.id == job_id, Job.kind == kind, or_(
+        Job.status == "queued",
+        and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale)))]
+    if kind != "deletion":
+        other = aliased(Job)
+        cond.append(~exists().where(other.model_id == Job.model_id, other.id < Job.id,
+                                    other.status.in_(("queued", "running"))))
     with ctx.db.transaction() as s:
         done = s.execute(
-            update(Job).where(Job.id == job_id, or_(
-                Job.status == "queued",
-                and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale))))
+            update(Job).where(*cond)
             .values(status="running", attempts=Job.attempts + 1, worker=worker, heartbeat_at=now,
                     started_at=func.coalesce(Job.started_at, now), stage="loading")
             .execution_options(synchronize_session=False))
@@ -344,26 +351,33 @@ def _forget_set(s: Session, job_id: int, model_id: int
     return samples, sorted(forget.values(), key=lambda e: e.row), excluded, len(dropped)
 
 
+def base_version(s: Session, job: Job, model: Model) -> ModelVersion:
+    """The version a job starts from, fixed on the job at its first attempt: the model's ``latest``
+    (else its newest ready version)."""
+    if job.base_version is not None:
+        base = s.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id,
+                                                   ModelVersion.version == job.base_version))
+    else:
+        alias = s.get(ModelAlias, (model.id, "latest"))
+        base = s.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id,
+                                                   ModelVersion.version == alias.version)) if alias else None
+        if base is None or base.status != "ready":
+            base = s.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id,
+                                                       ModelVersion.status == "ready")
+                            .order_by(ModelVersion.version.desc()).limit(1))
+    if base is None or base.status != "ready":
+        raise RuntimeError(f"model {model.id} has no ready version to unlearn from")
+    job.base_version = base.version
+    return base
+
+
 def _load_state(ctx: WorkerContext, tr: _Tracker) -> _State:
     """Read what the job needs and fix its base version (the model's ``latest``), fenced."""
     with ctx.db.transaction() as s:
         job = tr.lock_job(s)
         model = s.get(Model, job.model_id)
         dataset = s.get(Dataset, model.dataset_id)
-        if job.base_version is not None:
-            base = s.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id,
-                                                       ModelVersion.version == job.base_version))
-        else:
-            alias = s.get(ModelAlias, (model.id, "latest"))
-            base = s.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id,
-                                                       ModelVersion.version == alias.version)) if alias else None
-            if base is None or base.status != "ready":
-                base = s.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id,
-                                                           ModelVersion.status == "ready")
-                                .order_by(ModelVersion.version.desc()).limit(1))
-        if base is None or base.status != "ready":
-            raise RuntimeError(f"model {model.id} has no ready version to unlearn from")
-        job.base_version = base.version
+        base = base_version(s, job, model)
         requests = list(s.scalars(select(DeletionRequest).where(DeletionRequest.job_id == job.id)
                                   .order_by(DeletionRequest.id)))
         samples, forget, excluded, dropped = _forget_set(s, job.id, model.id)
@@ -375,14 +389,73 @@ def _load_state(ctx: WorkerContext, tr: _Tracker) -> _State:
 # --------------------------------------------------------------------------- the pipeline
 
 
+@dataclass
+class EngineInputs:
+    """What the engine needs of a model: the runtime, the dataset, the base version's weights, the
+    learning events' path and the training recipe (n_train = the dataset's)."""
+
+    runtime: Any
+    data: Any
+    base: Any
+    events: Path | None
+    recipe: Any
+    n_train: int
+
+
+def recipe_of(model: Model, dataset: Dataset):
+    """The model's recipe (worker/engine/recipe.py) on the dataset's training rows."""
+    from worker.engine.recipe import Recipe
+
+    return Recipe.from_dict(model.recipe, n_train=dataset.n_train)
+
+
+def load_inputs(ctx: WorkerContext, model: Model, dataset: Dataset, base: ModelVersion,
+                rows: list[int] = ()) -> EngineInputs:
+    """Load the dataset and the base version's weights on the worker's device (the ``loading``
+    stage of deletion and calibration jobs); ``rows`` (forget, excluded) must be training rows."""
+    from worker.engine import architectures
+    from worker.engine.data import load_dataset
+    from worker.engine.errors import DatasetError
+    from worker.engine.runtime import Runtime
+
+    runtime = Runtime.auto()
+    data = load_dataset(ctx.store.local_path(dataset.sha256), dataset.mean, dataset.std,
+                        num_classes=dataset.num_classes).to(runtime.device)
+    n_train = len(data.train)
+    bad = [r for r in rows if r >= n_train]
+    if bad:
+        raise DatasetError(f"rows: {len(bad)} row(s) past the {n_train} training rows, e.g. {bad[:5]}")
+    net = runtime.prepare(architectures.load_model(model.architecture,
+                                                   ctx.store.local_path(base.checkpoint_sha256))).eval()
+    events = ctx.store.local_path(model.events_sha256) if model.events_sha256 else None
+    return EngineInputs(runtime, data, net, events, recipe_of(model, dataset), n_train)
+
+
+def load_proxy(ctx: WorkerContext, tr: _Tracker, pol: Policy, model: Model, dataset: Dataset, base: ModelVersion,
+               inputs: EngineInputs) -> proxy_cache.CachedProxy:
+    """The memorization proxy of the base version (the ``proxies`` stage): from the cache, carried
+    from an ancestor, or computed (worker/proxy_cache.py)."""
+    from worker.engine.proxies import compute_proxy, default_proxy
+
+    name = (proxy_cache.canonical(pol.proxy) if pol.proxy
+            else default_proxy(inputs.events is not None, dataset.n_holdout > 0))
+    params = dict(pol.proxy_params or {})
+
+    def compute() -> tuple[np.ndarray, float]:
+        res = compute_proxy(name, inputs.base, inputs.data, inputs.runtime, events=inputs.events,
+                            ctx=tr.run_context(), **params)
+        return res.values, res.seconds
+
+    proxy = proxy_cache.get_or_compute(ctx, model_id=model.id, version=base.version, name=name,
+                                       params=params, n_train=inputs.n_train, compute=compute)
+    log.info("job %s: proxy %s (%s)", tr.claim.job_id, proxy.key, proxy.source)
+    return proxy
+
+
 def _execute(ctx: WorkerContext, tr: _Tracker) -> str:
     import torch
 
     from worker.engine import architectures, rum
-    from worker.engine.data import load_dataset
-    from worker.engine.errors import DatasetError
-    from worker.engine.proxies import compute_proxy, default_proxy
-    from worker.engine.runtime import Runtime
 
     # ---- loading
     tr.enter("loading")
@@ -393,31 +466,13 @@ def _execute(ctx: WorkerContext, tr: _Tracker) -> str:
     if pol.audit.reference == "retrain":
         tr.spans = SPANS_WITH_REFERENCE
     engine_policy = rum.parse_policy(registration.engine_policy(pol))
-    runtime = Runtime.auto()
-    ds = st.dataset
-    data = load_dataset(ctx.store.local_path(ds.sha256), ds.mean, ds.std, num_classes=ds.num_classes)
-    data = data.to(runtime.device)
-    n_train = len(data.train)
-    bad = [e.row for e in st.forget if e.row >= n_train] + [r for r in st.excluded if r >= n_train]
-    if bad:
-        raise DatasetError(f"rows: {len(bad)} row(s) past the {n_train} training rows, e.g. {bad[:5]}")
-    base = runtime.prepare(architectures.load_model(st.model.architecture,
-                                                    ctx.store.local_path(st.base.checkpoint_sha256))).eval()
-    events = ctx.store.local_path(st.model.events_sha256) if st.model.events_sha256 else None
+    inputs = load_inputs(ctx, st.model, st.dataset, st.base, [e.row for e in st.forget] + st.excluded)
+    runtime, data, base, n_train = inputs.runtime, inputs.data, inputs.base, inputs.n_train
     tr.check()
 
     # ---- proxies
     tr.enter("proxies")
-    name = proxy_cache.canonical(pol.proxy) if pol.proxy else default_proxy(events is not None, ds.n_holdout > 0)
-    params = dict(pol.proxy_params or {})
-
-    def compute() -> tuple[np.ndarray, float]:
-        res = compute_proxy(name, base, data, runtime, events=events, ctx=tr.run_context(), **params)
-        return res.values, res.seconds
-
-    proxy = proxy_cache.get_or_compute(ctx, model_id=st.model.id, version=st.base.version, name=name,
-                                       params=params, n_train=n_train, compute=compute)
-    log.info("job %s: proxy %s (%s)", tr.claim.job_id, proxy.key, proxy.source)
+    proxy = load_proxy(ctx, tr, pol, st.model, st.dataset, st.base, inputs)
 
     # ---- refining: the forget, retain and excluded sets (RUM's bins are cut inside run_unlearning)
     tr.enter("refining")
@@ -435,12 +490,13 @@ def _execute(ctx: WorkerContext, tr: _Tracker) -> str:
     tr.enter("unlearning")
     result = rum.run_unlearning(copy.deepcopy(base), data, forget_rows, proxy.values, engine_policy, runtime,
                                 tr.run_context(), excluded_rows=excluded_rows if len(excluded_rows) else None,
-                                seed=pol.seed)
+                                seed=pol.seed, recipe=inputs.recipe)
     after = result.model.eval()
 
     # ---- auditing
     tr.enter("auditing")
-    audit_data = _audit(tr, pol, base, after, data, forget_view, retain_view, test_view, result, runtime)
+    audit_data = _audit(tr, pol, base, after, data, forget_view, retain_view, test_view, result, runtime,
+                        inputs.recipe)
 
     # ---- publishing
     tr.enter("publishing")
@@ -456,6 +512,7 @@ def _execute(ctx: WorkerContext, tr: _Tracker) -> str:
     timings = tr.final_timings()
     report = _report(st, tr, runtime, proxy, result, config, audit_data, aliases_moved, checkpoint_sha,
                      checkpoint_size, timings, now)
+    report["recipe"] = inputs.recipe.to_dict()
     report_sha = ctx.store.put_bytes(json.dumps(report, sort_keys=False, allow_nan=False).encode())
     metrics = _clean({"before": audit_data["before"], "after": audit_data["after"],
                       "reference": audit_data["reference"], "tow": audit_data["tow"],
@@ -473,7 +530,7 @@ def _execute(ctx: WorkerContext, tr: _Tracker) -> str:
 
 
 def _audit(tr: _Tracker, pol: Policy, base, after, data, forget_view, retain_view, test_view, result,
-           runtime) -> dict[str, Any]:
+           runtime, recipe=None) -> dict[str, Any]:
     """Before/after (and reference) metrics, per-bin audit, per-class accuracy, confidences, guardrails."""
     import torch
 
@@ -485,7 +542,8 @@ def _audit(tr: _Tracker, pol: Policy, base, after, data, forget_view, retain_vie
     keys = ("acc_forget", "acc_retain", "acc_test", "mia", "mia_entropy")
     reference_model = None
     if pol.audit.reference == "retrain":
-        task = UnlearningTask(forget=forget_view, retain=retain_view, num_classes=data.num_classes, seed=pol.seed)
+        task = UnlearningTask(forget=forget_view, retain=retain_view, num_classes=data.num_classes, seed=pol.seed,
+                              recipe=recipe)
         reference_model = get_unlearner("retrain").unlearn(copy.deepcopy(base), task, runtime,
                                                            tr.run_context(0.0, 0.8)).eval()
         tr.check()
@@ -611,7 +669,8 @@ def _report(st: _State, tr: _Tracker, runtime, proxy: proxy_cache.CachedProxy, r
         "job": {"id": job.id, "model_id": model.id, "model_name": model.name, "status": "succeeded",
                 "base_version": st.base.version, "new_version": st.next_version, "attempts": tr.claim.token,
                 "created_at": iso(job.created_at), "started_at": iso(job.started_at), "finished_at": iso(now),
-                "timings": timings, "device": _device(runtime), "worker": tr.claim.worker},
+                "timings": timings, "device": _device(runtime), "worker": tr.claim.worker,
+                "policy_revision": job.policy_revision},
         "dataset": {"id": ds.id, "name": ds.name, "sha256": ds.sha256, "n_train": ds.n_train, "n_test": ds.n_test},
         "requests": _request_entries(st),
         "forget_set": {"n": len(st.forget), "n_excluded_before": len(st.excluded),

@@ -17,7 +17,7 @@ from service.models import Job, ModelVersion, utcnow
 from service.repo import models as model_repo
 from service.settings import Settings
 
-from .celery_app import REGISTER_VERSION, RUN_JOB, SWEEP, make_celery
+from .celery_app import REGISTER_VERSION, RUN_CALIBRATION, RUN_JOB, SWEEP, make_celery, task_for_kind
 from .context import worker_context
 from .registration import validate_version
 
@@ -40,10 +40,10 @@ def _set_threads(**_) -> None:
 def register_version(version_id: int) -> str | None:
     ctx = worker_context()
     status = validate_version(ctx, int(version_id))
-    if status == "ready":  # requests may have arrived while version 1 was pending
+    if status == "ready":  # an automatic calibration, or requests that arrived while version 1 was pending
         with ctx.db.session() as s:
             model_id = s.scalar(select(ModelVersion.model_id).where(ModelVersion.id == int(version_id)))
-        batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id)
+        batching.next_job(ctx.db, ctx.dispatcher, model_id)
     return status
 
 
@@ -55,17 +55,35 @@ def run_job(job_id: int) -> str | None:
     ctx = worker_context()
     status = run(ctx, int(job_id), worker_name=f"{socket.gethostname()}:{os.getpid()}")
     if status is not None:
-        with ctx.db.session() as s:
-            model_id = s.scalar(select(Job.model_id).where(Job.id == int(job_id)))
-        batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id)
+        _next(ctx, int(job_id))
     return status
+
+
+@app.task(name=RUN_CALIBRATION)
+def run_calibration(job_id: int) -> str | None:
+    """Run one calibration job (a no-op while an older job of its model is active: it is sent
+    again when that one ends); then start what the model does next."""
+    from .calibration import run_calibration as run
+
+    ctx = worker_context()
+    status = run(ctx, int(job_id), worker_name=f"{socket.gethostname()}:{os.getpid()}")
+    if status is not None:
+        _next(ctx, int(job_id))
+    return status
+
+
+def _next(ctx, job_id: int) -> None:
+    with ctx.db.session() as s:
+        model_id = s.scalar(select(Job.model_id).where(Job.id == job_id))
+    batching.next_job(ctx.db, ctx.dispatcher, model_id)
 
 
 @app.task(name=SWEEP)
 def sweep() -> dict:
     """The database says what is owed; re-send what the broker lost and start what is due:
-    registrations still pending, batches whose wait ran out, queued jobs whose wake-up was lost,
-    and running jobs whose worker stopped beating (killed): the next delivery takes them over."""
+    registrations still pending, batches whose wait ran out, queued jobs (deletion or calibration)
+    whose wake-up was lost, and running jobs whose worker stopped beating (killed): the next
+    delivery takes them over."""
     ctx = worker_context()
     dispatcher = ctx.dispatcher
     now = utcnow()
@@ -74,16 +92,16 @@ def sweep() -> dict:
     with ctx.db.session() as s:
         pending = model_repo.pending_registrations(s, cutoff)
         models = batching.models_with_pending(s)
-        lost = list(s.scalars(select(Job.id).where(
+        lost = list(s.execute(select(Job.id, Job.kind).where(
             ((Job.status == "queued") & (Job.dispatched_at.is_(None) | (Job.dispatched_at < cutoff)))
-            | ((Job.status == "running") & (Job.heartbeat_at < stale)))))
+            | ((Job.status == "running") & (Job.heartbeat_at < stale)))).all())
     sent = [v for v in pending if dispatcher.send(REGISTER_VERSION, v)]
     if sent:
         with ctx.db.transaction() as s:
             model_repo.mark_dispatched(s, sent)
         log.info("sweeper re-sent %d registration(s)", len(sent))
     claimed = [m for m in models if batching.claim_and_dispatch(ctx.db, dispatcher, m) is not None]
-    resent = [j for j in lost if dispatcher.send(RUN_JOB, j)]
+    resent = [j for j, kind in lost if dispatcher.send(task_for_kind(kind), j)]
     if resent:
         with ctx.db.transaction() as s:
             s.execute(Job.__table__.update().where(Job.id.in_(resent)).values(dispatched_at=utcnow()))

@@ -1,4 +1,4 @@
-"""Jobs: status, stage, progress, timings, error; cancellation."""
+"""Jobs (deletion and calibration): status, stage, progress, timings, error; cancellation."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from ..auth import Caller
-from ..models import DeletionRequest, Job, utcnow
-from ..problems import Problem, not_found
+from ..models import DeletionRequest, Job, Model, utcnow
+from ..problems import Problem, conflict, not_found
 from . import audit
 from .common import iso
 from .datasets import MAX_ID
 
 TERMINAL = ("succeeded", "failed", "canceled")
+ACTIVE = ("queued", "running")
+KINDS = ("deletion", "calibration")
 
 
 def get(session: Session, caller: Caller, job_id: int) -> Job:
@@ -23,11 +25,34 @@ def get(session: Session, caller: Caller, job_id: int) -> Job:
     return row
 
 
-def query(caller: Caller, model_id: int | None = None, status: str | None = None):
+def query(caller: Caller, model_id: int | None = None, status: str | None = None, kind: str | None = None):
     q = select(Job).where(Job.tenant_id == caller.tenant_id)
     if model_id is not None:
         q = q.where(Job.model_id == model_id)
+    if kind:
+        q = q.where(Job.kind == kind)
     return q.where(Job.status == status) if status else q
+
+
+def create_calibration(session: Session, model: Model, *, settings: dict, apply: bool | None, actor: str,
+                       trigger: str) -> Job:
+    """A ``queued`` calibration job of ``model`` (the caller holds the model row's lock). It runs
+    when it is the oldest active job of the model: a deletion job running now finishes first, and
+    no deletion batch is claimed while it waits or runs (service/batching.py). One calibration per
+    model at a time: 409 while one is active."""
+    active = session.scalar(select(Job.id).where(Job.model_id == model.id, Job.kind == "calibration",
+                                                 Job.status.in_(ACTIVE)).limit(1))
+    if active is not None:
+        raise conflict(f"model {model.id} has a calibration in progress (job {active})")
+    job = Job(tenant_id=model.tenant_id, model_id=model.id, kind="calibration", status="queued",
+              policy=model.policy, policy_revision=model.policy_revision,
+              params={"settings": settings, "apply": apply, "trigger": trigger})
+    session.add(job)
+    session.flush()
+    audit.record(session, model.tenant_id, actor, "calibration.requested", f"job:{job.id}",
+                 {"model_id": model.id, "settings": settings, "apply": apply, "trigger": trigger,
+                  "policy_revision": model.policy_revision})
+    return job
 
 
 def cancel(session: Session, caller: Caller, job_id: int) -> Job:
@@ -53,7 +78,8 @@ def cancel(session: Session, caller: Caller, job_id: int) -> Job:
 
 
 def render(j: Job) -> dict:
-    return {"id": j.id, "model_id": j.model_id, "status": j.status, "stage": j.stage, "progress": j.progress,
+    return {"id": j.id, "kind": j.kind, "model_id": j.model_id, "status": j.status, "stage": j.stage,
+            "progress": j.progress, "policy_revision": j.policy_revision, "params": j.params,
             "base_version": j.base_version, "result_version": j.result_version, "n_requests": j.n_requests,
             "n_forget": j.n_forget, "cancel_requested": j.cancel_requested, "attempts": j.attempts,
             "error": j.error, "timings": j.timings, "worker": j.worker, "created_at": iso(j.created_at),

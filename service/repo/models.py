@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..auth import Caller
-from ..models import Model, ModelAlias, ModelVersion, utcnow
+from ..models import Job, Model, ModelAlias, ModelVersion, PolicyRevision, utcnow
 from ..problems import conflict, invalid, not_found
 from . import audit
 from .common import iso
@@ -33,24 +33,28 @@ def query(caller: Caller, name: str | None = None):
 
 
 def create(session: Session, caller: Caller, *, name: str, dataset_id: int, architecture: dict, policy: dict,
-           checkpoint_sha256: str, checkpoint_size: int, events_sha256: str | None) -> tuple[Model, ModelVersion]:
-    """Insert the model and its version 1 (``pending`` until the registration task validates it)."""
+           checkpoint_sha256: str, checkpoint_size: int, events_sha256: str | None, recipe: dict | None = None,
+           pinned: bool = False) -> tuple[Model, ModelVersion]:
+    """Insert the model, its policy revision 1 and its version 1 (``pending`` until the registration
+    task validates it)."""
     if session.scalar(select(Model.id).where(Model.tenant_id == caller.tenant_id, Model.name == name)):
         raise conflict(f"name: a model named {name!r} exists already", field="name")
     model = Model(tenant_id=caller.tenant_id, name=name, dataset_id=dataset_id, architecture=architecture,
-                  policy=policy, events_sha256=events_sha256)
+                  policy=policy, policy_revision=1, policy_pinned=pinned, recipe=recipe, events_sha256=events_sha256)
     session.add(model)
     try:
         session.flush()
     except IntegrityError:
         raise conflict(f"name: a model named {name!r} exists already", field="name") from None
+    session.add(PolicyRevision(model_id=model.id, revision=1, policy=policy, source="registration", applied=True))
     version = ModelVersion(model_id=model.id, version=1, status="pending", checkpoint_sha256=checkpoint_sha256,
                            checkpoint_size=checkpoint_size, method="upload")
     session.add(version)
     session.flush()
     audit.record(session, caller.tenant_id, caller.actor, "model.registered", f"model:{model.id}",
                  {"name": name, "dataset_id": dataset_id, "architecture": architecture,
-                  "checkpoint_sha256": checkpoint_sha256, "events_sha256": events_sha256})
+                  "checkpoint_sha256": checkpoint_sha256, "events_sha256": events_sha256, "recipe": recipe,
+                  "policy_pinned": pinned})
     return model, version
 
 
@@ -150,6 +154,11 @@ def finish_registration(session: Session, version_id: int, *, ok: bool, reason: 
             move_alias(session, model.id, "production", 1)
     audit.record(session, model.tenant_id, "worker", "version.validated" if ok else "version.invalid",
                  f"model:{model.id}/version:{version.version}", {"reason": reason, "metrics": metrics})
+    if ok and version.version == 1 and (model.policy.get("calibration") or {}).get("auto"):
+        from .jobs import create_calibration  # the sweeper sends its wake-up if the caller's is lost
+
+        create_calibration(session, model, settings=model.policy["calibration"], apply=None, actor="worker",
+                           trigger="auto")
     return True
 
 
@@ -169,9 +178,18 @@ def checkpoint_url(model_id: int, version: int) -> str:
     return f"/v1/models/{model_id}/versions/{version}/checkpoint"
 
 
-def render_version(v: ModelVersion, alias_map: dict[str, int] | None = None) -> dict:
+def recipe_of(m: Model) -> dict:
+    """The model's training recipe as shown (``inferred`` lists the fields that were not given)."""
+    from worker.engine.recipe import Recipe
+
+    if m.recipe is not None:
+        return m.recipe
+    return Recipe.infer(m.dataset.n_train).to_dict()
+
+
+def render_version(v: ModelVersion, alias_map: dict[str, int] | None = None, recipe: dict | None = None) -> dict:
     return {"model_id": v.model_id, "version": v.version, "status": v.status, "status_reason": v.status_reason,
-            "parent_version": v.parent_version, "job_id": v.job_id,
+            "parent_version": v.parent_version, "job_id": v.job_id, "recipe": recipe,
             "aliases": sorted(a for a, n in (alias_map or {}).items() if n == v.version),
             "checkpoint": {"sha256": v.checkpoint_sha256, "size_bytes": v.checkpoint_size,
                            "url": checkpoint_url(v.model_id, v.version)},
@@ -183,7 +201,56 @@ def render(session: Session, m: Model) -> dict:
     alias_map = aliases(session, m.id)
     last = session.scalar(select(ModelVersion).where(ModelVersion.model_id == m.id)
                           .order_by(ModelVersion.version.desc()).limit(1))
+    recipe = recipe_of(m)
     return {"id": m.id, "name": m.name, "dataset_id": m.dataset_id, "architecture": m.architecture,
-            "policy": m.policy, "has_events": m.events_sha256 is not None, "aliases": alias_map,
-            "latest_version": render_version(last, alias_map) if last else None, "created_at": iso(m.created_at)}
+            "recipe": recipe, "policy": m.policy, "policy_revision": m.policy_revision,
+            "policy_pinned": m.policy_pinned, "has_events": m.events_sha256 is not None, "aliases": alias_map,
+            "latest_version": render_version(last, alias_map, recipe) if last else None,
+            "created_at": iso(m.created_at),
+            "links": {"self": f"/v1/models/{m.id}", "policy": f"/v1/models/{m.id}/policy",
+                      "calibrations": f"/v1/models/{m.id}/calibrations", "jobs": f"/v1/models/{m.id}/jobs"}}
+
+
+# --------------------------------------------------------------------------- policy revisions
+
+
+def revisions(session: Session, model_id: int) -> list[PolicyRevision]:
+    return list(session.scalars(select(PolicyRevision).where(PolicyRevision.model_id == model_id)
+                                .order_by(PolicyRevision.revision)))
+
+
+def add_revision(session: Session, model: Model, policy: dict, *, source: str, job_id: int | None = None,
+                 scores: dict | None = None, apply: bool) -> PolicyRevision:
+    """A new policy revision of ``model`` (the model row locked by the caller); ``apply`` makes it
+    the current one (``models.policy``, which later deletion jobs take)."""
+    number = (session.scalar(select(func.max(PolicyRevision.revision))
+                             .where(PolicyRevision.model_id == model.id)) or 0) + 1
+    rev = PolicyRevision(model_id=model.id, revision=number, policy=policy, source=source, job_id=job_id,
+                         scores=scores, applied=apply)
+    session.add(rev)
+    if apply:
+        model.policy, model.policy_revision = policy, number
+    session.flush()
+    return rev
+
+
+def render_revision(r: PolicyRevision, current: int) -> dict:
+    return {"revision": r.revision, "current": r.revision == current, "source": r.source, "job_id": r.job_id,
+            "applied": r.applied, "scores": r.scores, "created_at": iso(r.created_at),
+            "links": {"job": f"/v1/jobs/{r.job_id}" if r.job_id else None,
+                      "report": f"/v1/jobs/{r.job_id}/report" if r.job_id else None}}
+
+
+def render_policy(session: Session, m: Model) -> dict:
+    """``GET /v1/models/{id}/policy``: the current revision, where it came from, and every revision."""
+    revs = revisions(session, m.id)
+    current = next((r for r in revs if r.revision == m.policy_revision), None)
+    active = session.scalar(select(Job).where(Job.model_id == m.id, Job.kind == "calibration",
+                                              Job.status.in_(("queued", "running"))).limit(1))
+    return {"model_id": m.id, "revision": m.policy_revision, "pinned": m.policy_pinned, "policy": m.policy,
+            **({k: v for k, v in render_revision(current, m.policy_revision).items()
+                if k in ("source", "job_id", "scores", "created_at")} if current else {}),
+            "n_revisions": len(revs),
+            "revisions": [{**render_revision(r, m.policy_revision), "policy": r.policy} for r in revs],
+            "calibration_job": f"/v1/jobs/{active.id}" if active else None}
 

@@ -14,6 +14,7 @@ from .. import batching
 from ..deps import Auth, Ctx
 from ..models import DeletionRequest, ForgottenSample, Job, ModelVersion
 from ..pagination import paginate, parse_page
+from ..policy import CALIBRATION_SCHEMA
 from ..problems import Problem, invalid
 from ..repo import datasets, deletions, jobs, models
 
@@ -109,11 +110,12 @@ def get_job(ctx: Ctx, caller: Auth, job_id: int):
 
 @router.get("/v1/models/{model_id}/jobs", summary="A model's jobs")
 def list_jobs(ctx: Ctx, caller: Auth, model_id: int, status: str | None = None,
+              kind: Annotated[Literal["deletion", "calibration"] | None, Query()] = None,
               max_results: Annotated[int | None, Query()] = None, page_token: str | None = None):
     page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
     with ctx.db.session() as session:
         models.get(session, caller, model_id)
-        return paginate(session, jobs.query(caller, model_id, status), Job.id, page, jobs.render)
+        return paginate(session, jobs.query(caller, model_id, status, kind), Job.id, page, jobs.render)
 
 
 @router.post("/v1/jobs/{job_id}/cancel", status_code=202, summary="Cancel a job (it publishes nothing)")
@@ -141,9 +143,12 @@ def get_report(ctx: Ctx, caller: Auth, job_id: int):
 @router.get("/v1/jobs/{job_id}/report.html", summary="The job's audit report as a self-contained page",
             response_class=HTMLResponse)
 def get_report_html(ctx: Ctx, caller: Auth, job_id: int):
-    from ..reports import render_html
+    from ..reports import render_calibration_html, render_html
 
-    return HTMLResponse(render_html(_report(ctx, caller, job_id)))
+    report = _report(ctx, caller, job_id)
+    if report.get("schema") == CALIBRATION_SCHEMA:
+        return HTMLResponse(render_calibration_html(report))
+    return HTMLResponse(render_html(report))
 
 
 @router.get("/v1/models/{model_id}/samples/{sample_id}",

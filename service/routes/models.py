@@ -1,10 +1,10 @@
 """``/v1/models``: register a model (version 1 is validated asynchronously by a worker), read its
-versions, download checkpoints, move aliases."""
+versions, download checkpoints, move aliases; its policy revisions and calibrations."""
 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, Form, Header, Query, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -12,13 +12,16 @@ from sqlalchemy import select
 
 from worker.celery_app import REGISTER_VERSION
 from worker.engine.catalog import NEEDS_EVENTS
+from worker.engine.errors import ConfigError
+from worker.engine.recipe import Recipe
 
+from .. import batching
 from ..deps import Auth, Ctx
-from ..models import Dataset, ModelVersion
+from ..models import Dataset, Job, ModelVersion
 from ..pagination import paginate, parse_page
-from ..policy import parse_policy
+from ..policy import Policy, is_pinned, parse_calibration, parse_policy
 from ..problems import Problem, invalid
-from ..repo import datasets, models
+from ..repo import datasets, jobs, models
 from ..uploads import (
     check_architecture,
     check_events,
@@ -41,10 +44,17 @@ def create_model(
     weights: Annotated[UploadFile, File(description="state dict as .safetensors")],
     events: Annotated[UploadFile | None, File(description="learning events .npz (optional)")] = None,
     policy: Annotated[str | None, Form(description="unlearning policy as JSON (optional)")] = None,
+    recipe: Annotated[str | None, Form(description='training recipe as JSON (optional), e.g. {"epochs": 30, '
+                                                   '"batch_size": 128, "lr": 0.05, "optimizer": "sgd"}; '
+                                                   'missing fields are inferred')] = None,
 ):
     name = check_name(name)
     spec = check_architecture(parse_json_field("architecture", architecture, required=True))
-    policy_v = parse_policy(parse_json_field("policy", policy))
+    raw_policy = parse_json_field("policy", policy)
+    policy_v = parse_policy(raw_policy)
+    raw_recipe = parse_json_field("recipe", recipe)
+    if raw_recipe is not None and not isinstance(raw_recipe, dict):
+        raise invalid("recipe", "must be a JSON object")
     check_extension("weights", weights.filename, ".safetensors")
     if events is not None and events.filename:
         check_extension("events", events.filename, ".npz")
@@ -56,6 +66,7 @@ def create_model(
         if ds is None:
             raise invalid("dataset_id", f"no dataset {dataset_id}")
         ids_train = datasets.sample_ids(session, ds.id) if events is not None else None
+    recipe_v = check_recipe(raw_recipe, ds.n_train)
     if events is None and policy_v.proxy in NEEDS_EVENTS:
         raise invalid("policy.proxy", f"{policy_v.proxy!r} needs learning events; upload them as 'events'")
     with ExitStack() as stack:
@@ -69,7 +80,8 @@ def create_model(
             model, version = models.create(
                 session, caller, name=name, dataset_id=ds.id, architecture=spec, policy=policy_v.model_dump(),
                 checkpoint_sha256=w.staged.sha256, checkpoint_size=w.staged.size,
-                events_sha256=e.staged.sha256 if e else None)
+                events_sha256=e.staged.sha256 if e else None, recipe=recipe_v.to_dict(),
+                pinned=is_pinned(raw_policy))
             w.commit()
             if e:
                 e.commit()
@@ -79,6 +91,19 @@ def create_model(
         with ctx.db.transaction() as session:
             models.mark_dispatched(session, [version_id])
     return JSONResponse(body, status_code=201, headers={"Location": f"/v1/models/{body['id']}"})
+
+
+def check_recipe(raw: dict | None, n_train: int) -> Recipe:
+    """The recipe field of a registration, validated against the dataset (422 naming the field)."""
+    given = (raw or {}).get("n_train")
+    if given is not None and (isinstance(given, bool) or given != n_train):
+        raise invalid("recipe.n_train", f"the dataset has {n_train} training rows, the recipe says {given!r}")
+    try:
+        return Recipe.from_dict(raw, n_train=n_train)
+    except ConfigError as exc:
+        msg = str(exc)
+        field, sep, rest = msg.partition(": ")
+        raise invalid(field, rest) if sep and " " not in field else invalid("recipe", msg) from None
 
 
 @router.get("", summary="List models")
@@ -101,17 +126,18 @@ def list_versions(ctx: Ctx, caller: Auth, model_id: int, max_results: Annotated[
                   page_token: str | None = None):
     page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
     with ctx.db.session() as session:
-        models.get(session, caller, model_id)
+        recipe = models.recipe_of(models.get(session, caller, model_id))
         alias_map = models.aliases(session, model_id)
         return paginate(session, models.versions_query(model_id), ModelVersion.version, page,
-                        lambda v: models.render_version(v, alias_map))
+                        lambda v: models.render_version(v, alias_map, recipe))
 
 
 @router.get("/{model_id}/versions/{ref}", summary="Get a version by number or alias")
 def get_version(ctx: Ctx, caller: Auth, model_id: int, ref: str):
     with ctx.db.session() as session:
         v = models.resolve(session, caller, model_id, ref)
-        return models.render_version(v, models.aliases(session, model_id))
+        recipe = models.recipe_of(models.get(session, caller, model_id))
+        return models.render_version(v, models.aliases(session, model_id), recipe)
 
 
 @router.get("/{model_id}/versions/{ref}/checkpoint", summary="Download a version's weights (.safetensors)",
@@ -189,3 +215,39 @@ def delete_alias(ctx: Ctx, caller: Auth, model_id: int, alias: str):
     with ctx.db.transaction() as session:
         models.delete_alias(session, caller, model_id, alias)
     return Response(status_code=204)
+
+
+# --------------------------------------------------------------------------- policy and calibrations
+
+
+@router.get("/{model_id}/policy", summary="The model's current policy revision, where it came from, and every revision")
+def get_policy(ctx: Ctx, caller: Auth, model_id: int):
+    with ctx.db.session() as session:
+        return models.render_policy(session, models.get(session, caller, model_id))
+
+
+@router.post("/{model_id}/calibrations", status_code=202,
+             summary="Calibrate the model's unlearning policy (a job; its result is a new policy revision)")
+def create_calibration(
+    ctx: Ctx, caller: Auth, model_id: int,
+    body: Annotated[dict[str, Any] | None, Body(description='optional: calibration fields overriding the '
+                                                            'policy\'s, e.g. {"n_trials": 8}, and "apply"')] = None,
+):
+    raw = body
+    with ctx.db.transaction() as session:
+        model = models.get(session, caller, model_id, lock=True)
+        settings, apply = parse_calibration(raw, Policy.model_validate(model.policy).calibration)
+        if not session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model_id,
+                                                            ModelVersion.status == "ready").limit(1)):
+            raise Problem(409, "Model not ready", f"model {model_id} has no ready version yet (version 1 is "
+                          "checked by a worker after registration)", kind="model-not-ready")
+        job = jobs.create_calibration(session, model, settings=settings.model_dump(exclude={"auto"}), apply=apply,
+                                      actor=caller.actor, trigger="api")
+        job_id = job.id
+        runs_now = session.scalar(select(Job.id).where(Job.model_id == model_id, Job.id < job_id,
+                                                       Job.status.in_(jobs.ACTIVE)).limit(1)) is None
+    if runs_now:  # else the job ahead of it sends its wake-up when it ends (and the sweeper does)
+        batching.dispatch(ctx.db, ctx.dispatcher, job_id, "calibration")
+    with ctx.db.session() as session:
+        out = jobs.render(session.get(Job, job_id))
+    return JSONResponse(out, status_code=202, headers={"Location": out["links"]["self"]})

@@ -12,6 +12,7 @@ from service.cli import main
 from worker.engine import architectures as A
 from worker.engine.data import load_dataset
 from worker.engine.events import read_events
+from worker.engine.recipe import Recipe
 from worker.engine.runtime import Runtime
 from worker.engine.training import accuracy
 
@@ -33,6 +34,12 @@ def test_train_writes_registration_artifacts(digits_raw, tmp_path, capsys):
     assert acc == reported and acc > 0.7
     events = read_events(out / "events.npz", ids_train=data.ids)
     assert (events["count"] == 3).all()
+    # recipe.json: what registration takes as `recipe`, every field given (nothing inferred)
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe == {"n_train": len(data.train), "epochs": 3, "batch_size": 128, "lr": 0.05, "optimizer": "sgd",
+                      "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
+    parsed = Recipe.from_dict(recipe, n_train=len(data.train))
+    assert parsed.inferred == () and parsed.epochs == 3
 
 
 def test_train_rejects_bad_input(digits_raw, tmp_path, capsys):

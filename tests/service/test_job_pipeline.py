@@ -148,7 +148,7 @@ def setup(service, user_files) -> Setup:
 
 REPORT_KEYS = {"schema", "job", "dataset", "requests", "forget_set", "method", "config", "config_sha256", "seed",
                "proxy", "bins", "metrics", "per_class_accuracy", "confidence", "guardrails", "aliases_moved",
-               "checkpoint", "mia_attack"}
+               "checkpoint", "mia_attack", "recipe"}
 
 
 # --------------------------------------------------------------------------- tests
@@ -164,16 +164,19 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
     r3 = s.request(first[:3], links={r: r1 for r in first[:3]})
     job1 = s.job([r1, r2], NEGGRAD)
 
-    seen = []
+    seen, recipes = [], []
     real = rum.run_unlearning
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("excluded_rows"))
+        recipes.append(kwargs.get("recipe"))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rum, "run_unlearning", spy)
     assert jobs.run_job(s.ctx, job1, worker_name="w1") == "succeeded"
     assert seen == [None]  # nothing forgotten before
+    # the model's recipe on the dataset's training rows (registered without one: every field inferred)
+    assert recipes[0].n_train == s.n_train and recipes[0].inferred and recipes[0].epochs == 30
 
     j = s.get(Job, job1)
     assert (j.status, j.stage, j.progress, j.base_version, j.result_version, j.attempts, j.error) == (

@@ -2,7 +2,8 @@
 
 Outputs in ``--out``: ``weights.safetensors`` (state dict), ``events.npz`` (learning events,
 ALGORITHMS §3.2, which unlock the confidence-family proxies), ``architecture.json`` (exactly the
-spec ``POST /v1/models`` takes) and ``training.json`` (recipe, normalization, accuracies).
+spec ``POST /v1/models`` takes), ``recipe.json`` (the training recipe ``POST /v1/models`` takes as
+``recipe``, worker/engine/recipe.py) and ``training.json`` (recipe, normalization, accuracies).
 """
 
 from __future__ import annotations
@@ -75,11 +76,19 @@ def run_train(args: argparse.Namespace) -> int:
     architectures.save_weights(model, args.out / "weights.safetensors")
     events.save(args.out / "events.npz", data.ids)
     (args.out / "architecture.json").write_text(json.dumps(spec, indent=2) + "\n")
+    (args.out / "recipe.json").write_text(json.dumps(recipe_json(cfg, len(data.train)), indent=2) + "\n")
     (args.out / "training.json").write_text(json.dumps({
         "data": str(args.data), "config": cfg.to_dict(), "mean": args.mean, "std": args.std,
         "train_accuracy": train_acc, "test_accuracy": test_acc, "seconds": seconds,
         "runtime": runtime.describe(),
     }, indent=2) + "\n")
     print(f"test accuracy {test_acc:.4f} (train {train_acc:.4f}) after {cfg.epochs} epochs in {seconds:.1f}s")
-    print(f"wrote {args.out}/weights.safetensors, events.npz, architecture.json, training.json")
+    print(f"wrote {args.out}/weights.safetensors, events.npz, architecture.json, recipe.json, training.json")
     return 0
+
+
+def recipe_json(cfg, n_train: int) -> dict:
+    """What registration takes as ``recipe``: how the model was trained, on how many rows."""
+    return {"n_train": int(n_train), "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "optimizer": cfg.optimizer, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+            "schedule": cfg.schedule}
