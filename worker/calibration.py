@@ -144,6 +144,7 @@ def _execute(ctx: WorkerContext, tr: _CalibrationTracker) -> str:
     tr.check()
 
     # ---- reference, search, check (the engine's stages)
+    tr.enter("reference")
     storage = ctx.settings.optuna_storage_url
     if storage is not None:
         ensure_optuna_schema(ctx.db)
@@ -174,7 +175,7 @@ def _publish(ctx: WorkerContext, tr: _CalibrationTracker, model: Model, dataset:
     scores = _scores(out)
     with ctx.db.transaction() as s:
         job = tr.lock_job(s)
-        m = s.scalar(select(Model).where(Model.id == model.id).with_for_update())
+        m = s.scalar(select(Model).where(Model.id == model.id).with_for_update(of=Model))
         policy = with_unlearning(m.policy, out["policy"]).model_dump()
         apply = params.get("apply")
         apply = (not m.policy_pinned) if apply is None else bool(apply)

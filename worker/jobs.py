@@ -403,10 +403,15 @@ class EngineInputs:
 
 
 def recipe_of(model: Model, dataset: Dataset):
-    """The model's recipe (worker/engine/recipe.py) on the dataset's training rows."""
+    """The model's recipe (worker/engine/recipe.py) on the dataset's training rows; the fields the
+    registration inferred stay marked ``inferred``."""
+    import dataclasses
+
     from worker.engine.recipe import Recipe
 
-    return Recipe.from_dict(model.recipe, n_train=dataset.n_train)
+    recipe = Recipe.from_dict(model.recipe, n_train=dataset.n_train)
+    inferred = (model.recipe or {}).get("inferred")
+    return dataclasses.replace(recipe, inferred=tuple(inferred)) if inferred is not None else recipe
 
 
 def load_inputs(ctx: WorkerContext, model: Model, dataset: Dataset, base: ModelVersion,

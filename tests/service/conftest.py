@@ -273,10 +273,12 @@ def register_dataset(client: httpx.Client, files: UserFiles, name: str = "digits
 
 def register_model(client: httpx.Client, files: UserFiles, dataset_id: int, name: str = "cnn", *,
                    spec: dict | None = None, weights: Path | None = None, events: bool = True,
-                   policy: dict | None = None) -> httpx.Response:
+                   policy: dict | None = None, recipe: dict | str | None = None) -> httpx.Response:
     data = {"name": name, "dataset_id": str(dataset_id), "architecture": json.dumps(spec or files.spec)}
     if policy is not None:
         data["policy"] = json.dumps(policy)
+    if recipe is not None:
+        data["recipe"] = recipe if isinstance(recipe, str) else json.dumps(recipe)
     with contextlib.ExitStack() as stack:
         up = {"weights": ("weights.safetensors", stack.enter_context(open(weights or files.weights, "rb")))}
         if events:
