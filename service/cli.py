@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="API key for --url (env UNLEARND_API_KEY)")
     demo.add_argument("--port", type=int, default=None, help="port of the embedded service (default: a free one)")
     demo.add_argument("--out", type=Path, default=Path("unlearnd-demo"), help="where inputs and results go")
+    demo.add_argument("--no-calibration", action="store_true",
+                      help="skip the policy calibration step (a few tens of seconds on digits)")
     demo.add_argument("--keep-serving", action="store_true",
                       help="keep the embedded service running afterwards (Ctrl-C stops it)")
 
@@ -247,13 +249,13 @@ def cmd_demo(args) -> int:
             if not args.key:
                 print("error: --key (or UNLEARND_API_KEY) is needed with --url", file=sys.stderr)
                 return 2
-            run_demo(args.url.rstrip("/"), args.key, args.out)
+            run_demo(args.url.rstrip("/"), args.key, args.out, calibration=not args.no_calibration)
             return 0
         settings = _settings(args)
         log = args.out / "serve.log"
         with embedded_service(settings.data_dir, args.port, log) as (url, proc):
             key = make_key(settings.data_dir, "demo")
-            run_demo(url, key, args.out)
+            run_demo(url, key, args.out, calibration=not args.no_calibration)
             if args.keep_serving:
                 print(f"\nthe service keeps running on {url} (API docs {url}/docs; log {log}); "
                       f"your demo key: {key}\nCtrl-C stops it.", flush=True)

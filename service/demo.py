@@ -1,7 +1,8 @@
 """``unlearnd demo``: the whole path in one command, over HTTP only.
 
 Against a running service (``--url`` and ``--key``) or the embedded default (started here, under
-``--data-dir``): register scikit-learn's digits and a small CNN trained on them, send a few
+``--data-dir``): register scikit-learn's digits and a small CNN trained on them (with its training
+recipe), calibrate its unlearning policy (a small calibration: a few tens of seconds), send a few
 deletion requests, wait for the batched job with a progress bar, print the report's summary and
 where the checkpoint and the report are.
 """
@@ -20,6 +21,9 @@ from pathlib import Path
 import httpx
 
 DEMO_POLICY = {"method": "rum", "batching": {"max_requests": 3, "max_wait_s": 30}}
+# A small calibration so that the demo stays short on digits (the policy's defaults: 16 trials, 6% sets).
+DEMO_CALIBRATION = {"n_trials": 6, "forget_fraction": 0.04, "max_retrains": 3.0}
+DEMO_EPOCHS = 15
 
 
 class DemoError(Exception):
@@ -91,13 +95,18 @@ def prepare_files(out: Path, seed: int = 0) -> dict:
     data = from_arrays(validate_arrays(raw), mean=[0.5], std=[0.5])
     spec = architectures.default_spec("small_cnn", data.input_shape, data.num_classes, width=16)
     events = LearningEvents.empty(len(data.train))
-    model = train_model(architectures.build(spec, seed=seed), data.view("train"), TrainConfig(epochs=15, seed=seed),
+    from worker.engine.cli import recipe_json
+
+    cfg = TrainConfig(epochs=DEMO_EPOCHS, seed=seed)
+    model = train_model(architectures.build(spec, seed=seed), data.view("train"), cfg,
                         runtime=Runtime.auto("cpu"), events=events)
     architectures.save_weights(model, out / "weights.safetensors")
     events.save(out / "events.npz", data.ids)
     (out / "architecture.json").write_text(json.dumps(spec))
+    recipe = recipe_json(cfg, len(data.train))  # what `unlearnd train` writes as recipe.json
+    (out / "recipe.json").write_text(json.dumps(recipe))
     return {"dataset": out / "digits.npz", "weights": out / "weights.safetensors", "events": out / "events.npz",
-            "architecture": spec, "ids": [str(i) for i in data.ids]}
+            "architecture": spec, "recipe": recipe, "ids": [str(i) for i in data.ids]}
 
 
 def _check(r: httpx.Response, *codes: int) -> dict:
@@ -130,7 +139,57 @@ def _fmt(v) -> str:
     return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def run_demo(url: str, key: str, workdir: Path, *, timeout: float = 900.0) -> dict:
+def describe_policy(policy: dict) -> str:
+    """One line for an engine policy: RUM's cut points and per-bin methods, or the plain method."""
+
+    def one(m: dict | str) -> str:
+        if isinstance(m, str):
+            return m
+        hp = m.get("hparams") or {}
+        shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in hp.items())
+        return f"{m.get('method')}({shown})" if shown else str(m.get("method"))
+
+    if policy.get("method") != "rum":
+        return one(policy)
+    cuts = policy.get("quantiles") or policy.get("thresholds") or []
+    kind = "quantiles" if policy.get("quantiles") else "thresholds"
+    return (f"rum, {kind} [{', '.join(f'{q:.2f}' for q in cuts)}]: "
+            + " | ".join(one(b) for b in policy.get("bins") or []))
+
+
+def calibrate(c: httpx.Client, mid: int, settings: dict, timeout: float) -> dict:
+    """Start a calibration, wait for it with a progress bar, print what it found; returns its report."""
+    job = _check(c.post(f"/v1/models/{mid}/calibrations", json=settings), 202)
+    print(f"   calibration job {job['id']} ({', '.join(f'{k} {v}' for k, v in settings.items())}); stages: "
+          "loading, proxies, reference (one retrain), search (Optuna trials), check, publishing")
+    job = _wait(lambda: _check(c.get(f"/v1/jobs/{job['id']}"), 200),
+                lambda j: j["status"] in ("succeeded", "failed", "canceled"),
+                lambda j: j["stage"] or j["status"], lambda j: float(j["progress"] or 0.0), timeout)
+    if job["status"] != "succeeded":
+        raise DemoError(f"calibration job {job['id']} {job['status']}: {job['error']}")
+    report = _check(c.get(f"/v1/jobs/{job['id']}/report"), 200)
+    print(f"   {'(ToW + ToW-MIA)/2':<36} {'score':>7} {'ToW':>7} {'ToW-MIA':>8} {'cost':>7}")
+    for label, key in (("search set, calibrated", "search"), ("check set, calibrated", "check"),
+                       ("check set, uncalibrated default", "default_check")):
+        s = report.get(key) or {}
+        print(f"   {label:<36} {_fmt(s.get('score')):>7} {_fmt(s.get('tow')):>7} {_fmt(s.get('tow_mia')):>8} "
+              f"{_fmt(s.get('cost_share')):>7}")
+    trials = report.get("trials") or []
+    done = sum(1 for t in trials if t.get("state") == "complete")
+    rev = report.get("revision") or {}
+    print(f"   chosen ({report.get('chosen', 'calibrated')}): {describe_policy(report.get('policy') or {})}")
+    print(f"   {len(trials)} trial(s), {done} complete; cost {_fmt(report.get('cost_retrains'))} retrain-equivalents "
+          f"in {_fmt(report.get('seconds'))}s; policy revision {rev.get('number')} "
+          f"({'applied' if rev.get('applied') else 'recorded, not applied'})")
+    pay = report.get("payback") or {}
+    if pay.get("jobs") is not None:
+        print(f"   pays for itself after {pay['jobs']} deletion job(s) ({pay.get('summary')})")
+    else:
+        print(f"   {pay.get('summary') or 'no cost saving measured'}")
+    return report
+
+
+def run_demo(url: str, key: str, workdir: Path, *, timeout: float = 900.0, calibration: bool = True) -> dict:
     print(f"unlearnd demo against {url}")
     print("1. preparing digits and training a small CNN (a few seconds) …")
     files = prepare_files(workdir / "inputs")
@@ -143,16 +202,25 @@ def run_demo(url: str, key: str, workdir: Path, *, timeout: float = 900.0) -> di
         with open(files["weights"], "rb") as w, open(files["events"], "rb") as e:
             model = _check(c.post("/v1/models", data={
                 "name": f"digits-cnn-demo-{stamp}", "dataset_id": str(ds["id"]),
-                "architecture": json.dumps(files["architecture"]), "policy": json.dumps(DEMO_POLICY)},
+                "architecture": json.dumps(files["architecture"]), "policy": json.dumps(DEMO_POLICY),
+                "recipe": json.dumps(files["recipe"])},
                 files={"weights": ("weights.safetensors", w), "events": ("events.npz", e)}), 201)
         mid = model["id"]
         v1 = _wait(lambda: _check(c.get(f"/v1/models/{mid}/versions/1"), 200), lambda v: v["status"] != "pending",
                    lambda v: f"version 1 {v['status']}", lambda v: 0.0 if v["status"] == "pending" else 1.0, 300)
         if v1["status"] != "ready":
             raise DemoError(f"version 1 is {v1['status']}: {v1['status_reason']}")
-        print(f"   version 1 ready: test accuracy {v1['metrics']['test_accuracy']:.4f}")
+        print(f"   version 1 ready: test accuracy {v1['metrics']['test_accuracy']:.4f}; recipe "
+              f"{model['recipe']['epochs']} epochs × {model['recipe']['steps'] // model['recipe']['epochs']} steps, "
+              f"lr {model['recipe']['lr']}")
+        step = 3
+        calibration_report = None
+        if calibration:
+            print(f"{step}. calibrating the unlearning policy against a retrain (once per model) …")
+            calibration_report = calibrate(c, mid, DEMO_CALIBRATION, timeout)
+            step += 1
 
-        print("3. sending 3 deletion requests (one batch: the demo policy batches every 3) …")
+        print(f"{step}. sending 3 deletion requests (one batch: the demo policy batches every 3) …")
         ids = files["ids"]
         requests = [
             {"sample_ids": ids[0:10], "reason": "erasure", "subject_ref": "subject-0001"},
@@ -175,7 +243,7 @@ def run_demo(url: str, key: str, workdir: Path, *, timeout: float = 900.0) -> di
         job_id = req["job_id"]
         if job_id is None:
             raise DemoError(f"request {req['id']} is {req['status']} without a job")
-        print(f"4. job {job_id} runs (stages: loading, proxies, refining, unlearning, auditing, publishing)")
+        print(f"{step + 1}. job {job_id} runs (stages: loading, proxies, refining, unlearning, auditing, publishing)")
         job = _wait(lambda: _check(c.get(f"/v1/jobs/{job_id}"), 200),
                     lambda j: j["status"] in ("succeeded", "failed", "canceled"),
                     lambda j: j["stage"] or j["status"], lambda j: float(j["progress"] or 0.0), timeout)
@@ -196,7 +264,7 @@ def run_demo(url: str, key: str, workdir: Path, *, timeout: float = 900.0) -> di
 
     m = report.get("metrics", {})
     before, after = m.get("before") or {}, m.get("after") or {}
-    print("\n5. report summary")
+    print(f"\n{step + 2}. report summary")
     print(f"   version {report['job']['base_version']} → {new} by {report['method']} on "
           f"{report['forget_set']['n']} forgotten samples in {job['timings'].get('total', 0):.1f}s")
     print(f"   {'metric':<12} {'before':>8} {'after':>8}")
@@ -209,4 +277,5 @@ def run_demo(url: str, key: str, workdir: Path, *, timeout: float = 900.0) -> di
     print(f"   requests: {states}")
     print(f"\n   checkpoint: {out / f'v{new}.safetensors'}   ({url}/v1/models/{mid}/versions/{new}/checkpoint)")
     print(f"   report:     {out / 'report.html'}   ({url}/v1/jobs/{job_id}/report.html)")
-    return {"model_id": mid, "job_id": job_id, "version": new, "out": str(out), "report": report}
+    return {"model_id": mid, "job_id": job_id, "version": new, "out": str(out), "report": report,
+            "calibration": calibration_report}

@@ -117,11 +117,15 @@ def test_serve_runs_api_and_worker_on_the_embedded_default(tmp_path, user_files)
 
 
 def test_demo_runs_the_whole_path_on_the_embedded_default(tmp_path):
-    """The README's first command runs this: register, three requests, one job, the report."""
+    """The README's first command runs this: register, calibrate, three requests, one job, the report."""
     out = subprocess.run([*CLI, "demo", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "demo")],
                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "guardrails" in out.stdout and "report:" in out.stdout
+    # the calibration step: scores, the chosen policy, its cost and when it pays for itself
+    assert "check set, uncalibrated default" in out.stdout and "chosen (" in out.stdout
+    assert "retrain-equivalents" in out.stdout
+    assert "pays for itself after" in out.stdout or "buys quality, not speed" in out.stdout
     results = list((tmp_path / "demo").glob("model-*-job-*"))
     assert len(results) == 1
     files = {p.name for p in results[0].iterdir()}
