@@ -50,10 +50,21 @@ def upgrade() -> None:
     with op.batch_alter_table("policy_revisions", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_policy_revisions_model_id"), ["model_id"], unique=False)
 
-    # Revision 1 of every model registered before: its policy as registered.
+    # Revision 1 of every model registered before: its policy as registered. A model whose policy
+    # says how to unlearn (a plain method, hparams, RUM bins or cut points) is pinned
+    # (service/policy.py, is_pinned: the rule is repeated here so that the migration stays fixed).
     op.execute(sa.text("INSERT INTO policy_revisions (model_id, revision, policy, source, applied, created_at) "
                        "SELECT id, 1, policy, 'registration', :applied, created_at FROM models")
                .bindparams(sa.bindparam("applied", True, type_=sa.Boolean())))
+    models = sa.table("models", sa.column("id", sa.Integer()), sa.column("policy", sa.JSON()),
+                      sa.column("policy_pinned", sa.Boolean()))
+    conn = op.get_bind()
+    for model_id, policy in conn.execute(sa.select(models.c.id, models.c.policy)).all():
+        policy = policy if isinstance(policy, dict) else {}
+        pinned = policy.get("method", "rum") != "rum" or any(
+            policy.get(k) is not None for k in ("hparams", "bins", "quantiles", "thresholds"))
+        if pinned:
+            conn.execute(sa.update(models).where(models.c.id == model_id).values(policy_pinned=True))
 
 
 def downgrade() -> None:

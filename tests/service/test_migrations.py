@@ -3,6 +3,8 @@ on SQLite and on PostgreSQL, and come back down cleanly."""
 
 from __future__ import annotations
 
+import json
+
 from alembic import command
 from sqlalchemy import create_engine, inspect
 
@@ -29,3 +31,37 @@ def test_upgrade_matches_the_models_and_downgrades(db_url):
     upgrade(db_url)  # idempotent
     command.downgrade(alembic_config(db_url), "base")
     assert _tables(db_url) == {"alembic_version"}
+
+
+def test_0003_gives_existing_models_policy_revision_1(db_url):
+    """Models registered before policy revisions get revision 1 = their policy (pinned when it names a
+    plain method); jobs become deletions."""
+    from sqlalchemy import text
+
+    from service.migrate import upgrade as up
+
+    up(db_url, "0002")
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES (1, 't', CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO datasets (id, tenant_id, name, sha256, size_bytes, num_classes, "
+                              "input_shape, dtype, n_train, n_test, n_holdout, created_at) VALUES (1, 1, 'd', 'x', 1, "
+                              "2, '[1]', 'uint8', 10, 2, 0, CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO models (id, tenant_id, name, dataset_id, architecture, policy, created_at) "
+                              "VALUES (1, 1, 'm', 1, '{}', '{\"method\": \"scrub\"}', CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO jobs (id, tenant_id, model_id, status, progress, policy, "
+                              "cancel_requested, attempts, created_at) VALUES (1, 1, 1, 'succeeded', 1.0, '{}', "
+                              "false, 1, CURRENT_TIMESTAMP)"))
+        up(db_url)
+        with engine.connect() as conn:
+            rev = conn.execute(text("SELECT model_id, revision, source, job_id, applied, policy "
+                                    "FROM policy_revisions")).one()
+            assert tuple(rev[:5]) == (1, 1, "registration", None, True)
+            assert (rev[5] if isinstance(rev[5], dict) else json.loads(rev[5])) == {"method": "scrub"}
+            assert tuple(conn.execute(text("SELECT policy_revision, policy_pinned, recipe FROM models")).one()) == (
+                1, True, None)
+            assert conn.execute(text("SELECT kind FROM jobs")).scalar() == "deletion"
+    finally:
+        engine.dispose()
+    command.downgrade(alembic_config(db_url), "0002")
