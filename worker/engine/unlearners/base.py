@@ -65,6 +65,9 @@ class UnlearningTask:
     # How the original was trained: budgets and learning rates are relative to it. None = the
     # engine's default recipe on |forget| + |retain| rows (see worker/engine/recipe.py).
     recipe: Recipe | None = None
+    # Held-out rows (the dataset's holdout split, never test): the guard also watches accuracy
+    # there, since on a memorizing model retain accuracy stays near 1 while generalization drops.
+    holdout: View | None = None
 
     def the_recipe(self) -> Recipe:
         return self.recipe if self.recipe is not None else Recipe.infer(max(1, len(self.forget) + len(self.retain)))
@@ -252,7 +255,8 @@ class LoopUnlearner(Unlearner):
                 # measured before ``prepare``: a method that edits the model there (DEL's reset)
                 # can still be undone
                 guard = RetainGuard(model, task.retain, runtime, float(self.hp["max_retain_drop"]),
-                                    seed=task.seed, reference=task.reference, patience=self.guard_patience)
+                                    seed=task.seed, reference=task.reference, patience=self.guard_patience,
+                                    holdout=task.holdout)
             self.prepare(model, task, runtime)
             opt = self.make_optimizer(model)
             span = plan.steps if plan.steps is not None else plan.epochs
@@ -279,62 +283,83 @@ def check_choice(hp: dict[str, Any], key: str, choices: tuple) -> None:
 
 
 class RetainGuard:
-    """Keeps a loop within ``max_drop`` of retain accuracy, without stopping it from forgetting.
+    """Keeps a loop within ``max_drop`` of accuracy, without stopping it from forgetting.
 
     [Ours] Users' first complaint about peer tools is defaults that wreck the model (ascent
     diverging, SCRUB's max-steps running away). Each check measures accuracy on a fixed seeded
-    probe of ``probe_size`` retain rows (never the test split, so the audit's test accuracy stays
-    clean) and compares it with the ``reference`` model (the model as it entered RUM) or the input.
-    A state within the limit is remembered. A state outside it is *not* a reason to stop: a
-    transient dip that recovers (DEL's reset, the first steps of relabeling) is not damage. The
-    loop stops early only after ``patience`` consecutive checks outside the limit (None: never).
-    :meth:`finish` measures the final state: within the limit it is kept (``"within"``), else the
-    last state that was within it is restored (``"restored"``) or, if none was, the input model
-    (``"input"``). Turn it off with ``max_retain_drop: null`` (``"off"``).
+    probe of ``probe_size`` retain rows and, when the task has one, on the held-out rows (the
+    dataset's holdout split; never the test split, so the audit's test accuracy stays clean): on a
+    memorizing model retain accuracy stays near 1 while generalization falls, which only held-out
+    rows show. Each is compared with the ``reference`` model (the model as it entered RUM) or the
+    input. A state within the limit on every probe is remembered. A state outside it is *not* a
+    reason to stop: a transient dip that recovers (DEL's reset, the first steps of relabeling) is
+    not damage. The loop stops early only after ``patience`` consecutive checks outside the limit
+    (None: never). :meth:`finish` measures the final state: within the limit it is kept
+    (``"within"``), else the last state that was within it is restored (``"restored"``) or, if none
+    was, the input model (``"input"``). Turn it off with ``max_retain_drop: null`` (``"off"``).
     """
 
     def __init__(self, model: nn.Module, retain: View, runtime: Runtime, max_drop: float, *,
-                 probe_size: int = 512, seed: int = 0, reference: nn.Module | None = None,
-                 patience: int | None = 4):
-        g = torch.Generator().manual_seed(seed + 104729)
-        pick = torch.randperm(len(retain), generator=g)[:probe_size]
+                 probe_size: int = 256, seed: int = 0, reference: nn.Module | None = None,
+                 patience: int | None = 4, holdout: View | None = None):
         self.model, self.runtime, self.max_drop, self.patience = model, runtime, max_drop, patience
-        self.probe = View(retain.split, retain.index[pick.to(retain.index.device)],
-                          retain.labels[pick.to(retain.labels.device)] if retain.labels is not None else None)
-        start = accuracy(model, self.probe, runtime)
-        self.before = accuracy(reference, self.probe, runtime) if reference is not None else start
+        self.probes = [_probe(retain, probe_size, seed)]
+        if holdout is not None and len(holdout):
+            self.probes.append(_probe(holdout, probe_size, seed + 1))
+        start = self._measure()
+        self.before = self._measure(reference) if reference is not None else start
         # the input is the fallback even if it already sits below the reference (an earlier bin)
         self.good, self.good_acc, self.good_check = self._state(), start, 0
         self.checks = self.outside = self.streak = 0
-        self.worst = start
+        self.worst = list(start)
+
+    def _measure(self, model: nn.Module | None = None) -> list[float]:
+        return [accuracy(model if model is not None else self.model, p, self.runtime) for p in self.probes]
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def _within(self, acc: float) -> bool:
-        return self.before - acc <= self.max_drop
+    def _within(self, acc: list[float]) -> bool:
+        return all(b - a <= self.max_drop for b, a in zip(self.before, acc, strict=True))
 
-    def __call__(self) -> bool:
-        """One check during the loop; False = stop now (persistent damage)."""
+    def check(self) -> bool:
+        """Measure the model now; remember it if it is within the limit. True = within."""
         self.checks += 1
-        acc = accuracy(self.model, self.probe, self.runtime)
-        self.worst = min(self.worst, acc)
+        acc = self._measure()
+        self.worst = [min(w, a) for w, a in zip(self.worst, acc, strict=True)]
         if self._within(acc):
             self.good, self.good_acc, self.good_check, self.streak = self._state(), acc, self.checks, 0
             return True
         self.outside += 1
         self.streak += 1
-        return self.patience is None or self.streak < self.patience
+        return False
+
+    def __call__(self) -> bool:
+        """One check during the loop; False = stop now (persistent damage)."""
+        return self.check() or self.patience is None or self.streak < self.patience
 
     def finish(self) -> dict[str, Any]:
         """Measure the final state, restore the last good one if needed; what happened, as a dict."""
-        acc = accuracy(self.model, self.probe, self.runtime)
-        self.worst = min(self.worst, acc)
+        acc = self._measure()
+        self.worst = [min(w, a) for w, a in zip(self.worst, acc, strict=True)]
         if self._within(acc):
             outcome, final = "within", acc
         else:
             self.model.load_state_dict(self.good)
             outcome, final = ("restored" if self.good_check > 0 else "input"), self.good_acc
-        return {"outcome": outcome, "max_drop": self.max_drop, "checks": self.checks + 1,
-                "checks_outside": self.outside + (outcome != "within"), "retain_probe_reference": self.before,
-                "retain_probe_worst": self.worst, "retain_probe_after": final}
+        report = {"outcome": outcome, "max_drop": self.max_drop, "checks": self.checks + 1,
+                  "checks_outside": self.outside + (outcome != "within"),
+                  "retain_probe_reference": self.before[0], "retain_probe_worst": self.worst[0],
+                  "retain_probe_after": final[0]}
+        if len(self.probes) > 1:
+            report.update(holdout_probe_reference=self.before[1], holdout_probe_worst=self.worst[1],
+                          holdout_probe_after=final[1])
+        return report
+
+
+def _probe(view: View, size: int, seed: int) -> View:
+    """A fixed seeded sample of ``size`` rows of ``view``."""
+    g = torch.Generator().manual_seed(seed + 104729)
+    pick = torch.randperm(len(view), generator=g)[:size]
+    return View(view.split, view.index[pick.to(view.index.device)],
+                view.labels[pick.to(view.labels.device)] if view.labels is not None else None)

@@ -14,7 +14,7 @@ from .base import LoopUnlearner, register
 @register
 class Finetune(LoopUnlearner):
     name = "finetune"
-    defaults = {**LoopUnlearner.defaults, "budget": 0.04, "lr_scale": 0.5}
+    defaults = {**LoopUnlearner.defaults, "budget": 0.05, "lr_scale": 0.5}
 
     def loss(self, model, x, batch, epoch):
         return F.cross_entropy(model(x), batch.y)

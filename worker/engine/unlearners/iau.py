@@ -45,7 +45,7 @@ from .masking import gradient_sum, trainable
 @register
 class IAU(Unlearner):
     name = "iau"
-    defaults = {"lr": None, "step_size": 0.02, "steps": 1, "batch_size": None, "eps": 1e-8,
+    defaults = {"lr": None, "step_size": 0.01, "steps": 1, "batch_size": None, "eps": 1e-8,
                 "max_retain_drop": 0.03, "backtrack": 4}
 
     last_run: dict | None = None
@@ -73,7 +73,7 @@ class IAU(Unlearner):
         guard = None
         if self.hp["max_retain_drop"] is not None and n_r:
             guard = RetainGuard(model, task.retain, runtime, float(self.hp["max_retain_drop"]), seed=task.seed,
-                                reference=task.reference)
+                                reference=task.reference, holdout=task.holdout)
         sizes, outcome = [], "within"
         for step in range(steps):
             # progress: the retain pass dominates, so split each step by set size
@@ -130,7 +130,7 @@ class IAU(Unlearner):
                     norm = d.norm()
                     if norm > 0:
                         p.copy_(before[n] - (size * before[n].float().norm() / norm * d).to(p.dtype))
-            if guard is None or guard():
+            if guard is None or guard.check():
                 return size
             size /= 2
         with torch.no_grad():

@@ -1,13 +1,11 @@
 """``neggrad`` (NegGrad / GA, ALGORITHMS §4.4): gradient *ascent* on the forget set only.
 
 Each epoch is one shuffled pass over the forget set minimizing −CE. The retain set is never
-seen, so nothing holds utility in place: the method is very sensitive to ``lr × epochs``, and
-our defaults (found by ``bench.tune_unlearners``, see bench/results/TUNING.md) are a short, small
-push. RUM's README default for CIFAR-10/ResNet-18 is lr 1e-4 for 5 epochs at batch 256; on our
-small models and forget sets of a few dozen rows that is one step per epoch and does nothing,
-hence the smaller batch. Even tuned, ascent is fragile: on a less-converged model (larger
-forget-set gradients) the same defaults overshoot (test accuracy 0.90 on one of three held-out
-models in TUNING.md); prefer ``neggrad_plus``, ``salun``, ``scrub`` or ``del`` in production.
+seen, so nothing holds utility in place: the method is very sensitive to its step budget and
+learning rate. Defaults (3% of the original's steps at its learning rate, chosen on digits:
+docs/unlearning.md) are a short push, and the retain guard (base.py) returns the last state within
+its limit when the push goes too far. RUM's README default for CIFAR-10/ResNet-18 is lr 1e-4 for
+5 epochs at batch 256, i.e. about 880 steps at 1/1000 of the original's learning rate.
 
 [Ours] Bounded ascent. Unbounded ascent has no floor: on Fashion-MNIST (an under-fit model, whose
 forget-set loss is not near zero) the tuned defaults drove test accuracy from 0.86 to 0.20 in
@@ -30,7 +28,7 @@ from .base import LoopUnlearner, check_number, register
 class NegGrad(LoopUnlearner):
     name = "neggrad"
     defaults = {
-        **LoopUnlearner.defaults, "budget": 0.01, "lr_scale": 0.1, "loss_bound": None}
+        **LoopUnlearner.defaults, "budget": 0.03, "lr_scale": 1.0, "loss_bound": None}
 
     def validate(self):
         super().validate()

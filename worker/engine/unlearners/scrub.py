@@ -2,7 +2,7 @@
 
 The teacher is a frozen copy of the input model (eval mode, no gradients). Each epoch e
 (0-based) runs, when e ≤ ``msteps`` (the reference's ``epoch <= msteps``: msteps + 1 max-step
-passes at most), a *max-step* pass over the forget set that maximizes
+passes at most; −1: none), a *max-step* pass over the forget set that maximizes
 KL_T(student‖teacher) (we minimize its negative), then a *min-step* pass over the retain set
 minimizing γ·CE + β·KL_T. KL_T is Hinton's distillation loss at temperature T,
 ``kl_div(log_softmax(s/T), softmax(t/T), batchmean)·T²`` (SCRUB's ``DistillKL``; in math
@@ -34,7 +34,7 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: fl
 class Scrub(LoopUnlearner):
     name = "scrub"
     defaults = {
-        **LoopUnlearner.defaults, "budget": 0.04, "lr_scale": 0.2, "msteps": 2, "temperature": 4.0,
+        **LoopUnlearner.defaults, "budget": 0.06, "lr_scale": 4.0, "msteps": 2, "temperature": 4.0,
         "beta": 0.5, "gamma": 1.0, "forget_batch_size": None,
     }
 
@@ -45,7 +45,7 @@ class Scrub(LoopUnlearner):
         for key in ("beta", "gamma"):
             check_number(self.hp, key, low=0)
         check_number(self.hp, "temperature", low=0, low_open=True)
-        check_number(self.hp, "msteps", low=0, integer=True)
+        check_number(self.hp, "msteps", low=-1, high=1000, integer=True)
         check_number(self.hp, "forget_batch_size", low=1, high=1_000_000, integer=True, optional=True)
 
     def prepare(self, model, task, runtime):
