@@ -340,9 +340,7 @@ def calibrate(
     evaluator_b = _Evaluator(model, data, set_b, proxy, recipe, runtime, excluded, settings.seed, reference)
     retrain_seconds = reference.seconds
 
-    default = default_rum_config().to_dict()
-    if settings.space == "plain":
-        default = {"method": "finetune", "hparams": {}}
+    default = default_policy(settings.space)
     search_ctx = ctx.sub(0.3, 0.9, "search")
     sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(6, settings.n_trials))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
@@ -413,6 +411,14 @@ def calibrate(
     )
 
 
+def default_policy(space: str = "rum") -> dict[str, Any]:
+    """The uncalibrated default in the form the search produces (the first trial of every study)."""
+    if space == "plain":
+        return {"method": "finetune", "hparams": {}}
+    d = default_rum_config().to_dict()
+    return {"method": "rum", "bins": d["bins"], "quantiles": d["quantiles"]}
+
+
 def _key(policy: Mapping[str, Any]) -> str:
     return json.dumps(policy, sort_keys=True)
 
@@ -442,5 +448,5 @@ def _trial_row(t) -> dict[str, Any]:
             "seconds": (t.duration.total_seconds() if t.duration is not None else None)}
 
 
-__all__ = ["CalibrationResult", "CalibrationSettings", "Score", "calibrate", "paired_mixed_sets", "planned_cost",
-           "suggest_policy"]
+__all__ = ["CalibrationResult", "CalibrationSettings", "Score", "calibrate", "default_policy", "paired_mixed_sets",
+           "planned_cost", "suggest_policy"]
