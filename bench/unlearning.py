@@ -26,6 +26,11 @@ Per seed s (everything seeded with s):
    the same method and hyperparameters in all three tertile bins (RUM^F, ``rum`` = yes), and the
    default RUM pipeline (:func:`worker.engine.rum.default_rum_config`, row ``rum_default``), each from
    a fresh copy of the original with the unlearners' default hyperparameters;
+   every method runs with the recipe of step 1 (budgets and learning rates are relative to it);
+   with ``--calibrate``, row ``rum_calibrated`` runs the policy that a calibration
+   (:func:`worker.engine.calibration.calibrate`) recommends, calibrated on two sets disjoint from S
+   (S is excluded from them); its JSON rows carry ``calibration_seconds`` and
+   ``calibration_retrains`` (its cost in retrain-equivalents);
 6. audit each model (forget / retain / test accuracy, SVC MIA with the confidence feature), and
    score ToW and ToW-MIA against the reference; ``seconds`` is the unlearning call alone.
 
@@ -54,11 +59,19 @@ import torch
 
 from bench import scenarios
 from worker.engine import architectures, metrics
+from worker.engine.calibration import CalibrationSettings, calibrate
 from worker.engine.data import load_dataset
 from worker.engine.events import LearningEvents
 from worker.engine.recipe import Recipe
 from worker.engine.refine import entanglement_score, refine
-from worker.engine.rum import PlainConfig, bin_audit, default_rum_config, rum_same_method, run_unlearning
+from worker.engine.rum import (
+    PlainConfig,
+    bin_audit,
+    default_rum_config,
+    parse_policy,
+    rum_same_method,
+    run_unlearning,
+)
 from worker.engine.runtime import Runtime
 from worker.engine.training import TrainConfig, accuracy, train_model
 from worker.engine.unlearners import REGISTRY, UnlearningTask, get_unlearner
@@ -149,10 +162,11 @@ def run_seed(args, data, spec: dict, seed: int, methods: list[str], runtime: Run
     ref.update(tow=1.0, tow_mia=1.0)
     orig = score(original, views, runtime, ref, scen)
 
+    recipe = recipe_of(cfg, n)
     common = {"seed": seed, "scenario": name, "retrain_seconds": retrain_seconds,
               "original_seconds": original_seconds, "proxy": proxy_name, "proxy_seconds": proxy_seconds,
               "forget_kind": name, "forget_size": len(forget_rows), "es": es, "train_acc_original": train_acc,
-              "recipe": recipe_of(cfg, n).to_dict(),
+              "recipe": recipe.to_dict(),
               "scenario_info": {k: v for k, v in scen.info.items() if k != "original_labels"}}
     if scen.has_asr:
         common.update(asr_original=orig["asr"], asr_reference=ref["asr"])
@@ -183,14 +197,38 @@ def run_seed(args, data, spec: dict, seed: int, methods: list[str], runtime: Run
             rows.append({"method": method, "rum": rum, **common, "skipped": "time budget"})
             continue
         try:
-            result = run_unlearning(copy.deepcopy(original), data, forget_rows, proxy, policy, runtime, seed=seed)
+            result = run_unlearning(copy.deepcopy(original), data, forget_rows, proxy, policy, runtime, seed=seed,
+                                    recipe=recipe)
         except Exception as exc:  # a broken method must not sink the whole benchmark
             log(f"seed {seed} {method} rum={rum}: FAILED {type(exc).__name__}: {exc}")
             rows.append({"method": method, "rum": rum, **common, "error": f"{type(exc).__name__}: {exc}"})
             continue
         add(method, rum, result.model, result.seconds,
-            {"config": result.config, "step_seconds": [s.seconds for s in result.steps]})
+            {"config": result.config, "step_seconds": [s.seconds for s in result.steps],
+             "cost_share": result.cost_share, "guard": [s.run.get("guard", {}).get("outcome") for s in result.steps]})
+    if args.calibrate:
+        calibrated_row(args, original, data, forget_rows, proxy, recipe, runtime, seed, retrain_seconds, add, log)
     return rows
+
+
+def calibrated_row(args, original, data, forget_rows, proxy, recipe, runtime, seed, retrain_seconds, add, log):
+    """``rum_calibrated``: calibrate on two sets disjoint from the evaluated forget set (it is excluded
+    from every calibration set), then run the recommended policy on the evaluated set."""
+    settings = CalibrationSettings(n_trials=args.calibration_trials, seed=seed)
+    t0 = time.perf_counter()
+    cal = calibrate(original, data, recipe, proxy, runtime, settings=settings, excluded_rows=forget_rows)
+    calibration_seconds = time.perf_counter() - t0
+    log(f"seed {seed} calibration: {len(cal.trials)} trials, chosen {cal.chosen}, search {cal.search.score:.3f}, "
+        f"check {cal.check.score:.3f} (default {cal.default_check.score:.3f}), "
+        f"{calibration_seconds / retrain_seconds:.2f} retrains")
+    result = run_unlearning(copy.deepcopy(original), data, forget_rows, proxy, parse_policy(cal.policy), runtime,
+                            seed=seed, recipe=recipe)
+    add("rum_calibrated", True, result.model, result.seconds,
+        {"config": result.config, "cost_share": result.cost_share, "calibration_seconds": calibration_seconds,
+         "calibration_retrains": calibration_seconds / retrain_seconds, "calibration_chosen": cal.chosen,
+         "calibration_trials": len(cal.trials), "calibration_check": cal.check.to_dict(),
+         "calibration_default_check": cal.default_check.to_dict(),
+         "guard": [s.run.get("guard", {}).get("outcome") for s in result.steps]})
 
 
 def fmt(mean: float, half: float, digits: int = 3) -> str:
@@ -289,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="mixed / random: |S| (default 3 x round(n_train / 45))")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1")
     ap.add_argument("--methods", default=None, help="comma-separated (default: all registered but retrain, none)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="add rum_calibrated: the policy a calibration on disjoint sets recommends")
+    ap.add_argument("--calibration-trials", type=int, default=CalibrationSettings.n_trials,
+                    help="Optuna trials of --calibrate (default %(default)s)")
     ap.add_argument("--json", type=Path, default=None, help="write one object per (method, rum, seed) here")
     ap.add_argument("--table", type=Path, default=None, help="also write the printed table (and header) here")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
