@@ -1,42 +1,35 @@
-"""A small, documented search for unlearner defaults that work on our small models.
+"""How the unlearners' recipe-relative defaults are chosen: a budget × lr_scale grid on digits.
 
-    python -m bench.tune_unlearners            # search + validation + test (~6 min on 1 core)
-    python -m bench.tune_unlearners --quick    # one config per method on one seed (smoke test)
-    python -m bench.tune_unlearners --final    # only the test stage: the shipped defaults
+    python -m bench.tune_unlearners --seeds 3 --threads 1        # the record: bench/results/tuning_budgets.*
+    python -m bench.tune_unlearners --quick --methods finetune   # smoke test (1 seed, 2×2 grid, 5 epochs)
 
-Setup (digits, as the test fixture): 1,197 train / 200 holdout / 400 test, uint8 (N,1,8,8),
-mean/std 0.5. Per seed: an original small_cnn trained on the whole train split with
-``TrainConfig()`` defaults (SGD 0.05, cosine; init and data order seeded) — width 32 for 30
-epochs, or, for one seed in three, the tests' fixture model, width 16 for 12 epochs (less
-converged: forget-set loss ~0.013 instead of ~0.002, so defaults must also work on a model not
-trained to zero loss) — a forget set of 6% random train rows (72), and the reference
-``retrain`` on the retain set with the same recipe. Every config starts from a fresh copy of the
-original and is measured against the reference: ToW (ALGORITHMS §2.1), ToW-MIA (§2.2, SVC MIA
-on the confidence feature), the forget-set CE loss, and wall-clock seconds of the unlearning
-call alone.
+Digits only (the tuning set; every other dataset is held out): ``data/digits.npz`` normalized with
+mean/std 0.5, written as ``python -m bench.datasets --which digits`` does if it is missing. Per
+seed s = 0 … ``--seeds``−1, everything seeded with s:
 
-Why not ToW alone: digits is easy. The retrain reference still classifies 97–100% of a random
-forget set correctly, so the *original* model already scores ToW ≈ 0.97–1.0 and a config that
-does nothing ties with the best (the "defaults that do nothing" complaint). Two finer measures of
-"treats the forget set like unseen data" separate them: the MIA gap (in ToW-MIA) and the
-forget-set loss, which retraining raises 5–20×. Hence:
+1. the original: small_cnn trained on the whole training split with ``TrainConfig(epochs=30,
+   seed=s)``, recording learning events; its recipe, ``Recipe.from_dict({"epochs": 30},
+   n_train=n)``, is the unit of every ``budget`` (share of its optimizer steps) and ``lr_scale``;
+2. the proxy: ``compute_proxy(default_proxy(True), ...)`` (the learning-event confidence);
+3. the forget set: RUM's mixed set, ``build_forget_set(proxy, round(n / 45), "mixed", seed=s)``
+   (equal parts high / mid / low memorization);
+4. the reference: ``retrain`` on the retain set with the recipe on |retain| rows.
 
-- ``progress`` = log(L_F(u)/L_F(orig)) / log(L_F(ref)/L_F(orig)): 0 = did nothing to the
-  forget set, 1 = as far as retraining, > 1 overshoot;
-- ``score`` = (ToW + ToW-MIA) / 2, which penalizes both doing too little and wrecking.
+Every point runs ``run_unlearning(copy of the original, PlainConfig(method, hp), recipe=recipe,
+seed=s)`` and is scored with ``metrics.audit`` (SVC MIA) and ToW / ToW-MIA against the reference.
+Per seed we record score = (ToW + ToW-MIA) / 2, ToW, ToW-MIA, the accuracies, MIA, the test drop
+(the original's test accuracy minus the point's), the retain guard's outcome, ``cost_share``
+(steps done / the original's steps) and seconds.
 
-Three stages on disjoint seeds (each seed: its own original, forget set and reference):
+Grid: ``budget`` ∈ BUDGETS × ``lr_scale`` ∈ LR_SCALES for every loop method, times EXTRAS
+(neggrad_plus ``alpha``, del ``threshold``); IAU takes one step whatever the budget, so its grid is
+``step_size`` ∈ IAU_STEPS instead. The method's current default (``get_unlearner(m).hp``) is run
+too (or found on the grid), for comparison.
 
-1. search (SEARCH): every config of the method's grid; keep the TOP_K best mean scores among
-   configs with mean progress ≥ MIN_PROGRESS (all configs if none qualifies);
-2. validation (VALIDATE): re-run those candidates; the winner has the best *robust* score over
-   all six seeds, ½(mean + worst seed), unless a candidate within TOL of it is ≥ SPEEDUP× faster
-   (then the fastest such). Search alone picked configs next to a cliff (neggrad at lr 0.02
-   collapsed on a new seed); three more seeds and the worst-seed term catch that;
-3. test (TEST): the classes' shipped ``defaults`` (and the winner, if different) on three
-   untouched seeds — the numbers TUNING.md reports.
-
-Writes bench/results/tuning.json; bench/results/TUNING.md summarizes it.
+Selection rule: among the points whose guard outcome is ``within`` on every seed and whose mean
+test drop is ≤ MAX_TEST_DROP (0.02), the highest mean (ToW + ToW-MIA) / 2; points within TIE
+(0.005) of it are ties, and among ties the smallest budget wins (IAU: the smallest step_size;
+then the higher score). A method with no such point has no best point (shown as "—").
 """
 
 from __future__ import annotations
@@ -45,252 +38,226 @@ import argparse
 import copy
 import itertools
 import json
-import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from bench.datasets import write
 from worker.engine import architectures, metrics
-from worker.engine.data import from_arrays
-from worker.engine.datafile import validate_arrays
-from worker.engine.runtime import Runtime, predict
+from worker.engine.data import load_dataset
+from worker.engine.events import LearningEvents
+from worker.engine.proxies import compute_proxy, default_proxy
+from worker.engine.recipe import Recipe
+from worker.engine.refine import build_forget_set
+from worker.engine.rum import PlainConfig, run_unlearning
+from worker.engine.runtime import Runtime
 from worker.engine.sample_data import digits_arrays
 from worker.engine.training import TrainConfig, train_model
-from worker.engine.unlearners import REGISTRY, UnlearningTask, get_unlearner
+from worker.engine.unlearners import UnlearningTask, get_unlearner
 
 RESULTS = Path(__file__).parent / "results"
-# (seed, small_cnn width, training epochs): two thirds the 30-epoch width-32 model, one third the
-# tests' fixture model (width 16, 12 epochs).
-SEARCH = ((0, 32, 30), (1, 32, 30), (2, 16, 12))
-VALIDATE = ((3, 32, 30), (4, 32, 30), (5, 16, 12))
-TEST = ((6, 32, 30), (7, 32, 30), (8, 16, 12))
-TOP_K = 3  # candidates per method that go on to validation
-SPEEDUP = 1.5  # a tie (within TOL) replaces the best config only if it is this many times faster
-FORGET_FRACTION = 0.06
-TOL = 0.005  # configs within TOL of the best mean score count as ties
-
-# Method grids (product over the listed values; everything else from the class defaults). Earlier,
-# wider passes (lr over a log grid 1e-4…0.1, 3 and 5 epochs, the papers' α/k/threshold values; see
-# TUNING.md) located the useful region; these grids are centred on it. ``finetune`` and ``none``
-# are baselines: only their shipped defaults are evaluated, in the test stage.
-GRIDS: dict[str, dict[str, list]] = {
-    "neggrad": {"lr": [0.005, 0.01, 0.02], "epochs": [3, 5], "batch_size": [16, 32]},
-    "neggrad_plus": {"lr": [0.05, 0.1], "epochs": [3, 5], "alpha": [0.9, 0.95, 0.97]},
-    "l1_sparse": {"lr": [0.05, 0.1], "epochs": [3, 5], "alpha": [3e-4, 5e-4, 1e-3]},
-    "random_label": {"lr": [0.003, 0.005, 0.008], "epochs": [2, 3], "label_mode": ["any", "wrong"]},
-    "salun": {"lr": [0.005, 0.01, 0.02], "epochs": [2, 3], "k": [0.3, 0.5]},
-    "scrub": {"lr": [0.01, 0.02], "epochs": [3, 5], "beta": [0.5, 1.0], "msteps": [2, 3]},
-    "del": {"lr": [0.05, 0.1, 0.2], "epochs": [5, 10], "threshold": [0.3, 0.5]},
-    "iau": {"lr": [5e-5, 1e-4, 2e-4, 3e-4], "steps": [1, 2, 3]},
-    "finetune": {},
-    "none": {},
-}
-MIN_PROGRESS = 0.5  # a default must move the forget-set loss at least halfway (log scale) to retrain's
-QUICK = {"neggrad": {"lr": [0.01], "epochs": [2]}}
+METHODS = ("finetune", "neggrad", "neggrad_plus", "l1_sparse", "random_label", "salun", "scrub", "del", "iau")
+EPOCHS = 30  # the original's (and the reference's) training epochs
+QUICK_EPOCHS = 5  # --quick: a smoke test of the code path, not a result
+BUDGETS = (0.01, 0.03, 0.05, 0.08)
+LR_SCALES = (0.25, 0.5, 1, 2, 4)
+EXTRAS = {"neggrad_plus": {"alpha": (0.3, 0.5)}, "del": {"threshold": (0.003, 0.01)}}
+IAU_STEPS = (0.002, 0.005, 0.01, 0.02)
+QUICK_BUDGETS, QUICK_LR_SCALES = (0.01, 0.05), (0.5, 1)
+MAX_TEST_DROP = 0.02
+TIE = 0.005
+KEYS = ("budget", "lr_scale", "alpha", "threshold", "step_size")  # the tuned hyperparameters
+PER_SEED = ("score", "tow", "tow_mia", "acc_forget", "acc_retain", "acc_test", "mia", "test_drop", "cost_share",
+            "seconds")
 
 
-def digits(seed: int = 0):
-    """The tests' digits split (``worker.engine.sample_data.digits_arrays``), normalized with mean/std 0.5."""
-    return from_arrays(validate_arrays(digits_arrays(seed)), mean=[0.5], std=[0.5])
+def grid(method: str, quick: bool) -> list[dict]:
+    """The method's grid points, as hyperparameter dicts."""
+    if method == "iau":
+        return [{"step_size": s} for s in (IAU_STEPS[:2] if quick else IAU_STEPS)]
+    axes = {"budget": QUICK_BUDGETS if quick else BUDGETS, "lr_scale": QUICK_LR_SCALES if quick else LR_SCALES}
+    axes.update({k: v[:1] if quick else v for k, v in EXTRAS.get(method, {}).items()})
+    return [dict(zip(axes, vals, strict=True)) for vals in itertools.product(*axes.values())]
 
 
-def configs(method: str, quick: bool) -> list[dict]:
-    grid = QUICK.get(method, {}) if quick else GRIDS.get(method, {})
-    if not grid and not quick:
-        return []  # baseline: held-out evaluation of the defaults only
-    if quick and method not in QUICK:  # one config: the defaults with few epochs
-        d = REGISTRY[method].defaults
-        return [{"epochs": min(2, d["epochs"])} if "epochs" in d else {}]
-    keys = list(grid)
-    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(grid[k] for k in keys))]
+def tuned(method: str, hp: dict) -> dict:
+    """The tuned hyperparameters of ``hp`` (budget, lr_scale, the method's extra), None where not used."""
+    used = ("step_size",) if method == "iau" else ("budget", "lr_scale", *EXTRAS.get(method, {}))
+    return {k: hp.get(k) if k in used else None for k in KEYS}
 
 
-class Setting:
-    """One seed s: an original trained from a seeded init, a forget set, the retrain reference.
+def label(method: str, hp: dict) -> str:
+    t = tuned(method, hp)
+    if method == "iau":
+        return f"step {t['step_size']:g}"
+    extra = "".join(f" {k} {t[k]:g}" for k in EXTRAS.get(method, {}))
+    return f"{t['budget']:.0%} x{t['lr_scale']:g}{extra}"
 
-    Every setting has its *own* original (init and data order seeded by s), so the search
-    averages over models as well as forget sets and does not fit one model's quirks.
-    """
 
-    def __init__(self, data, seed: int, width: int, epochs: int, runtime: Runtime):
-        spec = architectures.default_spec("small_cnn", data.input_shape, data.num_classes, width=width)
-        cfg = TrainConfig(epochs=epochs, seed=seed)  # otherwise TrainConfig() defaults: SGD 0.05, cosine
-        self.config = {"seed": seed, "arch": spec, "train": cfg.to_dict()}
-        torch.manual_seed(seed)  # torch's default generator is not seeded per process: seed the init
-        original = train_model(architectures.build(spec), data.view("train"), cfg, runtime=runtime)
-        self.state = {k: v.detach().clone() for k, v in original.state_dict().items()}
+class Seed:
+    """One seed: the original, its proxy and recipe, the mixed forget set, the retrain reference."""
+
+    def __init__(self, data, seed: int, runtime: Runtime, epochs: int = EPOCHS):
         n = len(data.train)
-        g = torch.Generator().manual_seed(1000 + seed)
-        rows = torch.randperm(n, generator=g)[: round(FORGET_FRACTION * n)].sort().values
-        self.forget, self.retain = data.forget_retain(rows)
-        self.test = data.view("test")
-        self.spec, self.seed, self.runtime = spec, seed, runtime
-        self.task = UnlearningTask(self.forget, self.retain, data.num_classes, seed=seed)
-        t = time.perf_counter()
-        ref = get_unlearner("retrain", epochs=cfg.epochs, lr=cfg.lr).unlearn(self.original(), self.task, runtime)
-        self.retrain_seconds = time.perf_counter() - t
-        self.ref = self.audit(ref)
-        self.orig = self.audit(self.original())
-        self.orig["loss_forget"] = max(self.orig["loss_forget"], 1e-12)
-        self.orig["tow"] = metrics.tow(self.orig, self.ref)
-        self.orig["tow_mia"] = metrics.tow_mia(self.orig, self.ref)
+        self.data, self.seed, self.runtime = data, seed, runtime
+        spec = architectures.default_spec("small_cnn", data.input_shape, data.num_classes)
+        events = LearningEvents.empty(n)
+        self.original = train_model(architectures.build(spec, seed=seed), data.view("train"),
+                                    TrainConfig(epochs=epochs, seed=seed), runtime=runtime, events=events)
+        self.recipe = Recipe.from_dict({"epochs": epochs}, n_train=n)
+        self.proxy = compute_proxy(default_proxy(True), self.original, data, runtime, events=events).values
+        self.rows = build_forget_set(self.proxy, round(n / 45), "mixed", seed=seed)
+        forget, retain = data.forget_retain(self.rows)
+        self.views = (forget, retain, data.view("test"))
+        task = UnlearningTask(forget, retain, data.num_classes, seed=seed, recipe=self.recipe.with_n_train(len(retain)))
+        reference = get_unlearner("retrain").unlearn(copy.deepcopy(self.original), task, runtime)
+        self.ref = metrics.audit(reference, *self.views, runtime, mia=True)
+        self.orig: dict | None = None
+        self.orig = self.score(self.original)
 
-    def original(self):
-        m = architectures.build(self.spec)
-        m.load_state_dict(copy.deepcopy(self.state))
-        return m.eval()
-
-    def audit(self, model) -> dict:
-        a = metrics.audit(model, self.forget, self.retain, self.test, self.runtime, mia=True)
-        logits = predict(model, self.forget, self.runtime)
-        a["loss_forget"] = F.cross_entropy(logits, self.forget.y.cpu()).item()
-        return a
+    def score(self, model) -> dict:
+        a = metrics.audit(model, *self.views, self.runtime, mia=True)
+        tw, tm = metrics.tow(a, self.ref), metrics.tow_mia(a, self.ref)
+        drop = self.orig["acc_test"] - a["acc_test"] if self.orig else 0.0
+        return {**a, "tow": tw, "tow_mia": tm, "score": (tw + tm) / 2, "test_drop": drop}
 
     def run(self, method: str, hp: dict) -> dict:
-        u = get_unlearner(method, **hp)
-        model = self.original()
-        t = time.perf_counter()
-        model = u.unlearn(model, self.task, self.runtime)
-        seconds = time.perf_counter() - t
-        a = self.audit(model)
-        tw, tm = metrics.tow(a, self.ref), metrics.tow_mia(a, self.ref)
-        return {**a, "tow": tw, "tow_mia": tm, "score": (tw + tm) / 2, "progress": self.progress(a),
-                "seconds": seconds}
-
-    def progress(self, a: dict) -> float:
-        """Forget-loss progress on a log scale: 0 = the original's forget-set CE, 1 = the reference's."""
-        lo, hi = math.log(self.orig["loss_forget"]), math.log(self.ref["loss_forget"])
-        return (math.log(max(a["loss_forget"], 1e-12)) - lo) / (hi - lo)
+        try:
+            result = run_unlearning(copy.deepcopy(self.original), self.data, self.rows, self.proxy,
+                                    PlainConfig(method, hp), self.runtime, recipe=self.recipe, seed=self.seed)
+        except Exception as exc:  # a failing point is recorded, not fatal
+            return {"error": f"{type(exc).__name__}: {exc}", "guard": "error"}
+        step = result.steps[0].run
+        return {**self.score(result.model), "guard": step.get("guard", {}).get("outcome"),
+                "cost_share": result.cost_share, "seconds": result.seconds}
 
 
-METRICS = ("score", "tow", "tow_mia", "progress", "acc_forget", "acc_retain", "acc_test", "mia", "loss_forget",
-           "seconds")
-
-
-def summarize(per_seed: list[dict]) -> dict:
-    out = {k: float(np.mean([r[k] for r in per_seed])) for k in METRICS}
-    out["score_min"] = float(min(r["score"] for r in per_seed))
-    out["seconds_min"] = float(min(r["seconds"] for r in per_seed))  # robust to a shared, noisy machine
-    return out
-
-
-def shortlist(rows: list[dict]) -> list[dict]:
-    """The TOP_K best mean scores among configs with mean progress ≥ MIN_PROGRESS (all if none qualifies)."""
-    eligible = [r for r in rows if r["progress"] >= MIN_PROGRESS] or rows
-    return sorted(eligible, key=lambda r: -r["score"])[:TOP_K]
-
-
-def robust(r: dict) -> float:
-    """Selection statistic: the mean of the average and the worst-seed score (a collapse on one seed costs)."""
-    return (r["score"] + r["score_min"]) / 2
-
-
-def pick(rows: list[dict]) -> dict:
-    """The best robust score; a row within TOL of it that is ≥ SPEEDUP× faster (min-over-seeds seconds)
-    wins instead (the fastest such): quality first, cost when qualities tie."""
-    eligible = [r for r in rows if r["progress"] >= MIN_PROGRESS] or rows
-    best = max(eligible, key=robust)
-    faster = [r for r in eligible if robust(r) >= robust(best) - TOL
-              and r["seconds_min"] * SPEEDUP <= best["seconds_min"]]
-    return min(faster, key=lambda r: r["seconds_min"]) if faster else best
-
-
-def fmt(hp: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in hp.items()) or "(defaults)"
-
-
-def line(label: str, r: dict) -> str:
-    return (f"{label:52s} score {r['score']:.4f} (min {r['score_min']:.4f}) ToW {r['tow']:.4f} "
-            f"ToW-MIA {r['tow_mia']:.4f}  "
-            f"F {r['acc_forget']:.3f} R {r['acc_retain']:.3f} T {r['acc_test']:.3f} MIA {r['mia']:.3f} "
-            f"LF {r['loss_forget']:.3f} P {r['progress']:5.2f} "
-            f"{r['seconds']:.2f}s")
-
-
-def evaluate(settings: dict, seeds: list[int], method: str, hp: dict, label: str) -> dict:
-    per_seed = [settings[s].run(method, hp) for s in seeds]
-    row = {"hp": hp, **summarize(per_seed), "per_seed": per_seed}
-    print(line(f"{method} {label}{fmt(hp)}", row), flush=True)
+def evaluate(seeds: list[Seed], method: str, hp: dict, *, on_grid: bool, log) -> dict:
+    """One point on every seed: per-seed results and their means; ``eligible`` by the selection rule."""
+    per_seed = [{"seed": s.seed, **s.run(method, hp)} for s in seeds]
+    ok = [r for r in per_seed if "error" not in r]
+    means = {k: float(np.mean([r[k] for r in ok])) if ok else float("nan") for k in PER_SEED}
+    guard = [r["guard"] for r in per_seed]
+    within = all(g == "within" for g in guard)
+    row = {"method": method, **tuned(method, hp), "hp": hp, "grid": on_grid, "default": False, **means,
+           "guard": guard, "within_all": within, "eligible": within and means["test_drop"] <= MAX_TEST_DROP,
+           "per_seed": per_seed}
+    log(f"{method:<13} {label(method, hp):<26} score {row['score']:.4f} ToW {row['tow']:.4f} "
+        f"ToW-MIA {row['tow_mia']:.4f} drop {row['test_drop']:+.3f} cost {row['cost_share']:.3f} "
+        f"guard {','.join(map(str, guard))}")
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one config per method on one seed (smoke test)")
-    ap.add_argument("--final", action="store_true", help="only the test stage (the shipped defaults)")
-    ap.add_argument("--methods", default=",".join(GRIDS), help="comma-separated methods")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/tuning.json; none with --quick)")
+def pick(rows: list[dict]) -> dict | None:
+    """The selection rule (module docstring) over the grid rows of one method."""
+    eligible = [r for r in rows if r["grid"] and r["eligible"]]
+    if not eligible:
+        return None
+    top = max(r["score"] for r in eligible)
+    ties = [r for r in eligible if r["score"] >= top - TIE]
+    return min(ties, key=lambda r: (r["budget"] if r["budget"] is not None else r["step_size"], -r["score"]))
+
+
+def tune(seeds: list[Seed], method: str, quick: bool, log) -> tuple[list[dict], dict | None, dict]:
+    """Every grid point of ``method`` and its current default; (rows, best, default row)."""
+    rows = [evaluate(seeds, method, hp, on_grid=True, log=log) for hp in grid(method, quick)]
+    current = tuned(method, get_unlearner(method).hp)
+    default = next((r for r in rows if tuned(method, r["hp"]) == current), None)
+    if default is None:
+        hp = {k: v for k, v in current.items() if v is not None}
+        default = evaluate(seeds, method, hp, on_grid=False, log=log)
+        rows.append(default)
+    default["default"] = True
+    best = pick(rows)
+    if best is not None:
+        best["best"] = True
+    return rows, best, default
+
+
+def table(results: dict[str, tuple[list[dict], dict | None, dict]]) -> list[str]:
+    head = ["method", "best point", "score", "ToW", "ToW-MIA", "drop", "cost", "eligible",
+            "current default", "score", "drop", "guard", "same"]
+    lines = []
+    for method, (rows, best, default) in results.items():
+        n_ok = sum(r["eligible"] for r in rows if r["grid"])
+        b = ([label(method, best["hp"]), f"{best['score']:.4f}", f"{best['tow']:.4f}", f"{best['tow_mia']:.4f}",
+              f"{best['test_drop']:+.3f}", f"{best['cost_share']:.3f}"] if best else ["—"] * 6)
+        guard = "within" if default["within_all"] else ",".join(map(str, default["guard"]))
+        same = "yes" if best is default else "no"
+        lines.append([method, *b, f"{n_ok}/{sum(r['grid'] for r in rows)}", label(method, default["hp"]),
+                      f"{default['score']:.4f}", f"{default['test_drop']:+.3f}", guard, same])
+    widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip(),
+           "  ".join("-" * w for w in widths)]
+    return out + ["  ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)).rstrip() for x in lines]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.tune_unlearners", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 (default 3)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all nine)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 seed, a 2x2 grid, a 5-epoch original")
+    ap.add_argument("--data", type=Path, default=Path("data/digits.npz"), help="digits file (written if missing)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="every point, as JSON (default bench/results/tuning_budgets.json; none with --quick)")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="the printed table (default bench/results/tuning_budgets.txt; none with --quick)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"--methods: unknown {unknown}; tunable: {list(METHODS)}")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    n_seeds = 1 if args.quick else args.seeds
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    if not args.data.exists():
+        write(digits_arrays(0), args.data)
     runtime = Runtime.auto("cpu")
-    data = digits()
-    methods = [m for m in args.methods.split(",") if m]
-    stages = {"search": SEARCH, "validate": VALIDATE, "test": TEST}
-    if args.quick:
-        stages = {k: v[:1] for k, v in stages.items()}
-    if args.final:
-        stages = {"test": stages["test"]}
-    seeds = {k: [s for s, _, _ in v] for k, v in stages.items()}
-    settings = {s: Setting(data, s, w, e, runtime) for v in stages.values() for s, w, e in v}
-    print(f"setup {time.perf_counter() - t0:.1f}s")
-    for s, st in settings.items():
-        width, epochs = st.config["arch"]["kwargs"]["width"], st.config["train"]["epochs"]
-        print(f"seed {s} (width {width}, {epochs} ep): retrain F {st.ref['acc_forget']:.3f} "
-              f"R {st.ref['acc_retain']:.3f} T {st.ref['acc_test']:.3f} MIA {st.ref['mia']:.3f} "
-              f"LF {st.ref['loss_forget']:.3f} | original F {st.orig['acc_forget']:.3f} T {st.orig['acc_test']:.3f} "
-              f"MIA {st.orig['mia']:.3f} LF {st.orig['loss_forget']:.3f} ToW {st.orig['tow']:.4f} "
-              f"ToW-MIA {st.orig['tow_mia']:.4f}")
-    report: dict = {
-        "setup": {"dataset": "digits", "forget_fraction": FORGET_FRACTION,
-                  "forget_size": len(next(iter(settings.values())).forget), "seeds": seeds,
-                  "settings": {str(s): st.config for s, st in settings.items()}, "top_k": TOP_K, "tol": TOL,
-                  "speedup": SPEEDUP, "min_progress": MIN_PROGRESS, "score": "(ToW + ToW-MIA) / 2",
-                  "robust": "(mean score + worst-seed score) / 2 over search + validation seeds",
-                  "torch_threads": 1, "grids": GRIDS},
-        "reference": {str(s): st.ref for s, st in settings.items()},
-        "original": {str(s): st.orig for s, st in settings.items()},
-        "search": {}, "validate": {}, "winners": {}, "test": {},
-    }
-
-    if "search" in stages:
-        for method in methods:
-            rows = [evaluate(settings, seeds["search"], method, hp, "") for hp in configs(method, args.quick)]
-            if not rows:
-                continue
-            report["search"][method] = rows
-            candidates = []
-            for r in shortlist(rows):  # validation: the same configs on three new seeds, pooled with search
-                v = evaluate(settings, seeds["validate"], method, r["hp"], "[validate] ")
-                pooled = summarize(r["per_seed"] + v["per_seed"])
-                candidates.append({"hp": r["hp"], **pooled, "search": {k: r[k] for k in METRICS},
-                                   "validate": {k: v[k] for k in METRICS}})
-            report["validate"][method] = candidates
-            win = pick(candidates)
-            report["winners"][method] = win
-            print(line(f"-> {method} (6 seeds, robust {robust(win):.4f}) {fmt(win['hp'])}", win) + "\n", flush=True)
-
-    print("test stage (seeds " + ", ".join(map(str, seeds["test"])) + "):")
-    for method in methods:
-        defaults = REGISTRY[method].defaults
-        out = {"defaults": evaluate(settings, seeds["test"], method, {}, "[defaults] ")}
-        out["defaults"]["hp"] = dict(defaults)
-        win = report["winners"].get(method)
-        if win and any(defaults.get(k) != v for k, v in win["hp"].items()):
-            out["winner"] = evaluate(settings, seeds["test"], method, win["hp"], "[winner] ")
-        report["test"][method] = out
-    report["total_seconds"] = time.perf_counter() - t0
-    print(f"total {report['total_seconds']:.0f}s")
-    if args.out is None and args.quick:
-        return  # a smoke test does not overwrite the results
-    out_path = Path(args.out or RESULTS / "tuning.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=1, default=float))
-    print(f"wrote {out_path}")
+    data = load_dataset(args.data, mean=[0.5], std=[0.5])
+    epochs = QUICK_EPOCHS if args.quick else EPOCHS
+    seeds = [Seed(data, s, runtime, epochs) for s in range(n_seeds)]
+    for s in seeds:
+        log(f"seed {s.seed}: |S| {len(s.rows)}, original test {s.orig['acc_test']:.3f} ToW {s.orig['tow']:.4f} "
+            f"ToW-MIA {s.orig['tow_mia']:.4f}; reference test {s.ref['acc_test']:.3f} forget {s.ref['acc_forget']:.3f}")
+    results = {m: tune(seeds, m, args.quick, log) for m in methods}
+    s0 = seeds[0]
+    lines = [f"# bench.tune_unlearners  digits n_train={len(data.train)} |S|={len(s0.rows)} (mixed) seeds={n_seeds} "
+             f"small_cnn, recipe {epochs} epochs ({s0.recipe.steps} steps), threads={torch.get_num_threads()}"
+             f"{' QUICK' if args.quick else ''}",
+             f"# original (mean over seeds): test acc {np.mean([s.orig['acc_test'] for s in seeds]):.3f}, "
+             f"score {np.mean([s.orig['score'] for s in seeds]):.4f}; reference test acc "
+             f"{np.mean([s.ref['acc_test'] for s in seeds]):.3f}",
+             f"# best = highest mean (ToW+ToW-MIA)/2 among points within the guard on every seed with mean test "
+             f"drop <= {MAX_TEST_DROP}; ties (within {TIE}) -> the smaller budget. cost = steps / the original's",
+             *table(results), f"# wall {time.perf_counter() - started:.0f}s"]
+    print("\n".join(lines))
+    setup = {"data": str(args.data), "seeds": n_seeds, "quick": args.quick, "epochs": epochs,
+             "recipe": s0.recipe.to_dict(), "forget_size": len(s0.rows), "max_test_drop": MAX_TEST_DROP, "tie": TIE,
+             "budgets": BUDGETS, "lr_scales": LR_SCALES, "extras": EXTRAS, "iau_steps": IAU_STEPS,
+             "threads": torch.get_num_threads(), "seconds": time.perf_counter() - started,
+             "original": [s.orig for s in seeds], "reference": [s.ref for s in seeds]}
+    rows = [r for m in methods for r in results[m][0]]
+    if not args.quick:  # a smoke test does not overwrite the record
+        args.json = args.json or RESULTS / "tuning_budgets.json"
+        args.table = args.table or RESULTS / "tuning_budgets.txt"
+    for path, text in ((args.json, json.dumps({"setup": setup, "rows": rows}, indent=1, default=float)),
+                       (args.table, "\n".join(lines) + "\n")):
+        if path is None:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"# wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,10 +14,10 @@ IAU is meant for models trained with its gradient-restriction penalty
 (``TrainConfig(gr_alpha=0.005)``, :func:`~worker.engine.training.gradient_restriction`), which
 bounds per-sample gradients so that one step approximates removal; the paper reports that it
 works better on such models, and on models trained without it (what the service usually
-receives) expect weaker results (§6.2 notes). On digits we measured no clear gain
-(bench/results/TUNING.md, small_cnn width 32, 2 seeds: score 0.982 plain vs 0.986 GR-trained
-at lr 3e-4 × 1 step; best over an lr × steps grid 0.989 plain vs 0.987 GR) — digits may be too
-easy to show it.
+receives) expect weaker results (§6.2 notes). On digits the earlier epoch-based search of the
+defaults measured no clear gain (small_cnn width 32, 2 seeds: score 0.982 plain vs 0.986
+GR-trained at lr 3e-4 × 1 step; best over an lr × steps grid 0.989 plain vs 0.987 GR) — digits
+may be too easy to show it.
 
 **The step scales with the model** (ours, the default): the reference's fixed Adam step moves
 *every* coordinate by ``lr`` whatever the model, which is nothing on a large ResNet and wrecks a
