@@ -36,9 +36,10 @@ from worker.registration import validate_version
 
 from .conftest import register_dataset, register_model
 
-# RUM with NegGrad+ in every bin (the paper's RUM^F NG+) surely moves the model on random rows: a
-# budget of 10% of the original's steps per bin at 0.3 x its learning rate (worker/engine/recipe.py).
-_NG = {"method": "neggrad_plus", "hparams": {"budget": 0.1, "lr_scale": 0.3}}
+# RUM with NegGrad+ in every bin (the paper's RUM^F NG+) surely moves the model on random rows: its
+# default budget (5% of the original's steps per bin, worker/engine/recipe.py) with a looser guard
+# (8 points instead of 3): typical rows are forgotten only by giving up some accuracy elsewhere.
+_NG = {"method": "neggrad_plus", "hparams": {"budget": 0.05, "max_retain_drop": 0.08}}
 NEGGRAD = {"method": "rum", "bins": [_NG, _NG, _NG]}
 
 

@@ -76,7 +76,7 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 class Del(MaskedLoopUnlearner):
     name = "del"
     defaults = {
-        **MaskedLoopUnlearner.defaults, "budget": 0.1, "lr_scale": 0.5, "threshold": 0.003,
+        **MaskedLoopUnlearner.defaults, "budget": 0.08, "lr_scale": 2.0, "threshold": 0.01,
         "momentum": 0.9, "weight_decay": 0.0, "schedule": "cosine", "eta_min_frac": 0.01,
     }
     # The reset drops accuracy on purpose and fine-tuning recovers it: the guard never stops DEL

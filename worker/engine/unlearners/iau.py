@@ -45,7 +45,7 @@ from .masking import gradient_sum, trainable
 @register
 class IAU(Unlearner):
     name = "iau"
-    defaults = {"lr": None, "step_size": 0.01, "steps": 1, "batch_size": None, "eps": 1e-8,
+    defaults = {"lr": None, "step_size": 0.005, "steps": 1, "batch_size": None, "eps": 1e-8,
                 "max_retain_drop": 0.03, "backtrack": 4}
 
     last_run: dict | None = None

@@ -2,7 +2,7 @@
 
 Each epoch is one shuffled pass over the forget set minimizing −CE. The retain set is never
 seen, so nothing holds utility in place: the method is very sensitive to its step budget and
-learning rate. Defaults (3% of the original's steps at its learning rate, chosen on digits:
+learning rate. Defaults (5% of the original's steps at half its learning rate, chosen on digits:
 docs/unlearning.md) are a short push, and the retain guard (base.py) returns the last state within
 its limit when the push goes too far. RUM's README default for CIFAR-10/ResNet-18 is lr 1e-4 for
 5 epochs at batch 256, i.e. about 880 steps at 1/1000 of the original's learning rate.
@@ -28,7 +28,7 @@ from .base import LoopUnlearner, check_number, register
 class NegGrad(LoopUnlearner):
     name = "neggrad"
     defaults = {
-        **LoopUnlearner.defaults, "budget": 0.03, "lr_scale": 1.0, "loss_bound": None}
+        **LoopUnlearner.defaults, "budget": 0.05, "lr_scale": 0.5, "loss_bound": None}
 
     def validate(self):
         super().validate()

@@ -6,7 +6,7 @@ except that the forget set is reshuffled each time it is exhausted (``itertools.
 replay the first order forever). The two halves are forwarded separately, as in the reference,
 so BatchNorm's train-mode statistics of one half never mix with the other.
 
-Defaults: 5% of the original's steps at its learning rate, α 0.3 (chosen on digits:
+Defaults: 8% of the original's steps at half its learning rate, α 0.3 (chosen on digits:
 docs/unlearning.md). RUM's README uses lr 0.01 and α 0.97–0.99 for 5 full epochs on
 CIFAR-10/ResNet-18 (a sixth of the original's training); within a budget of a few percent of the
 steps, the ascent term needs a larger weight to move memorized rows at all.
@@ -34,7 +34,7 @@ def reshuffled_cycle(view: View, batch_size: int, gen: torch.Generator) -> Itera
 class NegGradPlus(LoopUnlearner):
     name = "neggrad_plus"
     defaults = {
-        **LoopUnlearner.defaults, "budget": 0.05, "lr_scale": 1.0, "alpha": 0.3, "loss_bound": None}
+        **LoopUnlearner.defaults, "budget": 0.08, "lr_scale": 0.5, "alpha": 0.3, "loss_bound": None}
 
     def validate(self):
         super().validate()

@@ -31,7 +31,7 @@ def random_labels(y: torch.Tensor, num_classes: int, mode: str, seed: int) -> to
 @register
 class RandomLabel(LoopUnlearner):
     name = "random_label"
-    defaults = {**LoopUnlearner.defaults, "budget": 0.05, "lr_scale": 1.0, "label_mode": "any"}
+    defaults = {**LoopUnlearner.defaults, "budget": 0.03, "lr_scale": 1.0, "label_mode": "any"}
 
     def validate(self):
         super().validate()

@@ -37,7 +37,7 @@ def saliency_mask(model, forget, runtime, *, k: float, batch_size: int, ctx=None
 @register
 class SalUn(MaskedLoopUnlearner, RandomLabel):
     name = "salun"
-    defaults = {**RandomLabel.defaults, "budget": 0.05, "lr_scale": 0.5, "k": 0.5}
+    defaults = {**RandomLabel.defaults, "budget": 0.08, "lr_scale": 0.25, "k": 0.5}
 
     def validate(self):
         super().validate()

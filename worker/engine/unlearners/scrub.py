@@ -34,7 +34,7 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: fl
 class Scrub(LoopUnlearner):
     name = "scrub"
     defaults = {
-        **LoopUnlearner.defaults, "budget": 0.06, "lr_scale": 4.0, "msteps": 2, "temperature": 4.0,
+        **LoopUnlearner.defaults, "budget": 0.08, "lr_scale": 4.0, "msteps": 2, "temperature": 4.0,
         "beta": 0.5, "gamma": 1.0, "forget_batch_size": None,
     }
 
