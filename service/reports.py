@@ -552,6 +552,22 @@ def _passed(value: Any) -> str:
     return "passed" if value is True else "failed" if value is False else DASH
 
 
+GUARD_OUTCOMES = {
+    "within": ("ended within the guard", "ok"),
+    "restored": ("went past the guard: its last state within it was kept", "warn"),
+    "input": ("went past the guard: the bin's input model was kept", "warn"),
+    "off": ("guard off", "info"),
+}
+
+
+def _guard_outcome(outcome) -> str:
+    """What the unlearner's accuracy guard did in one bin (docs/unlearning.md), as a badge."""
+    if outcome is None:
+        return DASH
+    text, kind = GUARD_OUTCOMES.get(str(outcome), (str(outcome), "info"))
+    return _badge(text, kind)
+
+
 def _badge(text: str, kind: str) -> str:
     return f'<span class="badge {kind}">{_esc(text)}</span>'
 
@@ -730,14 +746,17 @@ def _metrics(report: dict) -> str:
     bin_rows = []
     for b in (_dict(b) for b in _list(report.get("bins"))):
         b_before, b_after = _dict(b.get("before")), _dict(b.get("after"))
+        run = _dict(b.get("run"))
         bin_rows.append([
             _text(b.get("index")), _text(b.get("level")), _count(b.get("n")), _code(b.get("method")),
-            _json_code(b.get("hparams")), _seconds(b.get("seconds")),
+            _json_code(b.get("hparams")), _seconds(b.get("seconds")), _pct(run.get("cost_share")),
+            _guard_outcome(_dict(run.get("guard")).get("outcome")),
             _arrow(_pct(b_before.get("acc_forget")), _pct(b_after.get("acc_forget"))),
             _arrow(_pct(b_before.get("mia")), _pct(b_after.get("mia"))),
         ])
-    bins_html = (_table(["Bin", "Level", "Samples", "Unlearner", "Hyperparameters", "Time", "Forget accuracy",
-                         "MIA efficacy"], bin_rows, class_="bins") if bin_rows else "<p>No bins in this report.</p>")
+    bins_html = (_table(["Bin", "Level", "Samples", "Unlearner", "Hyperparameters", "Time", "Work (of training)",
+                         "Guard", "Forget accuracy", "MIA efficacy"], bin_rows, class_="bins")
+                 if bin_rows else "<p>No bins in this report.</p>")
     return (
         '<section id="metrics"><h2>Metrics</h2>'
         "<p>Accuracies on the forget set, the retain set (training data kept) and the test set; MIA efficacy is "
@@ -805,6 +824,7 @@ pre{background:#f6f8fa;border:1px solid #ddd;padding:10px;overflow:auto;font-siz
 padding:8px 12px}.warn{color:#9a3412}.muted,.note{color:#666}.note{font-size:13px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600}
 .ok{background:#dcfce7;color:#166534}.bad{background:#fee2e2;color:#991b1b}.info{background:#e0e7ff;color:#3730a3}
+.badge.warn{background:#fef3c7;color:#92400e}
 figure{margin:16px 0 28px}figure svg{max-width:100%;height:auto;display:block}
 figcaption{font-size:13px;color:#444;max-width:760px}
 footer{margin-top:40px;color:#888;font-size:12px}

@@ -365,3 +365,16 @@ def test_any_single_value_null_missing_or_mistyped_still_renders():
                 parent[path[-1]] = replacement
             page = render_html(report)
             assert page.count("<svg") == 4, (path, replacement)
+
+
+def test_each_bin_says_what_its_guard_did_and_how_much_work_it_spent():
+    report = make_report(reference=False)
+    outcomes = ("within", "restored", "input")
+    for b, outcome in zip(report["bins"], outcomes, strict=True):
+        b["run"] = {"cost_share": 0.04, "guard": {"outcome": outcome}}
+    html = render_html(report)
+    assert "Guard" in _headers(html, "bins") and "Work (of training)" in _headers(html, "bins")
+    assert "ended within the guard" in html
+    assert "its last state within it was kept" in html
+    assert "the bin&#x27;s input model was kept" in html
+    assert html.count("4.00%") >= 3
