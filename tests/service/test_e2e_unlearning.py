@@ -216,12 +216,11 @@ def test_cancel_a_running_job_publishes_nothing(stack, noisy, tmp_path):
 
 
 def test_a_failing_unlearner_fails_the_job_and_retries_its_requests_up_to_the_limit(stack, noisy, tmp_path):
-    """Gradient ascent at an absurd learning rate with its guard off: the weights blow up, the
+    """An unlearner with an absurd setting and its guard off: the weights blow up, the
     pipeline refuses to publish non-finite weights, the job fails with the reason, and the request
     goes back for the next batch until it took part in max_request_attempts (3) jobs."""
-    # unbounded ascent at the largest allowed rate with the guard off: the weights overflow
-    policy = {"method": "neggrad", "hparams": {"lr": 10.0, "epochs": 5, "batch_size": 16, "loss_bound": 1e30,
-                                               "max_retain_drop": None},
+    # an absurd L1 penalty with the guard off: one step of 1e30 per weight, and the weights overflow
+    policy = {"method": "l1_sparse", "hparams": {"alpha": 1e30, "steps": 3, "max_retain_drop": None},
               "batching": {"max_requests": 1, "max_wait_s": 3600}}
     with worker_process(stack.settings, tmp_path / "worker.log", **FAST), stack.client() as c:
         mid = _register(c, noisy, policy)
