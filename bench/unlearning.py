@@ -1,8 +1,8 @@
 """Every unlearner alone and inside RUM, against the retrain reference (ALGORITHMS §2, §4).
 
     python -m bench.unlearning --data data/digits.npz --mean 0.5 --std 0.5 --seeds 3
-    python -m bench.unlearning --data data/fashion_mnist.npz --mean 0.2860 --std 0.3530 \\
-        --arch small_cnn --epochs 30 --seeds 3 --json bench/results/unlearning_fashion.json
+    python -m bench.unlearning --data data/fashion_mnist_n3500_t2000.npz --mean 0.2860 --std 0.3530 \\
+        --arch small_cnn --epochs 40 --seeds 2 --calibrate --json bench/results/unlearning_fashion3500_mixed.json
     python -m bench.unlearning --data data/digits.npz --mean 0.5 --std 0.5 --scenario poisoned --fraction 0.03
 
 Scenarios (``--scenario``, alias ``--forget``; builders in :mod:`bench.scenarios`): ``mixed``
