@@ -419,7 +419,7 @@ def test_retain_guard_stops_a_runaway_ascent_and_restores_a_good_state(make_orig
     assert wrecked < before - 0.3
     assert unguarded.last_run["guard"] == {"outcome": "off"}
 
-    guarded = get_unlearner("neggrad", max_retain_drop=0.05, **reckless)
+    guarded = get_unlearner("neggrad", max_retain_drop=0.05, retries=0, **reckless)
     kept = accuracy(guarded.unlearn(make_original(), task, runtime), task.retain, runtime)
     guard = guarded.last_run["guard"]
     assert guard["outcome"] in ("restored", "input")
@@ -448,10 +448,23 @@ def test_every_method_comes_back_within_the_guard(name, make_original, task, run
     before = accuracy(make_original(), task.retain, runtime)
     unguarded = get_unlearner(name, max_retain_drop=None, **WRECKING[name])
     assert accuracy(unguarded.unlearn(make_original(), task, runtime), task.retain, runtime) < before - 0.1
-    guarded = get_unlearner(name, max_retain_drop=0.03, **WRECKING[name])
+    hp = {**WRECKING[name], **({} if name == "iau" else {"retries": 0})}  # the floor alone, no retry
+    guarded = get_unlearner(name, max_retain_drop=0.03, **hp)
     kept = accuracy(guarded.unlearn(make_original(), task, runtime), task.retain, runtime)
     assert guarded.last_run["guard"]["outcome"] in ("restored", "input"), guarded.last_run["guard"]
     assert kept >= before - 0.06  # 0.03 on a 256-row probe, plus its sampling error on the whole set
+
+
+def test_a_run_that_kept_nothing_is_retried_at_a_lower_rate(make_original, task, runtime):
+    """Too hot for this model: the first run keeps nothing within the guard, a retry at a quarter of
+    the rate (or a sixteenth) ends within it, and the run reports every rate it tried."""
+    u = get_unlearner("finetune", lr=3.0, epochs=2, momentum=0.0, max_retain_drop=0.03)
+    before = accuracy(make_original(), task.retain, runtime)
+    kept = accuracy(u.unlearn(make_original(), task, runtime), task.retain, runtime)
+    run = u.last_run
+    assert run["attempts"] >= 2 and run["lr_tried"][:2] == [3.0, 0.75]
+    assert run["guard"]["outcome"] in ("within", "restored") and kept >= before - 0.06
+    assert run["steps_total"] > run["steps_done"]  # the cost of every attempt is counted
 
 
 def test_guard_keeps_a_transient_dip_that_recovers(make_original, task, runtime):

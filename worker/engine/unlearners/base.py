@@ -10,7 +10,7 @@ with three hooks: which batches an epoch sees, the loss of a batch, and an optio
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -151,13 +151,16 @@ class LoopUnlearner(Unlearner):
 
     Every loop runs inside the :class:`RetainGuard` (``max_retain_drop``, on by default for every
     method): it ends within the limit, or returns the last state that was, or the input model, and
-    says which in ``last_run["guard"]``.
+    says which in ``last_run["guard"]``. A run that kept nothing within the limit was too hot for
+    this model (a learning rate that transfers badly from where the defaults were chosen): it is
+    run again from the input at a quarter of the learning rate, up to ``retries`` times (2 by
+    default); ``last_run`` lists the rates tried and the steps spent by all attempts.
     """
 
     defaults: ClassVar[dict[str, Any]] = {
         "budget": 0.03, "lr_scale": 0.5, "steps": None, "epochs": None, "lr": None, "batch_size": None,
         "optimizer": None, "momentum": 0.9, "weight_decay": None, "schedule": "cosine", "eta_min_frac": 0.0,
-        "max_retain_drop": 0.03,
+        "max_retain_drop": 0.03, "retries": 2,
     }
     #: Stop early after this many consecutive guard checks outside the limit (None: never early;
     #: the end of the run still restores the last state within it).
@@ -176,6 +179,7 @@ class LoopUnlearner(Unlearner):
         check_number(self.hp, "weight_decay", low=0, high=1, optional=True)
         check_number(self.hp, "eta_min_frac", low=0, high=1)
         check_number(self.hp, "max_retain_drop", low=0, low_open=True, high=1, optional=True)
+        check_number(self.hp, "retries", low=0, high=5, integer=True)
         check_choice(self.hp, "optimizer", (None, "sgd", "adam"))
         check_choice(self.hp, "schedule", ("constant", "cosine"))
 
@@ -243,11 +247,34 @@ class LoopUnlearner(Unlearner):
     def unlearn(
         self, model: nn.Module, task: UnlearningTask, runtime: Runtime, ctx: RunContext | None = None
     ) -> nn.Module:
-        gen = seed_everything(task.seed)
+        """Run the loop; if it ends with nothing within the guard (the input model back), run it
+        again from the input at a quarter of the learning rate, up to ``retries`` times."""
         model = runtime.prepare(model)
+        ctx = ctx or RunContext()
+        base_plan = self.resolve(task)
+        attempts = 1 + int(self.hp["retries"]) if self.hp.get("max_retain_drop") is not None else 1
+        steps_total, tried = 0, []
+        for attempt in range(attempts):
+            self.plan = replace(base_plan, lr=base_plan.lr * RETRY_LR_FACTOR**attempt)
+            part = ctx.sub(attempt / attempts, (attempt + 1) / attempts) if attempts > 1 else ctx
+            model, run = self._attempt(model, task, runtime, part)
+            steps_total += run["steps_done"]
+            tried.append(self.plan.lr)
+            if run["guard"]["outcome"] != "input":
+                break
+        run.update(attempts=len(tried), lr_tried=tried, steps_total=steps_total,
+                   cost_share=steps_total / max(base_plan.recipe_steps, 1))
+        self.last_run = run
+        if len(tried) < attempts:  # the attempts had slices of the progress bar; the work is done
+            ctx.report(1.0)
+        return model
+
+    def _attempt(self, model: nn.Module, task: UnlearningTask, runtime: Runtime,
+                 ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
+        """One run of the loop with ``self.plan``, inside the guard."""
+        gen = seed_everything(task.seed)
         # ``prepare`` may poll ``self._ctx.check()`` (it runs before the loop reports any progress).
-        self._task, self._ctx = task, ctx or RunContext()
-        self.plan, self._steps_done = self.resolve(task), 0
+        self._task, self._ctx, self._steps_done = task, ctx, 0
         plan = self.plan
         try:
             guard = None
@@ -267,11 +294,9 @@ class LoopUnlearner(Unlearner):
                 optimizer=opt, scheduler=sched, runtime=runtime, ctx=ctx, after_backward=self._count_step,
                 monitor=guard, monitor_every=every, max_steps=plan.steps,
             )
-            run: dict[str, Any] = {**plan.to_dict(), "steps_done": self._steps_done,
-                                   "cost_share": self._steps_done / max(plan.recipe_steps, 1)}
+            run: dict[str, Any] = {**plan.to_dict(), "steps_done": self._steps_done}
             run["guard"] = guard.finish() if guard is not None else {"outcome": "off"}
-            self.last_run = run
-            return model.eval()
+            return model.eval(), run
         finally:
             self._task = self._ctx = None
             self.finish()
@@ -280,6 +305,10 @@ class LoopUnlearner(Unlearner):
 def check_choice(hp: dict[str, Any], key: str, choices: tuple) -> None:
     if hp[key] not in choices:
         raise ConfigError(f"hyperparameters.{key}: must be one of {list(choices)}, got {hp[key]!r}")
+
+
+PROBE_ROWS = 256  # rows per guard probe (retain, holdout)
+RETRY_LR_FACTOR = 0.25  # a run that kept nothing within the guard is retried at this times its lr
 
 
 class RetainGuard:
@@ -300,9 +329,10 @@ class RetainGuard:
     """
 
     def __init__(self, model: nn.Module, retain: View, runtime: Runtime, max_drop: float, *,
-                 probe_size: int = 256, seed: int = 0, reference: nn.Module | None = None,
+                 probe_size: int | None = None, seed: int = 0, reference: nn.Module | None = None,
                  patience: int | None = 4, holdout: View | None = None):
         self.model, self.runtime, self.max_drop, self.patience = model, runtime, max_drop, patience
+        probe_size = probe_size or PROBE_ROWS
         self.probes = [_probe(retain, probe_size, seed)]
         if holdout is not None and len(holdout):
             self.probes.append(_probe(holdout, probe_size, seed + 1))
