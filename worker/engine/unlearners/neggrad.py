@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..training import frozen_norm_stats
 from .base import LoopUnlearner, check_number, register
 
 
@@ -38,7 +39,8 @@ class NegGrad(LoopUnlearner):
         return task.forget.batches(self.batch_size, shuffle=True, generator=gen)
 
     def loss(self, model, x, batch, epoch):
-        logits = model(x)
+        with frozen_norm_stats(model):  # forget rows do not move the running statistics (training.py)
+            logits = model(x)
         return -bounded_ce(logits, batch.y.to(logits.device), self.hp["loss_bound"])
 
 

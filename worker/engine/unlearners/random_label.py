@@ -10,11 +10,14 @@ classes. Batches carry ``forget`` (True for relabeled rows).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from ..data import View, concat
 from ..errors import ConfigError
+from ..training import frozen_norm_stats
 from .base import LoopUnlearner, register
 
 LABEL_MODES = ("any", "wrong")
@@ -53,5 +56,8 @@ class RandomLabel(LoopUnlearner):
             yield b
 
     def loss(self, model, x, batch, epoch):
-        logits = model(x)
+        forget_only = batch.forget is not None and bool(batch.forget.all())  # SalUn's forget pass
+        # forget rows alone do not move the running statistics (training.py)
+        with frozen_norm_stats(model) if forget_only else contextlib.nullcontext():
+            logits = model(x)
         return F.cross_entropy(logits, batch.y.to(logits.device))

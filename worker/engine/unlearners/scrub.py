@@ -16,11 +16,13 @@ min pass, and the run stops when its step budget is spent, wherever that falls.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
 
+from ..training import frozen_norm_stats
 from .base import LoopUnlearner, check_number, register
 
 
@@ -62,11 +64,14 @@ class Scrub(LoopUnlearner):
         yield from task.retain.batches(self.batch_size, shuffle=True, generator=gen)
 
     def loss(self, model, x, batch, epoch):
-        logits = model(x)
+        max_step = batch.forget is not None and bool(batch.forget.all())
+        # forget rows do not move the running statistics (training.py)
+        with frozen_norm_stats(model) if max_step else contextlib.nullcontext():
+            logits = model(x)
         with torch.no_grad():
             teacher = self._teacher(x)
         kl = distill_kl(logits, teacher, float(self.hp["temperature"]))
-        if batch.forget is not None and bool(batch.forget.all()):
+        if max_step:
             return -kl
         ce = F.cross_entropy(logits, batch.y.to(logits.device))
         return float(self.hp["gamma"]) * ce + float(self.hp["beta"]) * kl
