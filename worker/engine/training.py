@@ -124,8 +124,7 @@ def frozen_norm_stats(model: nn.Module):
 
     [Ours] Unlearners that forward forget-only batches (ascent, max-steps, relabeled forget passes)
     would otherwise pull the running statistics, which the model is evaluated with, towards a few
-    hundred atypical rows: on Fashion-MNIST that alone took held-out accuracy down 40 points in the
-    first steps of NegGrad+, at any learning rate. The reference code lets them move.
+    hundred atypical rows the model will not be trained on again. The reference code lets them move.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [m.momentum for m in norms]
