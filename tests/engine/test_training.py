@@ -95,18 +95,3 @@ def test_progress_and_cancellation(digits, runtime):
         train_model(_model(digits), digits.view("train"), TrainConfig(epochs=3), runtime=runtime,
                     ctx=RunContext(cancel_requested=cancel_after_five, stage="training"))
     assert calls["n"] == 6  # stopped at the next batch, not at the end of the run
-
-
-def test_frozen_norm_stats_keep_running_statistics_and_batch_statistics():
-    from torch import nn
-
-    from worker.engine.training import frozen_norm_stats
-
-    bn = nn.BatchNorm1d(3).train()
-    x = torch.randn(16, 3) * 5 + 2
-    with frozen_norm_stats(bn):
-        y = bn(x)
-    assert torch.equal(bn.running_mean, torch.zeros(3)) and bn.momentum == 0.1  # untouched, restored
-    assert torch.allclose(y.mean(0), torch.zeros(3), atol=1e-5)  # normalized by the batch's own statistics
-    bn(x)
-    assert not torch.equal(bn.running_mean, torch.zeros(3))  # outside, they move as usual

@@ -8,7 +8,6 @@ and the ``after_backward`` hook the method passes in.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -115,26 +114,6 @@ def fit(
         ctx.report((epoch + 1) / max(epochs, 1))
     model.eval()
     return model
-
-
-@contextlib.contextmanager
-def frozen_norm_stats(model: nn.Module):
-    """Forward passes inside keep BatchNorm's running statistics as they are (batch statistics are
-    still used in train mode): momentum 0 for the duration.
-
-    [Ours] Unlearners that forward forget-only batches (ascent, max-steps, relabeled forget passes)
-    would otherwise pull the running statistics, which the model is evaluated with, towards a few
-    hundred atypical rows the model will not be trained on again. The reference code lets them move.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved, strict=True):
-            m.momentum = momentum
 
 
 def gradient_restriction(model: nn.Module, loss: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -21,7 +21,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..training import frozen_norm_stats
 from .base import LoopUnlearner, check_number, register
 
 
@@ -39,8 +38,7 @@ class NegGrad(LoopUnlearner):
         return task.forget.batches(self.batch_size, shuffle=True, generator=gen)
 
     def loss(self, model, x, batch, epoch):
-        with frozen_norm_stats(model):  # forget rows do not move the running statistics (training.py)
-            logits = model(x)
+        logits = model(x)
         return -bounded_ce(logits, batch.y.to(logits.device), self.hp["loss_bound"])
 
 

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Batch, View
-from ..training import frozen_norm_stats
 from .base import LoopUnlearner, check_number, register
 from .neggrad import bounded_ce
 
@@ -63,6 +62,5 @@ class NegGradPlus(LoopUnlearner):
             return a * F.cross_entropy(model(x), y)
         f = batch.forget.to(x.device)
         retain_loss = F.cross_entropy(model(x[~f]), y[~f])
-        with frozen_norm_stats(model):  # forget rows do not move the running statistics (training.py)
-            forget_loss = bounded_ce(model(x[f]), y[f], self.hp["loss_bound"])
+        forget_loss = bounded_ce(model(x[f]), y[f], self.hp["loss_bound"])
         return a * retain_loss - (1 - a) * forget_loss

@@ -10,14 +10,11 @@ classes. Batches carry ``forget`` (True for relabeled rows).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from ..data import View, concat
 from ..errors import ConfigError
-from ..training import frozen_norm_stats
 from .base import LoopUnlearner, register
 
 LABEL_MODES = ("any", "wrong")
@@ -56,8 +53,5 @@ class RandomLabel(LoopUnlearner):
             yield b
 
     def loss(self, model, x, batch, epoch):
-        forget_only = batch.forget is not None and bool(batch.forget.all())  # SalUn's forget pass
-        # forget rows alone do not move the running statistics (training.py)
-        with frozen_norm_stats(model) if forget_only else contextlib.nullcontext():
-            logits = model(x)
+        logits = model(x)
         return F.cross_entropy(logits, batch.y.to(logits.device))

@@ -16,13 +16,11 @@ min pass, and the run stops when its step budget is spent, wherever that falls.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 import torch.nn.functional as F
 
-from ..training import frozen_norm_stats
 from .base import LoopUnlearner, check_number, register
 
 
@@ -64,14 +62,11 @@ class Scrub(LoopUnlearner):
         yield from task.retain.batches(self.batch_size, shuffle=True, generator=gen)
 
     def loss(self, model, x, batch, epoch):
-        max_step = batch.forget is not None and bool(batch.forget.all())
-        # forget rows do not move the running statistics (training.py)
-        with frozen_norm_stats(model) if max_step else contextlib.nullcontext():
-            logits = model(x)
+        logits = model(x)
         with torch.no_grad():
             teacher = self._teacher(x)
         kl = distill_kl(logits, teacher, float(self.hp["temperature"]))
-        if max_step:
+        if batch.forget is not None and bool(batch.forget.all()):
             return -kl
         ce = F.cross_entropy(logits, batch.y.to(logits.device))
         return float(self.hp["gamma"]) * ce + float(self.hp["beta"]) * kl
