@@ -5,7 +5,7 @@ tensors) and returns a :class:`Scenario`: the data the *original* model is train
 for ``mislabeled`` and ``poisoned``), the forget rows, a description dict for the JSON rows and,
 for ``poisoned``, the triggered test view and :meth:`Scenario.asr`.
 
-* ``mixed`` — RUM's mixed forget set (§4.1): equal parts high / mid / low memorization by the
+* ``mixed`` — RUM's mixed forget set (docs/benchmarks.md): equal parts high / mid / low memorization by the
   proxy of the original (:func:`worker.engine.refine.build_forget_set`). The data is unchanged;
   the forget rows depend on the trained original, so the builder takes the proxy values.
 * ``random`` — the same number of rows, drawn uniformly.

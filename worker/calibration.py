@@ -80,7 +80,6 @@ class _CalibrationTracker(_Tracker):
 def run_calibration(ctx: WorkerContext, job_id: int, *, worker_name: str | None = None) -> str | None:
     """Run calibration job ``job_id`` to its end; return its final status, or None if this call did
     nothing (not claimable: running elsewhere, finished, or waiting for an older job of its model)."""
-    from worker.engine.errors import Cancelled
 
     worker_name = worker_name or jobs.default_worker_name()
     claim = jobs._claim(ctx, job_id, worker_name, kind="calibration")
@@ -90,33 +89,7 @@ def run_calibration(ctx: WorkerContext, job_id: int, *, worker_name: str | None 
         return None
     log.info("calibration job %s: claimed by %s (attempt %d)", job_id, worker_name, claim.token)
     tr = _CalibrationTracker(ctx, claim)
-    try:
-        if claim.cancel_requested:
-            return jobs._cancel(ctx, tr, "canceled before it started", started=False)
-        tr.start_heartbeat()
-        return _execute(ctx, tr)
-    except _Lost:
-        log.warning("calibration job %s: lost to another worker; stopping", job_id)
-        return None
-    except Cancelled as exc:
-        try:
-            return jobs._cancel(ctx, tr, str(exc))
-        except _Lost:
-            return None
-        except Exception:
-            log.exception("calibration job %s: could not record the cancellation", job_id)
-            return None
-    except Exception as exc:
-        log.exception("calibration job %s failed during %s", job_id, tr.stage)
-        try:
-            return jobs._fail(ctx, tr, exc)
-        except _Lost:
-            return None
-        except Exception:
-            log.exception("calibration job %s: could not record the failure", job_id)
-            return None
-    finally:
-        tr.stop_heartbeat()
+    return jobs.run_claimed(ctx, tr, _execute, f"calibration job {job_id}")
 
 
 def _execute(ctx: WorkerContext, tr: _CalibrationTracker) -> str:

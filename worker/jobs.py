@@ -101,7 +101,6 @@ class _Lost(Exception):
 def run_job(ctx: WorkerContext, job_id: int, *, worker_name: str | None = None) -> str | None:
     """Run job ``job_id`` to its end; return its final status, or None if this call did nothing
     (not claimable: running elsewhere or finished; or lost to a takeover while running)."""
-    from worker.engine.errors import Cancelled
 
     worker_name = worker_name or default_worker_name()
     claim = _claim(ctx, job_id, worker_name)
@@ -120,13 +119,23 @@ def run_job(ctx: WorkerContext, job_id: int, *, worker_name: str | None = None) 
         except Exception:  # never fail a published job: the next delivery after job_stale_after_s tries again
             log.exception("job %s: could not finish the bookkeeping of version %s", job_id, claim.published)
             return None
+    return run_claimed(ctx, tracker, _execute, f"job {job_id}")
+
+
+def run_claimed(ctx: WorkerContext, tracker: _Tracker, execute, label: str) -> str | None:
+    """Run ``execute(ctx, tracker)`` for a claimed job with its heartbeat; a cancellation or an error
+    is recorded on the job (never re-raised: the task must be acknowledged); a run that lost the job
+    to another worker stops without writing. Shared by deletion and calibration jobs."""
+    from worker.engine.errors import Cancelled
+
     try:
-        if claim.cancel_requested:
+        if tracker.claim.cancel_requested:
             return _cancel(ctx, tracker, "canceled before it started", started=False)
         tracker.start_heartbeat()
-        return _execute(ctx, tracker)
+        return execute(ctx, tracker)
     except _Lost:
-        log.warning("job %s: lost to another worker (attempt %d is no longer current); stopping", job_id, claim.token)
+        log.warning("%s: lost to another worker (attempt %d is no longer current); stopping", label,
+                    tracker.claim.token)
         return None
     except Cancelled as exc:
         try:
@@ -134,16 +143,16 @@ def run_job(ctx: WorkerContext, job_id: int, *, worker_name: str | None = None) 
         except _Lost:
             return None
         except Exception:
-            log.exception("job %s: could not record the cancellation", job_id)
+            log.exception("%s: could not record the cancellation", label)
             return None
     except Exception as exc:
-        log.exception("job %s failed during %s", job_id, tracker.stage)
+        log.exception("%s failed during %s", label, tracker.stage)
         try:
             return _fail(ctx, tracker, exc)
         except _Lost:
             return None
         except Exception:
-            log.exception("job %s: could not record the failure", job_id)
+            log.exception("%s: could not record the failure", label)
             return None
     finally:
         tracker.stop_heartbeat()

@@ -127,7 +127,7 @@ class PlainConfig:
 
 Policy = PlainConfig | RumConfig
 
-# Default RUM pipeline: the paper's "nothing – Fine-tune – SalUn" (`main_rum.py`, §4.3), with
+# Default RUM pipeline: the paper's "nothing – Fine-tune – SalUn" (`main_rum.py` in the RUM code), with
 # budgets relative to the original's recipe (worker/engine/recipe.py): low = the bottom 55% of the
 # training set's proxy distribution (left as is: a retrain predicts these rows as the original
 # does), mid = the 55th–92nd percentile (a light fine-tune: 1% of the original's steps at 0.35 of

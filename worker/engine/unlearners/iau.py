@@ -14,7 +14,7 @@ IAU is meant for models trained with its gradient-restriction penalty
 (``TrainConfig(gr_alpha=0.005)``, :func:`~worker.engine.training.gradient_restriction`), which
 bounds per-sample gradients so that one step approximates removal; the paper reports that it
 works better on such models, and on models trained without it (what the service usually
-receives) expect weaker results (§6.2 notes). On digits the earlier epoch-based search of the
+receives) expect weaker results. On digits the earlier epoch-based search of the
 defaults measured no clear gain (small_cnn width 32, 2 seeds: score 0.982 plain vs 0.986
 GR-trained at lr 3e-4 × 1 step; best over an lr × steps grid 0.989 plain vs 0.987 GR) — digits
 may be too easy to show it.
