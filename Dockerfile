@@ -29,10 +29,10 @@ COPY worker ./worker
 COPY bench ./bench
 COPY migrations ./migrations
 # Editable install of the project: `unlearnd migrate` finds the Alembic scripts beside the packages
-# (service/migrate.py: <repo>/migrations), and a built wheel does not carry migrations/.
+# (service/core/migrate.py: <repo>/migrations), and a built wheel does not carry migrations/.
 # The check fails the build if pip replaced torch or the migrations cannot be found.
 RUN pip install -e . \
- && python -c "import torch, service.migrate as m; \
+ && python -c "import torch, service.core.migrate as m; \
 assert torch.__version__.startswith('${TORCH_VERSION}'), torch.__version__; \
 assert m.MIGRATIONS.is_dir(), m.MIGRATIONS; print('torch', torch.__version__)"
 

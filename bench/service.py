@@ -121,9 +121,9 @@ def _register(c: httpx.Client, files: dict, name: str, policy: dict, db_url: str
                                        "architecture": json.dumps(files["architecture"]), "policy": json.dumps(policy)},
                    files={"weights": ("weights.safetensors", w), "events": ("events.npz", e)}).json()
     if db_url:  # no worker in the acceptance run: mark version 1 ready as the registration task would
-        from service.db import Database
-        from service.models import ModelVersion
-        from service.repo.models import finish_registration
+        from service.core.db import Database
+        from service.core.models import ModelVersion
+        from service.core.repo.models import finish_registration
 
         db = Database(db_url)
         with db.transaction() as s:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from service.db import make_engine
-from service.models import Base
+from service.core.db import make_engine
+from service.core.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -95,7 +95,7 @@ def _settings(args: argparse.Namespace):
     """Settings from the environment, with ``--data-dir`` exported so child processes agree."""
     if getattr(args, "data_dir", None) is not None:
         os.environ["UNLEARND_DATA_DIR"] = str(args.data_dir.resolve())
-    from .settings import Settings
+    from service.core.settings import Settings
 
     settings = Settings()
     os.environ["UNLEARND_DATA_DIR"] = str(settings.data_dir.resolve())
@@ -104,7 +104,7 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_migrate(args) -> int:
-    from .migrate import head_revision, upgrade
+    from service.core.migrate import head_revision, upgrade
 
     settings = _settings(args)
     upgrade(settings.db_url)
@@ -115,8 +115,8 @@ def cmd_migrate(args) -> int:
 def cmd_keys_create(args) -> int:
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    from .auth import create_key
-    from .db import Database
+    from service.core.auth import create_key
+    from service.core.db import Database
 
     settings = _settings(args)
     db = Database(settings.db_url)
@@ -167,7 +167,7 @@ def cmd_api(args) -> int:
     import uvicorn
 
     _settings(args)
-    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+    uvicorn.run("service.api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
                 log_level="info")
     return 0
 
@@ -208,8 +208,8 @@ class WorkerSupervisor:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from .app import create_app
-    from .migrate import upgrade
+    from service.api.app import create_app
+    from service.core.migrate import upgrade
 
     settings = _settings(args)
     upgrade(settings.db_url)
@@ -241,7 +241,7 @@ def _prog() -> str:
 
 
 def cmd_demo(args) -> int:
-    from .demo import DemoError, embedded_service, make_key, run_demo
+    from service.demo import DemoError, embedded_service, make_key, run_demo
 
     args.out.mkdir(parents=True, exist_ok=True)
     try:

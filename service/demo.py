@@ -65,9 +65,9 @@ def embedded_service(data_dir: Path, port: int | None, log: Path):
 
 def make_key(data_dir: Path, tenant: str) -> str:
     os.environ["UNLEARND_DATA_DIR"] = str(data_dir.resolve())
-    from .auth import create_key
-    from .db import Database
-    from .settings import Settings
+    from service.core.auth import create_key
+    from service.core.db import Database
+    from service.core.settings import Settings
 
     db = Database(Settings().db_url)
     try:

@@ -16,6 +16,10 @@ from worker.engine.runtime import Runtime
 from worker.engine.sample_data import digits_arrays
 from worker.engine.training import TrainConfig, train_model
 
+# The service fixtures (real HTTP, databases, brokers and worker processes) for tests/api, core,
+# worker and e2e.
+pytest_plugins = ["tests.servicekit"]
+
 
 @pytest.fixture(scope="session")
 def runtime() -> Runtime:

@@ -256,7 +256,7 @@ def test_dockerfile_installs_torch_first_from_a_selectable_index():
 
 
 def test_dockerfile_image_can_migrate():
-    """`unlearnd migrate` reads <repo>/migrations (service/migrate.py), which a wheel leaves out unless packaged:
+    """`unlearnd migrate` reads <repo>/migrations (service/core/migrate.py), which a wheel leaves out unless packaged:
     the image must copy migrations/ and install the project editable (or the project must package them)."""
     instructions = dockerfile_instructions()
     copies = [rest.split() for keyword, rest in instructions if keyword == "COPY"]

@@ -29,12 +29,12 @@ import logging
 
 from sqlalchemy import select
 
-from service.db import ensure_optuna_schema
-from service.models import Dataset, ForgottenSample, Model
-from service.policy import CALIBRATION_SCHEMA, Policy, payback, with_unlearning
-from service.repo import audit
-from service.repo import models as model_repo
-from service.repo.common import iso
+from service.core.db import ensure_optuna_schema
+from service.core.models import Dataset, ForgottenSample, Model
+from service.core.policy import CALIBRATION_SCHEMA, Policy, payback, with_unlearning
+from service.core.repo import audit
+from service.core.repo import models as model_repo
+from service.core.repo.common import iso
 
 from . import jobs
 from .context import WorkerContext

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache, cached_property
 
-from service.artifacts import LocalArtifactStore
-from service.db import Database
-from service.dispatch import Dispatcher
-from service.settings import Settings
+from service.core.artifacts import LocalArtifactStore
+from service.core.db import Database
+from service.core.dispatch import Dispatcher
+from service.core.settings import Settings
 
 
 @dataclass

@@ -49,7 +49,7 @@ import numpy as np
 from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from service.models import (
+from service.core.models import (
     Dataset,
     DeletionRequest,
     DeletionRequestSample,
@@ -60,11 +60,11 @@ from service.models import (
     ModelVersion,
     utcnow,
 )
-from service.policy import Policy
-from service.repo import audit
-from service.repo import models as model_repo
-from service.repo.common import iso
-from service.repo.deletions import ERASURE_DEADLINE
+from service.core.policy import Policy
+from service.core.repo import audit
+from service.core.repo import models as model_repo
+from service.core.repo.common import iso
+from service.core.repo.deletions import ERASURE_DEADLINE
 
 from . import proxy_cache, registration
 from .context import WorkerContext

@@ -37,7 +37,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from service.models import ModelVersion, ProxyCacheEntry
+from service.core.models import ModelVersion, ProxyCacheEntry
 from worker.engine.catalog import NEEDS_EVENTS, PROXY_ALIASES
 
 from .context import WorkerContext

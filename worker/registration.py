@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import time
 
-from service.models import Model, ModelVersion
-from service.policy import Policy
-from service.repo import models as model_repo
+from service.core.models import Model, ModelVersion
+from service.core.policy import Policy
+from service.core.repo import models as model_repo
 
 from .context import WorkerContext
 

@@ -12,12 +12,12 @@ import socket
 from celery.signals import worker_init
 from sqlalchemy import select
 
-from service import batching
-from service.models import Job, ModelVersion, utcnow
-from service.repo import models as model_repo
-from service.settings import Settings
+from service.core import batching
+from service.core.celery_app import REGISTER_VERSION, RUN_CALIBRATION, RUN_JOB, SWEEP, make_celery, task_for_kind
+from service.core.models import Job, ModelVersion, utcnow
+from service.core.repo import models as model_repo
+from service.core.settings import Settings
 
-from .celery_app import REGISTER_VERSION, RUN_CALIBRATION, RUN_JOB, SWEEP, make_celery, task_for_kind
 from .context import worker_context
 from .registration import validate_version
 

@@ -52,7 +52,7 @@ def upgrade() -> None:
 
     # Revision 1 of every model registered before: its policy as registered. A model whose policy
     # says how to unlearn (a plain method, hparams, RUM bins or cut points) is pinned
-    # (service/policy.py, is_pinned: the rule is repeated here so that the migration stays fixed).
+    # (service/core/policy.py, is_pinned: the rule is repeated here so that the migration stays fixed).
     op.execute(sa.text("INSERT INTO policy_revisions (model_id, revision, policy, source, applied, created_at) "
                        "SELECT id, 1, policy, 'registration', :applied, created_at FROM models")
                .bindparams(sa.bindparam("applied", True, type_=sa.Boolean())))

@@ -1,0 +1,174 @@
+"""Deletion requests, batching (flush), jobs and their reports."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import select
+
+from service.api.deps import Auth, Ctx
+from service.api.pagination import paginate, parse_page
+from service.api.problems import Problem, bad_field
+from service.core import batching
+from service.core.models import DeletionRequest, ForgottenSample, Job, ModelVersion
+from service.core.policy import CALIBRATION_SCHEMA
+from service.core.repo import datasets, deletions, jobs, models
+
+router = APIRouter(tags=["deletions"])
+
+
+class DeletionRequestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sample_ids: list[str | int] = Field(min_length=1, max_length=deletions.MAX_SAMPLES_PER_REQUEST,
+                                        description="ids from the dataset's ids_train")
+    reason: Literal[deletions.REASONS]  # type: ignore[valid-type]
+    subject_ref: str | None = Field(None, min_length=1, max_length=512,
+                                    description="pseudonymous subject reference; only its hash is stored")
+
+    @field_validator("sample_ids")
+    @classmethod
+    def _ids(cls, v: list[str | int]) -> list[str | int]:
+        if any(isinstance(s, bool) or (isinstance(s, str) and not s) for s in v):
+            raise ValueError("sample ids must be non-empty strings or integers")
+        return v
+
+
+@router.post("/v1/models/{model_id}/deletion-requests", status_code=202,
+             summary="Ask a model to forget samples (committed before the answer; batched into a job)")
+def create_deletion_request(ctx: Ctx, caller: Auth, model_id: int, body: DeletionRequestIn,
+                            idempotency_key: Annotated[str | None, Header(max_length=255)] = None):
+    sample_ids = [str(s) for s in body.sample_ids]
+    fp = deletions.fingerprint(model_id, sample_ids, body.reason, body.subject_ref)
+    if idempotency_key is not None and not idempotency_key.strip():
+        raise bad_field("Idempotency-Key", "must not be empty", status=400)
+    replayed = False
+    with ctx.db.transaction() as session:
+        model = models.get(session, caller, model_id)
+        existing = None
+        if idempotency_key:
+            deletions.lock_idempotency_key(session, caller, idempotency_key)
+            existing = deletions.by_idempotency_key(session, caller, idempotency_key)
+        if existing is not None:
+            req, replayed = deletions.replay(existing, fp), True
+        else:
+            req = deletions.create(session, caller, model, sample_ids=sample_ids, reason=body.reason,
+                                   subject_ref=body.subject_ref, idempotency_key=idempotency_key, fp=fp)
+        out = deletions.render(session, req)
+    if not replayed and out["status"] == "received":
+        with ctx.db.session() as session:
+            due = batching.maybe_due(session, model_id)
+        if due and batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id) is not None:
+            with ctx.db.session() as session:
+                out = deletions.render(session, deletions.get(session, caller, out["id"]))
+    headers = {"Location": out["links"]["self"], "Retry-After": "5"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(out, status_code=202, headers=headers)
+
+
+@router.get("/v1/deletion-requests/{request_id}", summary="A deletion request: status, job, resulting version")
+def get_deletion_request(ctx: Ctx, caller: Auth, request_id: int):
+    with ctx.db.session() as session:
+        return deletions.render(session, deletions.get(session, caller, request_id))
+
+
+@router.get("/v1/models/{model_id}/deletion-requests", summary="A model's deletion requests")
+def list_deletion_requests(ctx: Ctx, caller: Auth, model_id: int, status: str | None = None,
+                           max_results: Annotated[int | None, Query()] = None, page_token: str | None = None):
+    page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
+    with ctx.db.session() as session:
+        models.get(session, caller, model_id)
+        return paginate(session, deletions.query(caller, model_id, status), DeletionRequest.id, page,
+                        lambda r: deletions.render(session, r))
+
+
+@router.post("/v1/models/{model_id}/flush", status_code=202, summary="Batch what is pending now into a job")
+def flush(ctx: Ctx, caller: Auth, model_id: int):
+    with ctx.db.session() as session:
+        models.get(session, caller, model_id)
+    job = batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id, force=True)
+    with ctx.db.session() as session:
+        if job is None:
+            active = session.scalar(select(Job).where(Job.model_id == model_id, Job.status.in_(batching.ACTIVE_JOB)))
+            return JSONResponse({"job": jobs.render(active) if active else None, "created": False,
+                                 "detail": "a job is active: pending requests go into the next batch" if active
+                                 else "nothing pending"}, status_code=202)
+        out = jobs.render(session.get(Job, job.id))
+    return JSONResponse({"job": out, "created": True}, status_code=202, headers={"Location": out["links"]["self"]})
+
+
+@router.get("/v1/jobs/{job_id}", summary="A job: status, stage, progress, timings, error")
+def get_job(ctx: Ctx, caller: Auth, job_id: int):
+    with ctx.db.session() as session:
+        return jobs.render(jobs.get(session, caller, job_id))
+
+
+@router.get("/v1/models/{model_id}/jobs", summary="A model's jobs")
+def list_jobs(ctx: Ctx, caller: Auth, model_id: int, status: str | None = None,
+              kind: Annotated[Literal["deletion", "calibration"] | None, Query()] = None,
+              max_results: Annotated[int | None, Query()] = None, page_token: str | None = None):
+    page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
+    with ctx.db.session() as session:
+        models.get(session, caller, model_id)
+        return paginate(session, jobs.query(caller, model_id, status, kind), Job.id, page, jobs.render)
+
+
+@router.post("/v1/jobs/{job_id}/cancel", status_code=202, summary="Cancel a job (it publishes nothing)")
+def cancel_job(ctx: Ctx, caller: Auth, job_id: int):
+    with ctx.db.transaction() as session:
+        return JSONResponse(jobs.render(jobs.cancel(session, caller, job_id)), status_code=202)
+
+
+def _report(ctx, caller, job_id: int) -> dict:
+    with ctx.db.session() as session:
+        job = jobs.get(session, caller, job_id)
+        sha, status = job.report_sha256, job.status
+    if sha is None:
+        raise Problem(404, "No report", f"job {job_id} is {status}: a report exists once it succeeded",
+                      kind="report-not-ready")
+    with ctx.store.open(sha) as f:
+        return json.load(f)
+
+
+@router.get("/v1/jobs/{job_id}/report", summary="The job's audit report (JSON)")
+def get_report(ctx: Ctx, caller: Auth, job_id: int):
+    return _report(ctx, caller, job_id)
+
+
+@router.get("/v1/jobs/{job_id}/report.html", summary="The job's audit report as a self-contained page",
+            response_class=HTMLResponse)
+def get_report_html(ctx: Ctx, caller: Auth, job_id: int):
+    from service.api.reports import render_calibration_html, render_html
+
+    report = _report(ctx, caller, job_id)
+    if report.get("schema") == CALIBRATION_SCHEMA:
+        return HTMLResponse(render_calibration_html(report))
+    return HTMLResponse(render_html(report))
+
+
+@router.get("/v1/models/{model_id}/samples/{sample_id}",
+            summary="Which versions of a model still contain a training sample")
+def sample_status(ctx: Ctx, caller: Auth, model_id: int, sample_id: str):
+    with ctx.db.session() as session:
+        model = models.get(session, caller, model_id)
+        row = datasets.sample_row(session, model.dataset_id, sample_id)
+        if row is None:
+            raise Problem(404, "Not found", f"sample {sample_id!r} is not in model {model_id}'s training set",
+                          kind="not-found")
+        gone = session.get(ForgottenSample, (model_id, row))
+        versions = list(session.scalars(select(ModelVersion.version).where(ModelVersion.model_id == model_id)
+                                        .order_by(ModelVersion.version)))
+        requests = list(session.scalars(
+            select(DeletionRequest.id).join(deletions.DeletionRequestSample,
+                                            deletions.DeletionRequestSample.request_id == DeletionRequest.id)
+            .where(DeletionRequest.model_id == model_id, deletions.DeletionRequestSample.row == row)
+            .order_by(DeletionRequest.id)))
+    return {"model_id": model_id, "sample_id": sample_id, "forgotten": gone is not None,
+            "forgotten_in_version": gone.version if gone else None, "forgotten_by_job": gone.job_id if gone else None,
+            "versions_containing": [v for v in versions if gone is None or v < gone.version],
+            "deletion_requests": requests}

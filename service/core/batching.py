@@ -1,0 +1,131 @@
+"""Batching: pending deletion requests of one model are claimed atomically into one job.
+
+A batch is claimed when ``batching.max_requests`` requests are pending, when the oldest waited
+``batching.max_wait_s``, or on ``POST /v1/models/{id}/flush``. One job per model runs at a time:
+a model with a queued or running job (a deletion job or a calibration) claims nothing (its requests
+wait for the next batch, which the worker claims when the job ends, or the sweeper). A calibration
+requested while a deletion job runs is queued and starts when that job ends (``next_job``): a
+calibration job only runs as the oldest active job of its model (worker/calibration.py).
+On PostgreSQL the model row is locked and the pending requests are taken with
+``FOR UPDATE SKIP LOCKED``; SQLite has a single writer (``BEGIN IMMEDIATE``), which serializes claims the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import Session
+
+from service.core.db import is_postgres
+from service.core.models import DeletionRequest, DeletionRequestSample, Job, Model, ModelVersion, utcnow
+from service.core.repo import audit
+
+ACTIVE_JOB = ("queued", "running")
+
+
+def _aware(ts: dt.datetime) -> dt.datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
+
+
+def has_new_samples():
+    """A request with at least one sample not already covered by earlier work."""
+    return exists().where(DeletionRequestSample.request_id == DeletionRequest.id,
+                          DeletionRequestSample.linked_request_id.is_(None))
+
+
+def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datetime | None = None) -> Job | None:
+    """Claim the model's pending requests into a new ``queued`` job, if a batch is due; in the
+    caller's transaction. Returns the job, or None (nothing pending, not due, or a job active)."""
+    now = now or utcnow()
+    pg = is_postgres(session)
+    q = select(Model).where(Model.id == model_id)
+    model = session.scalar(q.with_for_update(of=Model) if pg else q)
+    if model is None:
+        return None
+    if session.scalar(select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_JOB)).limit(1)):
+        return None
+    if not session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model_id,
+                                                        ModelVersion.status == "ready").limit(1)):
+        return None  # nothing to unlearn from yet
+    pending_q = (select(DeletionRequest).where(DeletionRequest.model_id == model_id,
+                                               DeletionRequest.status == "received", has_new_samples())
+                 .order_by(DeletionRequest.id))
+    pending = list(session.scalars(pending_q.with_for_update(skip_locked=True) if pg else pending_q))
+    if not pending:
+        return None
+    batching = model.policy.get("batching", {})
+    max_requests = int(batching.get("max_requests", 32))
+    max_wait = float(batching.get("max_wait_s", 60.0))
+    oldest = _aware(pending[0].created_at)
+    due = force or len(pending) >= max_requests or (now - oldest).total_seconds() >= max_wait
+    if not due:
+        return None
+    ids = [r.id for r in pending]
+    n_forget = session.scalar(select(func.count(func.distinct(DeletionRequestSample.row))).where(
+        DeletionRequestSample.request_id.in_(ids), DeletionRequestSample.linked_request_id.is_(None)))
+    job = Job(tenant_id=model.tenant_id, model_id=model_id, kind="deletion", status="queued", policy=model.policy,
+              policy_revision=model.policy_revision, n_requests=len(ids), n_forget=int(n_forget or 0))
+    session.add(job)
+    session.flush()
+    session.execute(update(DeletionRequest).where(DeletionRequest.id.in_(ids))
+                    .values(status="batched", job_id=job.id, updated_at=now))
+    audit.record(session, model.tenant_id, "batcher", "job.created", f"job:{job.id}",
+                 {"model_id": model_id, "requests": ids, "n_forget": job.n_forget,
+                  "trigger": "flush" if force else "batch", "policy_revision": model.policy_revision})
+    return job
+
+
+def maybe_due(session: Session, model_id: int, now: dt.datetime | None = None) -> bool:
+    """A cheap, lock-free look: could a batch be due now? (``claim`` decides under the lock.) Keeps
+    the per-model lock off the hot path of accepting requests."""
+    now = now or utcnow()
+    policy = session.scalar(select(Model.policy).where(Model.id == model_id)) or {}
+    batching = policy.get("batching", {})
+    n, oldest = session.execute(select(func.count(), func.min(DeletionRequest.created_at)).where(
+        DeletionRequest.model_id == model_id, DeletionRequest.status == "received", has_new_samples())).one()
+    if not n:
+        return False
+    waited = (now - _aware(oldest)).total_seconds()
+    return n >= int(batching.get("max_requests", 32)) or waited >= float(batching.get("max_wait_s", 60.0))
+
+
+def models_with_pending(session: Session) -> list[int]:
+    """Models that have claimable requests and no active job (the sweeper checks if they are due)."""
+    active = select(Job.model_id).where(Job.status.in_(ACTIVE_JOB))
+    q = (select(DeletionRequest.model_id).where(DeletionRequest.status == "received", has_new_samples(),
+                                                DeletionRequest.model_id.not_in(active)).distinct())
+    return list(session.scalars(q))
+
+
+def claim_and_dispatch(db, dispatcher, model_id: int, *, force: bool = False) -> Job | None:
+    """Claim in its own transaction, then wake a worker (a lost wake-up is re-sent by the sweeper)."""
+    with db.transaction() as session:
+        job = claim(session, model_id, force=force)
+    if job is not None:
+        dispatch(db, dispatcher, job.id, job.kind)
+    return job
+
+
+def dispatch(db, dispatcher, job_id: int, kind: str) -> bool:
+    """Wake a worker for a queued job (the task of its kind) and record when."""
+    from service.core.celery_app import task_for_kind
+
+    if not dispatcher.send(task_for_kind(kind), job_id):
+        return False
+    with db.transaction() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=utcnow()))
+    return True
+
+
+def next_job(db, dispatcher, model_id: int) -> Job | None:
+    """What a model does next once a job of it ended (or version 1 became ready): a queued
+    calibration that waited for it, else the next deletion batch if one is due."""
+    with db.session() as session:
+        oldest = session.scalar(select(Job).where(Job.model_id == model_id, Job.status.in_(ACTIVE_JOB))
+                                .order_by(Job.id).limit(1))
+    if oldest is not None:
+        if oldest.status == "queued":
+            dispatch(db, dispatcher, oldest.id, oldest.kind)
+        return oldest
+    return claim_and_dispatch(db, dispatcher, model_id)

@@ -1,0 +1,174 @@
+"""Deletion requests: validated, deduplicated against earlier work, idempotent.
+
+A sample already forgotten by this model, or named by a request still pending, is *linked* to
+that earlier request and not unlearned twice. A request whose samples are all forgotten already
+is completed at once; one whose samples are all pending elsewhere completes with them.
+The subject reference is stored only as a hash (sha256 over the tenant id and the reference).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.core.auth import Caller
+from service.core.db import is_postgres
+from service.core.errors import Conflict, Invalid, not_found
+from service.core.models import (
+    DatasetSample,
+    DeletionRequest,
+    DeletionRequestSample,
+    ForgottenSample,
+    Model,
+    ModelVersion,
+    utcnow,
+)
+from service.core.repo import audit
+from service.core.repo.common import iso
+from service.core.repo.datasets import MAX_ID
+
+REASONS = ("erasure", "mislabeled", "poisoned", "other")
+ACTIVE = ("received", "batched", "processing")
+MAX_SAMPLES_PER_REQUEST = 100_000
+ERASURE_DEADLINE = dt.timedelta(days=30)  # GDPR Art. 12(3): one month
+LOOKUP_CHUNK = 5000
+
+
+def subject_hash(tenant_id: int, subject_ref: str) -> str:
+    return hashlib.sha256(f"unlearnd-subject:{tenant_id}:{subject_ref}".encode()).hexdigest()
+
+
+def fingerprint(model_id: int, sample_ids: list[str], reason: str, subject_ref: str | None) -> str:
+    body = json.dumps({"model_id": model_id, "sample_ids": sample_ids, "reason": reason, "subject_ref": subject_ref},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def get(session: Session, caller: Caller, request_id: int) -> DeletionRequest:
+    row = session.scalar(select(DeletionRequest).where(DeletionRequest.id == request_id,
+                                                       DeletionRequest.tenant_id == caller.tenant_id)
+                         ) if 0 < request_id <= MAX_ID else None
+    if row is None:
+        raise not_found(f"deletion request {request_id}")
+    return row
+
+
+def by_idempotency_key(session: Session, caller: Caller, key: str) -> DeletionRequest | None:
+    return session.scalar(select(DeletionRequest).where(DeletionRequest.tenant_id == caller.tenant_id,
+                                                        DeletionRequest.idempotency_key == key))
+
+
+def replay(existing: DeletionRequest, fp: str) -> DeletionRequest:
+    """The first answer for a reused Idempotency-Key, or 422 when the body differs."""
+    if existing.fingerprint != fp:
+        raise Invalid("Idempotency-Key: this key was used with a different request "
+                      f"body (deletion request {existing.id})", title="Idempotency-Key reused",
+                      kind="idempotency-key-reused", field="Idempotency-Key")
+    return existing
+
+
+def lock_idempotency_key(session: Session, caller: Caller, key: str) -> None:
+    """PostgreSQL: a transaction-scoped advisory lock on (tenant, key); a second request with the
+    same key while the first is in flight gets 409. (SQLite's single writer serializes them.)"""
+    if not is_postgres(session):
+        return
+    lock_id = int.from_bytes(hashlib.sha256(f"{caller.tenant_id}:{key}".encode()).digest()[:8], "big", signed=True)
+    if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": lock_id}):
+        raise Conflict("Idempotency-Key: a request with this key is still being processed; "
+                      "retry later", title="Request in flight", kind="idempotency-key-in-flight",
+                       field="Idempotency-Key", retry_after=1)
+
+
+def _rows_of(session: Session, dataset_id: int, sample_ids: list[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for start in range(0, len(sample_ids), LOOKUP_CHUNK):
+        chunk = sample_ids[start:start + LOOKUP_CHUNK]
+        found.update(session.execute(select(DatasetSample.sample_id, DatasetSample.row).where(
+            DatasetSample.dataset_id == dataset_id, DatasetSample.sample_id.in_(chunk))).all())
+    return found
+
+
+def create(session: Session, caller: Caller, model: Model, *, sample_ids: list[str], reason: str,
+           subject_ref: str | None, idempotency_key: str | None, fp: str) -> DeletionRequest:
+    """Validate and insert one request with its samples, in the caller's transaction."""
+    if not session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model.id,
+                                                        ModelVersion.status == "ready").limit(1)):
+        raise Conflict(f"model {model.id} has no ready version yet (version 1 is checked by "
+                      "a worker after registration)", title="Model not ready", kind="model-not-ready")
+    unique = list(dict.fromkeys(sample_ids))
+    rows = _rows_of(session, model.dataset_id, unique)
+    unknown = [s for s in unique if s not in rows]
+    if unknown:
+        raise Invalid(f"sample_ids: {len(unknown)} id(s) are not in the model's training "
+                      f"set, e.g. {unknown[:5]}", title="Unknown samples", kind="unknown-samples", field="sample_ids",
+                      unknown_sample_ids=unknown[:1000])
+    wanted = [rows[s] for s in unique]
+    forgotten = _linked(session, select(ForgottenSample.row, ForgottenSample.request_id).where(
+        ForgottenSample.model_id == model.id), ForgottenSample.row, wanted)
+    pending = _linked(session, select(DeletionRequestSample.row, DeletionRequestSample.request_id).join(
+        DeletionRequest, DeletionRequest.id == DeletionRequestSample.request_id).where(
+        DeletionRequest.model_id == model.id, DeletionRequest.status.in_(ACTIVE),
+        DeletionRequestSample.linked_request_id.is_(None)), DeletionRequestSample.row, wanted)
+    now = utcnow()
+    req = DeletionRequest(tenant_id=caller.tenant_id, model_id=model.id, status="received", reason=reason,
+                          subject_hash=subject_hash(caller.tenant_id, subject_ref) if subject_ref else None,
+                          n_samples=len(unique), idempotency_key=idempotency_key, fingerprint=fp, created_at=now,
+                          updated_at=now)
+    session.add(req)
+    try:
+        session.flush()
+    except IntegrityError:  # the same key committed meanwhile by another process
+        raise Conflict("Idempotency-Key: a request with this key was just accepted; "
+                      "retry to get its answer", title="Request in flight", kind="idempotency-key-in-flight",
+                       field="Idempotency-Key") from None
+    links = {r: forgotten.get(r) or pending.get(r) for r in wanted}
+    session.execute(DeletionRequestSample.__table__.insert(), [
+        {"request_id": req.id, "row": rows[s], "sample_id": s, "linked_request_id": links[rows[s]]} for s in unique])
+    if all(r in forgotten for r in wanted):
+        version = session.scalar(select(func.max(ForgottenSample.version)).where(
+            ForgottenSample.model_id == model.id, ForgottenSample.row.in_(wanted)))
+        req.status, req.result_version, req.completed_at = "completed", version, now
+    audit.record(session, caller.tenant_id, caller.actor, "deletion_request.received", f"deletion_request:{req.id}",
+                 {"model_id": model.id, "reason": reason, "subject_hash": req.subject_hash, "n_samples": len(unique),
+                  "n_new": sum(1 for r in wanted if links[r] is None),
+                  "linked_to": sorted({v for v in links.values() if v is not None})})
+    return req
+
+
+def _linked(session: Session, query, row_column, rows: list[int]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for start in range(0, len(rows), LOOKUP_CHUNK):
+        for row, request_id in session.execute(query.where(row_column.in_(rows[start:start + LOOKUP_CHUNK]))):
+            out.setdefault(row, request_id)
+    return out
+
+
+def query(caller: Caller, model_id: int | None = None, status: str | None = None):
+    q = select(DeletionRequest).where(DeletionRequest.tenant_id == caller.tenant_id)
+    if model_id is not None:
+        q = q.where(DeletionRequest.model_id == model_id)
+    return q.where(DeletionRequest.status == status) if status else q
+
+
+def render(session: Session, r: DeletionRequest) -> dict:
+    counts = dict(session.execute(
+        select(DeletionRequestSample.linked_request_id.is_(None), func.count()).where(
+            DeletionRequestSample.request_id == r.id).group_by(DeletionRequestSample.linked_request_id.is_(None))
+    ).all())
+    linked = sorted(session.scalars(select(DeletionRequestSample.linked_request_id).where(
+        DeletionRequestSample.request_id == r.id, DeletionRequestSample.linked_request_id.is_not(None)).distinct()))
+    created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=dt.UTC)
+    return {"id": r.id, "model_id": r.model_id, "status": r.status, "reason": r.reason,
+            "subject_hash": r.subject_hash, "n_samples": r.n_samples, "n_new_samples": int(counts.get(True, 0)),
+            "linked_to": linked, "job_id": r.job_id, "result_version": r.result_version, "attempts": r.attempts,
+            "error": r.error, "created_at": iso(r.created_at), "due_by": iso(created + ERASURE_DEADLINE),
+            "completed_at": iso(r.completed_at), "updated_at": iso(r.updated_at),
+            "links": {"self": f"/v1/deletion-requests/{r.id}",
+                      "job": f"/v1/jobs/{r.job_id}" if r.job_id else None,
+                      "version": (f"/v1/models/{r.model_id}/versions/{r.result_version}"
+                                  if r.result_version else None)}}
