@@ -174,14 +174,23 @@ def cmd_api(args) -> int:
 
 class WorkerSupervisor:
     """The embedded worker as a child process, restarted if it dies (a killed worker must not stall
-    the queue); stopped with the API."""
+    the queue); stopped with the API.
+
+    The worker runs in its own process group, so that stopping it reaches everything it started
+    (Celery's beat, a pool's children): SIGTERM first (Celery's warm shutdown lets the current task
+    end), then SIGKILL of the whole group after ``timeout``. A job killed that way is not lost: its
+    heartbeat stops and the sweeper gives it to another worker (docs/architecture.md)."""
 
     def __init__(self, argv: list[str]):
         self.argv, self.proc, self.stopping = argv, None, threading.Event()
         self.restarts = 0
+        self._lock = threading.Lock()
+
+    def _spawn(self) -> subprocess.Popen:
+        return subprocess.Popen(self.argv, start_new_session=True)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv)
+        self.proc = self._spawn()
         threading.Thread(target=self._watch, daemon=True, name="worker-supervisor").start()
 
     def _watch(self) -> None:
@@ -190,19 +199,39 @@ class WorkerSupervisor:
                 self.restarts += 1
                 print(f"unlearnd: worker exited with {self.proc.returncode}; restarting", file=sys.stderr)
                 time.sleep(min(30.0, 1.0 * self.restarts))
-                if not self.stopping.is_set():
-                    self.proc = subprocess.Popen(self.argv)
+                with self._lock:
+                    if not self.stopping.is_set():
+                        self.proc = self._spawn()
             self.stopping.wait(0.5)
 
     def stop(self, timeout: float = 15.0) -> None:
-        self.stopping.set()
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        with self._lock:
+            self.stopping.set()
+        proc = self.proc
+        if proc is None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"unlearnd: worker still running after {timeout:.0f} s; killing it", file=sys.stderr)
+        _signal_group(proc.pid, signal.SIGKILL)  # whatever the worker left behind in its group
+        proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C. uvicorn handles SIGTERM during its run and re-raises it
+    afterwards; with the default disposition that re-raise would end the process before any
+    ``finally`` ran, leaving the embedded worker behind."""
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def cmd_serve(args) -> int:
@@ -213,17 +242,18 @@ def cmd_serve(args) -> int:
 
     settings = _settings(args)
     upgrade(settings.db_url)
+    _exit_on_sigterm()
     supervisor = None
-    if not args.no_worker:
-        supervisor = WorkerSupervisor([sys.executable, "-m", "service.cli", "worker", "--beat",
-                                       "--queues", "gpu,default"])
-        supervisor.start()
-    url = f"http://{args.host}:{args.port}"
-    data_flag = f" --data-dir {settings.data_dir}" if settings.embedded else ""
-    print(f"unlearnd is serving on {url}  (API docs: {url}/docs)\n"
-          f"  data:      {settings.public()}\n"
-          f"  get a key: {_prog()} keys create --tenant <name>{data_flag}", flush=True)
     try:
+        if not args.no_worker:
+            supervisor = WorkerSupervisor([sys.executable, "-m", "service.cli", "worker", "--beat",
+                                           "--queues", "gpu,default"])
+            supervisor.start()
+        url = f"http://{args.host}:{args.port}"
+        data_flag = f" --data-dir {settings.data_dir}" if settings.embedded else ""
+        print(f"unlearnd is serving on {url}  (API docs: {url}/docs)\n"
+              f"  data:      {settings.public()}\n"
+              f"  get a key: {_prog()} keys create --tenant <name>{data_flag}", flush=True)
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=settings.log_level)
     finally:
         if supervisor:

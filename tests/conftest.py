@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import signal
+import time
+import uuid
 
 import numpy as np
 import pytest
@@ -19,6 +24,58 @@ from worker.engine.training import TrainConfig, train_model
 # The service fixtures (real HTTP, databases, brokers and worker processes) for tests/api, core,
 # worker and e2e.
 pytest_plugins = ["tests.servicekit"]
+
+# Every process a test starts inherits this mark in its environment (the service fixtures keep the
+# environment, minus UNLEARND_* settings). A test that leaves a marked process behind fails, and
+# the process is killed: the suite must leave nothing running.
+PROCESS_MARK = "PYTEST_UNLEARND_RUN"
+os.environ[PROCESS_MARK] = uuid.uuid4().hex
+_MARK = f"{PROCESS_MARK}={os.environ[PROCESS_MARK]}".encode()
+
+
+def marked_processes() -> dict[int, str]:
+    """pid → command line of every live process (not this one) carrying this run's mark."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if _MARK not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or a zombie
+            continue
+    return found
+
+
+def _reap(pids) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    before = set(marked_processes())
+    yield
+    deadline = time.monotonic() + 15  # a worker told to stop may take a moment to finish its task
+    while (left := {pid: cmd for pid, cmd in marked_processes().items() if pid not in before}):
+        if time.monotonic() > deadline:
+            _reap(left)
+            pytest.fail(f"the test left {len(left)} process(es) running (killed now): "
+                        + "; ".join(f"{pid}: {cmd[:160]}" for pid, cmd in left.items()), pytrace=False)
+        time.sleep(0.2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = marked_processes()
+    if left:
+        _reap(left)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nerror: the test session left {len(left)} process(es) running (killed now): "
+              + "; ".join(f"{pid}: {cmd[:160]}" for pid, cmd in left.items()))
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ worker on the embedded default, everything under --data-dir)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -12,7 +13,9 @@ import sys
 import time
 
 import httpx
+import pytest
 
+from tests.conftest import marked_processes
 from tests.servicekit import ROOT, free_port, register_dataset, register_model, wait_for
 
 CLI = [sys.executable, "-m", "service.cli"]
@@ -114,6 +117,42 @@ def test_serve_runs_api_and_worker_on_the_embedded_default(tmp_path, user_files)
         except ProcessLookupError:
             continue
         raise AssertionError(f"worker {pid} outlived serve")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_serve_stops_every_process_it_started(tmp_path, sig):
+    """``kill`` (SIGTERM) or Ctrl-C (SIGINT) of ``unlearnd serve`` takes its worker (and the worker's
+    beat) down with it: nothing it started keeps running."""
+    data, port = tmp_path / "unlearnd-data", free_port()
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen([*CLI, "serve", "--data-dir", str(data), "--port", str(port)], env=_env(),
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def worker_ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited: {(tmp_path / 'serve.log').read_text()[-2000:]}")
+            ours = [cmd for pid, cmd in marked_processes().items() if pid != proc.pid]
+            with contextlib.suppress(httpx.HTTPError):
+                up = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+                return up and any("service.cli worker" in cmd for cmd in ours) and b" ready." in (
+                    tmp_path / "serve.log").read_bytes()
+            return False
+
+        wait_for(worker_ready, timeout=90, what="serve and its worker to be ready")
+        started = {pid for pid, cmd in marked_processes().items() if "service.cli" in cmd}
+        assert len(started) >= 2, started  # serve and its worker
+        proc.send_signal(sig)
+        code = proc.wait(40)
+        if sig == signal.SIGTERM:
+            assert code == 128 + signal.SIGTERM  # unwound through its cleanup, not killed by the signal
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    deadline = time.monotonic() + 10
+    while (left := set(marked_processes()) & started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"still running after serve stopped: {left}"
 
 
 def test_demo_runs_the_whole_path_on_the_embedded_default(tmp_path):
