@@ -14,6 +14,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.artifacts import TooLarge
@@ -21,6 +23,7 @@ from service.core.errors import Conflict, DomainError, Invalid, NotFound, Unauth
 from service.core.errors import invalid as invalid  # re-exported: a 422 naming a field
 
 MEDIA_TYPE = "application/problem+json"
+DB_RETRY_AFTER_S = 5
 TYPE_PREFIX = "urn:unlearnd:problem:"
 log = logging.getLogger("unlearnd.api")
 
@@ -109,6 +112,18 @@ def install(app: FastAPI) -> None:
             return await _too_large(request, exc.__cause__)
         return problem_response(Problem(exc.status_code, _reason(exc.status_code), str(exc.detail),
                                         headers=dict(exc.headers or {})), request)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def _unavailable(request: Request, exc: Exception):
+        # The database is down, refusing connections, locked (SQLite) or out of pooled connections.
+        # The transaction was rolled back, so nothing was written: the client may retry as is.
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return problem_response(Problem(503, "Service unavailable", "the database is unavailable; nothing was "
+                                        "changed, retry after the delay in Retry-After", kind="unavailable",
+                                        headers={"Retry-After": str(DB_RETRY_AFTER_S)}), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # pragma: no cover - defensive
