@@ -10,6 +10,7 @@ import contextlib
 import logging
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.deps import Context
@@ -66,7 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         ctx.db.dispose()
 
-    app = FastAPI(title="unlearnd", version="1", lifespan=lifespan, description=(
+    # /docs (Swagger UI) and /redoc load their scripts from the service, not from a CDN
+    app = FastAPIOffline(title="unlearnd", version="1", lifespan=lifespan, description=(
         "Make trained PyTorch classifiers forget specific training examples, and prove it. "
         "Authenticate with `Authorization: Bearer <key>` (create one with `unlearnd keys create --tenant T`). "
         "Errors are application/problem+json (RFC 9457)."))

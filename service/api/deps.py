@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.telemetry import Metrics
 from service.core.artifacts import LocalArtifactStore
@@ -29,7 +30,14 @@ def context(request: Request) -> Context:
     return request.app.state.ctx
 
 
+# Documents the bearer scheme in OpenAPI (the Authorize button of /docs). The key itself is read from
+# the raw header below, so that a missing or malformed one gets our 401 problem+json.
+BEARER = HTTPBearer(auto_error=False, scheme_name="apiKey", bearerFormat="ulk_<prefix>_<secret>",
+                    description="An API key: `unlearnd keys create --tenant T` prints one.")
+
+
 def caller(ctx: Annotated[Context, Depends(context)],
+           _documented: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
            authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> Caller:
     with ctx.db.transaction() as session:
         return authenticate(session, authorization)
