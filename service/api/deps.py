@@ -3,12 +3,16 @@ the authenticated caller."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.api.problems import Problem
 from service.api.telemetry import Metrics
 from service.core.artifacts import LocalArtifactStore
 from service.core.auth import Caller, authenticate
@@ -24,6 +28,22 @@ class Context:
     store: LocalArtifactStore
     dispatcher: Dispatcher
     metrics: Metrics
+    upload_slots: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self):
+        self.upload_slots = threading.BoundedSemaphore(self.settings.max_concurrent_uploads)
+
+    @contextmanager
+    def upload_slot(self) -> Iterator[None]:
+        """One of the process's upload slots for reading and validating a file (routes run in
+        threads), or 503 with Retry-After when none frees up in time. Held once per request."""
+        if not self.upload_slots.acquire(timeout=self.settings.upload_wait_s):
+            raise Problem(503, "Busy", f"{self.settings.max_concurrent_uploads} uploads are being validated; "
+                          "retry after the delay in Retry-After", kind="busy", headers={"Retry-After": "5"})
+        try:
+            yield
+        finally:
+            self.upload_slots.release()
 
 
 def context(request: Request) -> Context:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from service.api.problems import Problem, invalid, unsupported
-from worker.engine.datafile import DatasetArrays, read_dataset_file
-from worker.engine.errors import DatasetError
+from worker.engine.datafile import CONTROL_CHARACTERS, DatasetArrays, inspect_npz, read_dataset_file
+from worker.engine.errors import DatasetError, DatasetTooLarge
 from worker.engine.events import read_events
 
 # Extensions of formats that unpickle on load: refused by name, and by content below.
@@ -26,7 +26,14 @@ SAFETENSORS_DTYPES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
     "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
 }
-MAX_HEADER_BYTES = 100 << 20
+# A safetensors header is ~100 bytes per tensor: 8 MiB and 65,536 tensors are far past any
+# classifier, and parse in milliseconds.
+MAX_HEADER_BYTES = 8 << 20
+MAX_TENSORS = 65_536
+SAFETENSORS_KEYS = {"dtype", "shape", "data_offsets"}
+# JSON form fields (architecture, policy, recipe, mean, std): small documents.
+MAX_JSON_BYTES = 64 << 10
+MAX_JSON_DEPTH = 32
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a .npz is a zip (the second: an empty one)
 NAME_MAX = 200
 
@@ -37,7 +44,7 @@ def check_name(value: str | None, field: str = "name") -> str:
         raise invalid(field, "must not be empty")
     if len(value) > NAME_MAX:
         raise invalid(field, f"must be at most {NAME_MAX} characters")
-    if any(ord(c) < 32 for c in value):
+    if CONTROL_CHARACTERS.search(value):
         raise invalid(field, "must not contain control characters")
     return value
 
@@ -70,28 +77,73 @@ def _refuse_non_npz(field: str, path: Path) -> None:
 
 
 def parse_json_field(field: str, raw: str | None, *, required: bool = False) -> Any:
+    """A JSON form field: at most MAX_JSON_BYTES, nested at most MAX_JSON_DEPTH deep, and no control
+    character in any key or string (PostgreSQL's JSON cannot hold NUL)."""
     if raw is None or raw == "":
         if required:
             raise invalid(field, "is required")
         return None
+    if len(raw) > MAX_JSON_BYTES:
+        raise invalid(field, f"is {len(raw)} characters of JSON; at most {MAX_JSON_BYTES} are accepted")
+    depth = _json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise invalid(field, f"nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise invalid(field, f"is not valid JSON ({exc.msg} at position {exc.pos})") from None
+    check_json_text(value, field)
+    return value
+
+
+def _json_depth(raw: str) -> int:
+    """How deep brackets nest, counted before parsing (the parser recurses: 100,000 brackets
+    would exhaust its stack). Brackets inside strings count too: an over-estimate is harmless."""
+    depth = deepest = 0
+    for char in raw:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def check_json_text(value: Any, field: str) -> None:
+    """Refuse control characters in every key and string of a parsed JSON value, naming the path."""
+    stack = [(field, value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if CONTROL_CHARACTERS.search(item):
+                raise invalid(path, "must not contain control characters")
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                if CONTROL_CHARACTERS.search(key):
+                    raise invalid(path, "keys must not contain control characters")
+                stack.append((f"{path}.{key}", sub))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", sub) for i, sub in enumerate(item))
 
 
 # --------------------------------------------------------------------------- datasets
 
 
-def read_dataset(path: Path, field: str, max_samples: int) -> DatasetArrays:
+def read_dataset(path: Path, field: str, max_samples: int, max_bytes: int) -> DatasetArrays:
+    """Validate a dataset file: its headers first (nothing inflates past ``max_bytes``), then its
+    arrays."""
     _refuse_non_npz(field, path)
     try:
+        inspect_npz(path, max_bytes=max_bytes)
         return read_dataset_file(path, max_samples=max_samples)
     except DatasetError as exc:
         raise _dataset_problem(field, exc) from None
 
 
 def _dataset_problem(field: str, exc: DatasetError) -> Problem:
+    if isinstance(exc, DatasetTooLarge):
+        return Problem(413, "Content too large", f"{field}: {str(exc).partition(': ')[2]}", kind="too-large",
+                       field=field)
     msg = str(exc)
     key, sep, rest = msg.partition(": ")
     if sep and key.replace("_", "").replace(".", "").isalnum() and key != field:
@@ -146,23 +198,26 @@ def read_safetensors_header(path: Path, field: str = "weights") -> WeightsSummar
             raise invalid(field, f"not a safetensors file (header length {n} does not fit a {size}-byte file)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise invalid(field, "not a safetensors file (the header is not JSON)") from None
     if not isinstance(header, dict):
         raise invalid(field, "not a safetensors file (the header is not a JSON object)")
+    if len(header) > MAX_TENSORS + 1:
+        raise invalid(field, f"{len(header) - 1} tensors; at most {MAX_TENSORS} are accepted")
     data_size = size - 8 - n
     spans, params, dtypes = [], 0, set()
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or set(info) < {"dtype", "shape", "data_offsets"}:
-            raise invalid(field, f"tensor {name!r}: needs dtype, shape and data_offsets")
+        if not isinstance(info, dict) or set(info) != SAFETENSORS_KEYS:
+            raise invalid(field, f"tensor {name!r}: needs exactly dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in SAFETENSORS_DTYPES:
             raise invalid(field, f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        # type() is int, not isinstance: JSON's true and false are ints to Python
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise invalid(field, f"tensor {name!r}: shape must be a list of non-negative integers")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1] <= data_size):
             raise invalid(field, f"tensor {name!r}: data_offsets out of the file's data ({data_size} bytes)")
         count = math.prod(shape)
@@ -201,10 +256,13 @@ def check_architecture(spec: Any) -> dict:
     return {"name": spec["name"].strip(), "kwargs": kwargs}
 
 
-def check_events(path: Path, ids_train: np.ndarray, field: str = "events") -> None:
+def check_events(path: Path, ids_train: np.ndarray, max_bytes: int, field: str = "events") -> None:
     _refuse_non_npz(field, path)
     try:
+        inspect_npz(path, max_bytes=max_bytes, label=field)
         read_events(path, ids_train)
+    except DatasetTooLarge as exc:
+        raise _dataset_problem(field, exc) from None
     except DatasetError as exc:
         msg = str(exc)
         key, sep, rest = msg.partition(": ")

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MiB = 1 << 20
 GiB = 1 << 30
 
 
@@ -32,6 +33,13 @@ class Settings(BaseSettings):
     # Upload limits: files are streamed to disk and refused once they pass these.
     max_upload_bytes: int = 2 * GiB
     max_train_samples: int = 2_000_000
+    # A dataset or events file may inflate to at most this (checked from the zip's headers before
+    # anything inflates); validating it takes about 1.3 times this much memory in the API process.
+    max_dataset_bytes: int = 512 * MiB
+    # Uploads validated at once per API process; the next one waits up to upload_wait_s, then is
+    # answered 503 with Retry-After, so that a few large uploads cannot starve everything else.
+    max_concurrent_uploads: int = 2
+    upload_wait_s: float = 10.0
     # Lists: default and largest page size (MLflow's registered-models search: 100 / 1,000).
     page_size: int = 100
     max_page_size: int = 1000
@@ -108,5 +116,3 @@ def _redact(url: str) -> str:
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
-def get_settings(**overrides) -> Settings:
-    return Settings(**overrides)

@@ -11,6 +11,7 @@ through :mod:`worker.engine.data`, which calls this module, so there is one set 
 
 from __future__ import annotations
 
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,16 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import DatasetError
+from .errors import DatasetError, DatasetTooLarge
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# Labels are class indices: a label past this is a mistake (or an attack on the class count), not
+# a classifier.
+MAX_CLASSES = 100_000
+MAX_MEMBERS = 64
+# C0 and C1 control characters, NUL included: no text a user gives us (ids, names) holds one, and
+# PostgreSQL cannot store NUL in text at all.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 OPTIONAL_KEYS = ("x_holdout", "y_holdout", "ids_train")
 SPLITS = ("train", "test", "holdout")
 MAX_ID_LENGTH = 256
@@ -50,6 +58,53 @@ class DatasetArrays:
             "dtype": str(self.x["train"].dtype),
             **{f"n_{s}": int(len(self.y[s])) for s in self.splits},
         }
+
+
+def inspect_npz(path: str | Path, *, max_bytes: int, label: str = "file") -> int:
+    """Check a ``.npz`` from its zip directory and its ``.npy`` headers, before any array is
+    inflated: at most ``max_bytes`` once inflated (the sum of the sizes the zip declares), every
+    member a plain (not pickled) array whose header's byte size fits what the zip declares for it.
+    Returns the inflated size. A member cannot inflate past its declared size: the zip reader stops
+    there, so a lying member fails as truncated instead of filling memory."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_MEMBERS:
+                raise DatasetError(f"{label}: {len(infos)} members; a dataset file has at most {MAX_MEMBERS}")
+            total = sum(i.file_size for i in infos)
+            if total > max_bytes:
+                raise DatasetTooLarge(f"{label}: inflates to {total} bytes, over the limit of {max_bytes} bytes")
+            for info in infos:
+                key = info.filename.removesuffix(".npy")
+                with zf.open(info) as f:
+                    shape, dtype = _npy_header(f, key)
+                if dtype.hasobject:
+                    raise DatasetError(f"{key}: pickled (object) arrays are not accepted")
+                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if declared > info.file_size:
+                    raise DatasetError(f"{key}: the array header declares {declared} bytes, "
+                                       f"the archive holds {info.file_size}")
+    except DatasetError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError) as exc:
+        raise DatasetError(f"{label}: not a readable .npz archive ({exc})") from exc
+    return total
+
+
+def _npy_header(f, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise DatasetError(f"{key}: .npy format version {version} is not accepted (1.0 or 2.0)")
+    except DatasetError:
+        raise
+    except (ValueError, SyntaxError, TypeError) as exc:
+        raise DatasetError(f"{key}: not a .npy array ({exc})") from exc
+    return shape, dtype
 
 
 def read_dataset_file(
@@ -119,6 +174,10 @@ def validate_arrays(
             raise DatasetError(f"file: {total} samples exceed the limit of {max_samples}")
 
     top = max(int(y.max()) for y in ys.values())
+    if top >= MAX_CLASSES:
+        bad = next(s for s in ys if int(ys[s].max()) >= MAX_CLASSES)
+        raise DatasetError(f"y_{bad}: label {int(ys[bad].max())} is past the largest class index "
+                           f"accepted ({MAX_CLASSES - 1})")
     if num_classes is None:
         num_classes = top + 1
     elif top >= num_classes:
@@ -139,6 +198,9 @@ def validate_arrays(
             raise DatasetError("ids_train: empty ids are not allowed")
         if int(np.char.str_len(ids).max()) > MAX_ID_LENGTH:
             raise DatasetError(f"ids_train: ids longer than {MAX_ID_LENGTH} characters")
+        controls = [str(i) for i in ids if CONTROL_CHARACTERS.search(str(i))]
+        if controls:
+            raise DatasetError(f"ids_train: ids must not contain control characters, e.g. {controls[:3]}")
         uniq, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
             dup = uniq[counts > 1][:5].tolist()

@@ -9,6 +9,10 @@ class DatasetError(EngineError, ValueError):
     """A dataset file is unusable: missing keys, wrong dtypes or shapes, bad labels or ids."""
 
 
+class DatasetTooLarge(DatasetError):
+    """A dataset or events file would inflate past the configured limit."""
+
+
 class ArchitectureError(EngineError, ValueError):
     """An architecture spec names an unknown architecture or gives bad keyword arguments."""
 

@@ -23,8 +23,9 @@ def create_dataset(ctx: Ctx, caller: Auth, name: Annotated[str, Form()], file: A
     name = check_name(name)
     check_extension("file", file.filename, ".npz")
     mean_v, std_v = parse_json_field("mean", mean), parse_json_field("std", std)
-    with stored_upload(ctx, file.file, "file") as upload:
-        arrays = read_dataset(upload.staged.path, "file", ctx.settings.max_train_samples)
+    with ctx.upload_slot(), stored_upload(ctx, file.file, "file") as upload:
+        arrays = read_dataset(upload.staged.path, "file", ctx.settings.max_train_samples,
+                              ctx.settings.max_dataset_bytes)
         summary = arrays.summary()
         mean_v, std_v = check_normalization(mean_v, std_v, arrays.input_shape)
         with ctx.db.transaction() as session:

@@ -69,12 +69,13 @@ def create_model(
     if events is None and policy_v.proxy in NEEDS_EVENTS:
         raise invalid("policy.proxy", f"{policy_v.proxy!r} needs learning events; upload them as 'events'")
     with ExitStack() as stack:
+        stack.enter_context(ctx.upload_slot())
         w = stack.enter_context(stored_upload(ctx, weights.file, "weights"))
         read_safetensors_header(w.staged.path, "weights")
         e = None
         if events is not None:
             e = stack.enter_context(stored_upload(ctx, events.file, "events"))
-            check_events(e.staged.path, ids_train, "events")
+            check_events(e.staged.path, ids_train, ctx.settings.max_dataset_bytes, "events")
         with ctx.db.transaction() as session:
             model, version = models.create(
                 session, caller, name=name, dataset_id=ds.id, architecture=spec, policy=policy_v.model_dump(),
