@@ -85,7 +85,7 @@ def parse_json_field(field: str, raw: str | None, *, required: bool = False) -> 
         return None
     if len(raw) > MAX_JSON_BYTES:
         raise invalid(field, f"is {len(raw)} characters of JSON; at most {MAX_JSON_BYTES} are accepted")
-    depth = _json_depth(raw)
+    depth = json_depth(raw)
     if depth > MAX_JSON_DEPTH:
         raise invalid(field, f"nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
     try:
@@ -96,7 +96,7 @@ def parse_json_field(field: str, raw: str | None, *, required: bool = False) -> 
     return value
 
 
-def _json_depth(raw: str) -> int:
+def json_depth(raw: str) -> int:
     """How deep brackets nest, counted before parsing (the parser recurses: 100,000 brackets
     would exhaust its stack). Brackets inside strings count too: an over-estimate is harmless."""
     depth = deepest = 0

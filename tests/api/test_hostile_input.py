@@ -123,3 +123,32 @@ def test_uploads_wait_for_a_slot_then_get_503(tmp_path):
         holder.join(10)
     with ctx.upload_slot():  # freed again
         pass
+
+
+def test_control_characters_in_paths_queries_and_json_bodies(service, user_files):
+    with service.client() as c:
+        dataset_id = register_dataset(c, user_files)["id"]
+        body = {"sample_ids": ["1", "2\u0000"], "reason": "erasure"}
+        check_cases(service, [
+            ("NUL in a query parameter", lambda: c.get("/v1/datasets?name=%00"), 422, "name"),
+            ("C1 control in a query parameter", lambda: c.get("/v1/models?name=a%C2%85"), 422, "name"),
+            ("NUL in a path segment", lambda: c.get(f"/v1/models/1/samples/a%00b?d={dataset_id}"), 422, "path"),
+            ("NUL in a sample id", lambda: c.post("/v1/models/1/deletion-requests", json=body), 422,
+             "sample_ids[1]"),
+            ("escape in a subject reference", lambda: c.post("/v1/models/1/deletion-requests", json={
+                "sample_ids": ["1"], "reason": "erasure", "subject_ref": "x\u001by"}), 422, "subject_ref"),
+            ("NUL in a JSON key", lambda: c.post("/v1/models/1/deletion-requests", content=b'{"a\\u0000": 1}',
+                                                 headers={"content-type": "application/json"}), 422, "body"),
+        ])
+        # a backslash before u0000 in the text is not a control character: the body goes through
+        r = c.post("/v1/models/999/deletion-requests", json={"sample_ids": ["a\\u0000"], "reason": "erasure"})
+        assert r.status_code == 404, r.text
+
+
+def test_json_bodies_nested_too_deep_are_422(service):
+    with service.client() as c:
+        before = service.snapshot()
+        r = c.post("/v1/models/1/deletion-requests", content=b"[" * 100_000 + b"]" * 100_000,
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body", r.text
+        assert service.snapshot() == before
