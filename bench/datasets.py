@@ -1,4 +1,4 @@
-"""Write the benchmark datasets in the dataset-file format (DESIGN.md "Contracts").
+"""Write the benchmark datasets in the dataset-file format (docs/api.md#dataset-file).
 
     python -m bench.datasets [--out DIR] [--which digits,fashion_mnist,breast_cancer]
         [--fashion-train N] [--fashion-test N]

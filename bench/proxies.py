@@ -1,6 +1,6 @@
 """How well, and how cheaply, each memorization proxy tracks true memorization on digits.
 
-    python -m bench.proxies                     # 400 estimator runs (as §3.1), ~6–10 min on one core
+    python -m bench.proxies                     # 400 estimator runs (as the paper), ~6–10 min on one core
     python -m bench.proxies --runs 20           # smoke test
     python -m bench.proxies --json bench/results/proxies_digits.json
 

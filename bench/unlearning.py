@@ -1,4 +1,4 @@
-"""Every unlearner alone and inside RUM, against the retrain reference (ALGORITHMS §2, §4).
+"""Every unlearner alone and inside RUM, against the retrain reference (docs/benchmarks.md).
 
     python -m bench.unlearning --data data/digits.npz --mean 0.5 --std 0.5 --seeds 3
     python -m bench.unlearning --data data/fashion_mnist_n3500_t2000.npz --mean 0.2860 --std 0.3530 \\
@@ -19,7 +19,8 @@ Per seed s (everything seeded with s):
 2. compute the default memorization proxy (``proxies.default_proxy(has_events=True)``, i.e. the
    learning-event confidence, oriented higher = more memorized);
 3. the forget set S: ``mixed`` = equal parts high / mid / low memorization by the proxy
-   (RUM's experiments, §4.1, deduplicated) or ``random`` = uniform, ``--forget-size`` rows in all
+   (RUM's experiments, deduplicated: docs/proxies-and-metrics.md#forget-sets-of-rums-experiments)
+   or ``random`` = uniform, ``--forget-size`` rows in all
    (default: 3 × round(n_train / 45), RUM's 3,000 of 45,000); the modified rows otherwise;
 4. train the retrain reference on D \\ S with the original's recipe (timed: ``retrain_seconds``);
 5. run every method alone (``rum`` = no: one call on S, retain D \\ S), every method inside RUM with

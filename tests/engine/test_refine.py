@@ -102,7 +102,8 @@ def test_mixed_forget_set_is_high_mid_low_deduplicated(proxy):
 
 
 def test_mid_never_overlaps_high_or_low_on_a_bottom_heavy_distribution():
-    values = np.array([0.0] * 12 + [0.5, 0.9, 1.0])  # pitfall §7.2: center 0.5 sits in the top
+    # center 0.5 sits in the top (docs/proxies-and-metrics.md#forget-sets-of-rums-experiments)
+    values = np.array([0.0] * 12 + [0.5, 0.9, 1.0])
     s = forget_subsets(values, 3, center=0.5, seed=1)
     all_rows = torch.cat(list(s.values())).tolist()
     assert len(all_rows) == len(set(all_rows)) == 9

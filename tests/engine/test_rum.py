@@ -85,7 +85,7 @@ def test_rum_visits_bins_low_to_high_with_the_paper_retain_sets(spy, original, d
         done |= call["forget"]
         later = set().union(*(c["forget"] for c in spy.calls[k + 1:]))
         assert not call["retain"] & done  # done bins and the current one are out
-        assert later <= call["retain"]  # later bins are still in (§4.2, pitfall §7.3)
+        assert later <= call["retain"]  # later bins are still in (docs/methods.md#rum)
         assert not call["retain"] & excl  # earlier jobs' samples never come back
         assert call["retain"] == everything - done - excl
     assert [s.n_forget for s in result.steps] == [15, 15, 15]

@@ -1,9 +1,10 @@
 """``unlearnd train``: train an unlearning-ready model and write what registration accepts.
 
-Outputs in ``--out``: ``weights.safetensors`` (state dict), ``events.npz`` (learning events,
-ALGORITHMS §3.2, which unlock the confidence-family proxies), ``architecture.json`` (exactly the
-spec ``POST /v1/models`` takes), ``recipe.json`` (the training recipe ``POST /v1/models`` takes as
-``recipe``, worker/engine/recipe.py) and ``training.json`` (recipe, normalization, accuracies).
+Outputs in ``--out``: ``weights.safetensors`` (state dict), ``events.npz`` (learning events, which
+unlock the confidence-family proxies: docs/proxies-and-metrics.md#learning-events),
+``architecture.json`` (exactly the spec ``POST /v1/models`` takes), ``recipe.json`` (the training
+recipe ``POST /v1/models`` takes as ``recipe``, worker/engine/recipe.py) and ``training.json``
+(recipe, normalization, accuracies).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The dataset file contract (DESIGN.md): validation with numpy only, no torch.
+"""The dataset file contract (docs/api.md#dataset-file): validation with numpy only, no torch.
 
 An ``.npz`` holds ``x_train``, ``y_train``, ``x_test``, ``y_test``, optionally ``x_holdout`` and
 ``y_holdout`` and ``ids_train``. ``x_*`` are uint8 or float32 of shape (N, C, H, W) or (N, D);

@@ -1,4 +1,5 @@
-"""Learning events (ALGORITHMS §3.2): per-sample running means recorded during training.
+"""Learning events (docs/proxies-and-metrics.md#learning-events): per-sample running means recorded
+during training.
 
 At every minibatch of the original training, the logits of the train-mode forward pass on that
 batch give, per example, p_y, max_k p_k, Σ_k p_k log p_k (negative entropy) and 1[argmax = y].

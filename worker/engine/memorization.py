@@ -1,4 +1,5 @@
-"""True memorization by Feldman & Zhang's subsampling estimator (ALGORITHMS §3.1): a slow reference.
+"""True memorization by Feldman & Zhang's subsampling estimator: a slow reference
+(docs/proxies-and-metrics.md#true-memorization-the-feldmanzhang-estimator).
 
     mem(i) = mean_{k: i ∈ S_k} 1[f_k(x_i) = y_i]  −  mean_{k: i ∉ S_k} 1[f_k(x_i) = y_i]
 

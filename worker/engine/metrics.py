@@ -1,4 +1,5 @@
-"""Audit metrics (ALGORITHMS §2): accuracies, SVC membership inference, ToW, ToW-MIA, and more.
+"""Audit metrics (docs/proxies-and-metrics.md#audit-metrics): accuracies, SVC membership inference,
+ToW, ToW-MIA, and more.
 
 All accuracies are fractions in [0, 1]. ``mia`` is the SVC "forget efficacy" of the
 SalUn/RUM code with the confidence feature p_y: the fraction of forget examples an RBF-SVC,
@@ -19,7 +20,7 @@ from .data import View
 from .runtime import Runtime, predict
 
 MIA_FEATURES = ("confidence", "entropy")
-# [GAP → choice] The reference code fits the SVC on |test| retain + |test| test examples. SVC
+# [Choice] The reference code fits the SVC on |test| retain + |test| test examples. SVC
 # training is quadratic, so we cap each shadow side at this many examples (the first ones, as
 # in the code); at 5,000 per side a fit takes a few seconds on CPU.
 MAX_SHADOW = 5000
@@ -43,7 +44,7 @@ def svc_mia_efficacy(
     model: nn.Module, retain: View, test: View, forget: View, runtime: Runtime,
     features: Sequence[str] = MIA_FEATURES, max_shadow: int = MAX_SHADOW, seed: int = 0,
 ) -> dict[str, float]:
-    """SVC MIA forget-efficacy per feature (ALGORITHMS §2.3).
+    """SVC MIA forget-efficacy per feature (docs/proxies-and-metrics.md#membership-inference-mia).
 
     Shadow-in: the first min(|test|, max_shadow) retain examples (label 1); shadow-out: the first
     as many test examples (label 0); SVC(C=3, gamma="auto", rbf); efficacy = 1 − mean(pred(F)).
@@ -87,7 +88,8 @@ def audit(
 
 
 def tow(u: Mapping[str, float], r: Mapping[str, float]) -> float:
-    """Tug-of-war (§2.1): product of (1 − |Δacc|) on forget, retain and test versus retrain."""
+    """Tug-of-war: product of (1 − |Δacc|) on forget, retain and test versus retrain
+    (docs/proxies-and-metrics.md#tow-and-tow-mia)."""
     return (
         (1 - abs(u["acc_forget"] - r["acc_forget"]))
         * (1 - abs(u["acc_retain"] - r["acc_retain"]))
@@ -96,7 +98,7 @@ def tow(u: Mapping[str, float], r: Mapping[str, float]) -> float:
 
 
 def tow_mia(u: Mapping[str, float], r: Mapping[str, float]) -> float:
-    """ToW-MIA (§2.2): as ToW with the forget-accuracy term replaced by the MIA efficacy gap."""
+    """ToW-MIA: as ToW with the forget-accuracy term replaced by the MIA efficacy gap."""
     return (
         (1 - abs(u["mia"] - r["mia"]))
         * (1 - abs(u["acc_retain"] - r["acc_retain"]))

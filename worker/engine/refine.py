@@ -1,4 +1,5 @@
-"""Refinement (ALGORITHMS §4.1, §2.5): memorization bins of a forget set, forget-set builders, ES.
+"""Refinement: memorization bins of a forget set, forget-set builders, ES
+(docs/proxies-and-metrics.md#refinement-memorization-bins and the sections after it).
 
 * :func:`refine` splits a forget set into K bins (default 3) by cut points taken from the proxy's
   distribution over the **whole training set** (default: tertiles), so a bin means the same
@@ -6,11 +7,11 @@
   lands in the low bin alone. Empty bins are skipped; the rest come ordered low → high.
 * :func:`build_forget_set` reproduces the forget sets of RUM's experiments (``mem_fs_split`` /
   ``proxy_fs_split``): top-N (high), bottom-N (low), N closest to the median (mid), and their
-  union (mixed), deduplicated (pitfall §7.2); or a uniform random set of the same size.
-* :func:`entanglement_score` is the ES of §2.5 on the penultimate embedding.
+  union (mixed), deduplicated; or a uniform random set of the same size.
+* :func:`entanglement_score` is the entanglement score on the penultimate embedding.
 
 Proxy values are always oriented **higher = more memorized** (:mod:`worker.engine.proxies` does
-the orientation in one place, pitfall §7.1); this module never flips signs.
+the orientation in one place); this module never flips signs.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def refine(
     ``t[k-1] < v <= t[k]`` (a value on a cut point goes to the lower band, so the tied minimum of
     a discrete proxy stays "low"). Empty bands are skipped; every row lands in exactly one bin.
 
-    [GAP → choice] The paper's binning rule for an arbitrary forget set is unknown (§4.1 only
+    [Choice] The paper's binning rule for an arbitrary forget set is unknown (its code only
     shows top/median/bottom selection over the train set). We cut on the *training* distribution,
     not within S, so a bin is a fixed memorization band (what the product policy names) and a
     homogeneous request is not split artificially into three.
@@ -190,13 +191,14 @@ def bin_by_cuts(
 def forget_subsets(
     proxy_values: np.ndarray | torch.Tensor, n_per_bin: int, *, seed: int = 0, center: float | None = None
 ) -> dict[str, torch.Tensor]:
-    """RUM's three homogeneous subsets of the training set (§4.1), disjoint, N rows each.
+    """RUM's three homogeneous subsets of the training set, disjoint, N rows each
+    (docs/proxies-and-metrics.md#forget-sets-of-rums-experiments).
 
     * ``high`` = the N rows with the largest proxy (most memorized);
     * ``low`` = the N rows with the smallest proxy;
     * ``mid`` = the N rows closest to ``center`` (default: the median over the train set, as for
       proxies; pass 0.5 for true memorization scores) among the rows *not* already in high or
-      low — the dedup of pitfall §7.2, so the mixed set always has 3N distinct rows.
+      low — [Deviation] so that the mixed set always has 3N distinct rows.
 
     Ties are broken by a seeded random permutation (not by row number), which matters for
     discrete proxies such as binary accuracy. Rows come back sorted.
@@ -221,7 +223,7 @@ def build_forget_set(
     proxy_values: np.ndarray | torch.Tensor, n_per_bin: int, kind: str = "mixed", *, seed: int = 0,
     center: float | None = None,
 ) -> torch.Tensor:
-    """Forget-set rows (sorted) as in RUM's experiments (§4.1).
+    """Forget-set rows (sorted) as in RUM's experiments.
 
     ``mixed`` = high ∪ mid ∪ low (3N distinct rows, see :func:`forget_subsets`); ``random`` = 3N
     rows drawn uniformly without replacement (same size as mixed); ``high`` / ``mid`` / ``low`` =
@@ -306,7 +308,8 @@ def _moments(model: nn.Module, view: View, runtime: Runtime) -> tuple[torch.Tens
 
 
 def entanglement_score(model: nn.Module, retain_view: View, forget_view: View, runtime: Runtime) -> float:
-    """ES(R, F) of §2.5 with φ = penultimate embedding of ``model`` (usually the original).
+    """ES(R, F) with φ = penultimate embedding of ``model`` (usually the original)
+    (docs/proxies-and-metrics.md#entanglement-score-es).
 
     ``[var_R + var_F] / [(||μ_R − μ||² + ||μ_F − μ||²) / 2]`` with μ = (μ_R + μ_F) / 2 and
     var_X = mean ||φ(x) − μ_X||². Higher = forget and retain are more entangled (harder to

@@ -1,11 +1,11 @@
-"""RUM, the Refined-Unlearning Meta-algorithm (ALGORITHMS §4.2), and the plain one-shot path.
+"""RUM, the Refined-Unlearning Meta-algorithm (docs/methods.md#rum), and the plain one-shot path.
 
 One entry point, :func:`run_unlearning`, runs a *policy*:
 
 * :class:`PlainConfig` — one unlearner on the whole forget set S, retain = D_train \\ (S ∪ excluded);
 * :class:`RumConfig` — refine S into memorization bins (:func:`worker.engine.refine.refine`) and
   unlearn them in sequence low → high, each bin with its own unlearner (``none`` allowed) and
-  hyperparameters. Bin k sees, as in the paper's code (pitfall §7.3),
+  hyperparameters. Bin k sees, as in the paper's code,
   ``R_k = D_train \\ (S_1 ∪ … ∪ S_k ∪ excluded)``: done bins and the current one are out, *later
   bins are still in*. ``excluded`` are rows the caller already removed from the model's training
   data (the service's cumulative forget set of earlier jobs); they never enter a retain set.
@@ -369,11 +369,12 @@ def bin_audit(
     max_shadow: int = MAX_SHADOW,
     seed: int = 0,
 ) -> list[dict]:
-    """Forget accuracy and SVC MIA efficacy (confidence feature, §2.3) of ``model`` on each bin.
+    """Forget accuracy and SVC MIA efficacy (confidence feature) of ``model`` on each bin.
 
     The attack is fitted once (shadow-in: the first retain rows; shadow-out: the first test rows,
     as :func:`worker.engine.metrics.svc_mia_efficacy`) and applied to every bin, so per-bin
-    numbers are comparable with each other and with the whole-set audit. ``retain`` defaults to
+    numbers are comparable with each other and with the whole-set audit
+    (docs/proxies-and-metrics.md#membership-inference-mia). ``retain`` defaults to
     D_train \\ ∪ bins; pass D_train \\ (S ∪ excluded) for a service job.
     """
     n = len(data.train)

@@ -117,7 +117,7 @@ def fit(
 
 
 def gradient_restriction(model: nn.Module, loss: torch.Tensor, alpha: float) -> torch.Tensor:
-    """IAU's GR penalty (ALGORITHMS §6.2): loss + α · Σ_tensors ||∇_θt loss||₂, double backward."""
+    """IAU's GR penalty (docs/methods.md#iau): loss + α · Σ_tensors ||∇_θt loss||₂, double backward."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, create_graph=True)
     return loss + alpha * sum(g.float().norm(2) for g in grads)

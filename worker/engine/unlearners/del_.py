@@ -1,4 +1,4 @@
-"""``del`` (DEL, Deletion by Example Localization; ALGORITHMS §5): reset the critical weights, then
+"""``del`` (DEL, Deletion by Example Localization; docs/methods.md#del): reset the critical weights, then
 fine-tune only them (and the classifier head) on the retain set.
 
 1. **Criticality** (``weighted_grad``, eval mode, no step): G = Σ_{forget batches} ∇θ CE_b
@@ -6,20 +6,20 @@ fine-tune only them (and the classifier head) on the retain set.
 2. **Channel granularity**: a tensor with ndim > 1 is viewed as [C_out, fan_in] (dim 0 is the
    output dimension of ``nn.Linear`` and ``nn.Conv2d``); row o scores the mean of its top-k
    entries with k = int(0.1·C_out) as in the reference (10% of the *output* channels, not of
-   fan_in: ALGORITHMS §5.1), **guarded to at least 1** (C_out < 10 gives k = 0 and a NaN mean in
-   the reference: §7.5) and at most fan_in; every entry of the row takes that score. 1-D
+   fan_in), **guarded to at least 1** (C_out < 10 gives k = 0 and a NaN mean in
+   the reference) and at most fan_in; every entry of the row takes that score. 1-D
    tensors (biases, BatchNorm γ/β) keep per-entry scores.
 3. **Selection**: M = 1 on the top ``threshold`` fraction of *entries* of all trainable tensors
    ranked together (exactly int(threshold·N) entries; a channel may be split at the cut).
 4. **Reset**: θ' = (1−M)·θ + M·θ_fresh with θ_fresh a *fresh* seeded init of the architecture
-   (``architectures.fresh_init``, not the original init; §7.6). Only parameters are reset:
+   (``architectures.fresh_init``, not the original init, as in the reference). Only parameters are reset:
    BatchNorm running statistics are kept.
 5. **Fine-tune** on the retain set (the forget set is not used) with gradients multiplied by M,
    except the classifier head, which is trained in full. The reference finds the head by name
    ('fc' / 'mlp_head'); we take the parameters of the **last ``nn.Linear`` module** in
    ``model.modules()`` order, which is ``fc`` for every built-in and works for user
    architectures with other names (a model without ``nn.Linear`` has no unmasked head).
-   Optimizer: SGD momentum 0.9, weight decay 0, cosine to 0.01·lr (§5.2).
+   Optimizer: SGD momentum 0.9, weight decay 0, cosine to 0.01·lr (as the reference).
 
 [Deviations] The reference's forget loader uses ``drop_last=True`` (batch 128); ours keeps the
 last partial batch, since a forget set smaller than a batch would otherwise score nothing.
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architectures import fresh_init
-from .base import check_number, register
+from .base import register
 from .masking import MaskedLoopUnlearner, gradient_sum, top_fraction, trainable
 
 CHANNEL_TOPK = 0.1  # k = int(CHANNEL_TOPK · C_out) entries per row (reference value)
@@ -47,7 +47,7 @@ def channel_scores(score: torch.Tensor, topk_frac: float = CHANNEL_TOPK) -> torc
     if score.ndim < 2:
         return score
     rows = score.reshape(score.shape[0], -1)
-    k = min(max(1, int(topk_frac * rows.shape[0])), rows.shape[1])  # guard: k ≥ 1 (ALGORITHMS §7.5)
+    k = min(max(1, int(topk_frac * rows.shape[0])), rows.shape[1])  # guard: k ≥ 1 (docs/methods.md#del)
     per_row = rows.topk(k, dim=1).values.mean(dim=1)
     return per_row.view(-1, *([1] * (score.ndim - 1))).expand_as(score)
 
@@ -75,19 +75,11 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 @register
 class Del(MaskedLoopUnlearner):
     name = "del"
-    defaults = {
-        **MaskedLoopUnlearner.defaults, "budget": 0.08, "lr_scale": 2.0, "threshold": 0.01,
-        "momentum": 0.9, "weight_decay": 0.0, "schedule": "cosine", "eta_min_frac": 0.01,
-    }
     # The reset drops accuracy on purpose and fine-tuning recovers it: the guard never stops DEL
     # early, it only judges the end (and returns the input model if it did not recover).
     guard_patience = None
 
     reset_fraction: float | None = None  # fraction of trainable entries reset by the last run
-
-    def validate(self):
-        super().validate()
-        check_number(self.hp, "threshold", low=0, high=1)
 
     def prepare(self, model, task, runtime):
         mask = criticality_mask(model, task.forget, runtime, threshold=float(self.hp["threshold"]),

@@ -1,4 +1,4 @@
-"""``finetune`` (FT): a few epochs of cross-entropy on the retain set only (ALGORITHMS §4.4).
+"""``finetune`` (FT; docs/methods.md#finetune): cross-entropy on the retain set only.
 
 The forget set is never seen; forgetting comes from catastrophic forgetting while the model
 keeps fitting the retain set.
@@ -14,7 +14,5 @@ from .base import LoopUnlearner, register
 @register
 class Finetune(LoopUnlearner):
     name = "finetune"
-    defaults = {**LoopUnlearner.defaults, "budget": 0.05, "lr_scale": 0.5}
-
     def loss(self, model, x, batch, epoch):
         return F.cross_entropy(model(x), batch.y)

@@ -1,10 +1,10 @@
-"""``iau`` (IAU, Influence Approximation Unlearning; ALGORITHMS §6): one corrected ascent step.
+"""``iau`` (IAU, Influence Approximation Unlearning; docs/methods.md#iau): one corrected ascent step.
 
 g = ∇θ mean-CE(retain) − ∇θ mean-CE(forget), each a full pass over its set accumulated over
 minibatches with batch-size weights (so it is the gradient of the mean over the whole set, as
 the reference's full-batch pass), with the model in eval mode (BatchNorm statistics frozen; the
 reference CNN has no BN). Then ONE step of a fresh ``Adam(lr)``: θ − lr·g/(|g|+eps), i.e. about
-θ + lr·sign(ḡ_F − ḡ_R) per coordinate (§6.2, §7.9): every entry moves by at most ``lr``.
+θ + lr·sign(ḡ_F − ḡ_R) per coordinate: every entry moves by at most ``lr``.
 
 ``steps`` > 1 (ours, default 1) repeats "recompute g at the current θ, step the same Adam";
 each step still moves every entry by at most ``lr`` (Adam's bias-corrected ratio is ≤ 1 in
@@ -30,7 +30,7 @@ influence direction ḡ_F − ḡ_R). ``lr`` set gives the reference's Adam step
 semantics, ``max_retain_drop``) is measured; a step that breaks the limit is undone and retried
 at half the size, up to ``backtrack`` times, after which the model as it was before that step is
 returned (``last_run["guard"]["outcome"]`` says ``within``, ``restored`` or ``input``). The paper's
-weighting λ of the retain term is [GAP]; we use the code's means with λ = 1.
+weighting λ of the retain term could not be established ([Choice]); we use the code's means with λ = 1.
 """
 
 from __future__ import annotations
@@ -38,25 +38,14 @@ from __future__ import annotations
 import torch
 
 from ..runtime import RunContext, seed_everything
-from .base import RetainGuard, Unlearner, check_number, register
+from .base import RetainGuard, Unlearner, register
 from .masking import gradient_sum, trainable
 
 
 @register
 class IAU(Unlearner):
     name = "iau"
-    defaults = {"lr": None, "step_size": 0.005, "steps": 1, "batch_size": None, "eps": 1e-8,
-                "max_retain_drop": 0.03, "backtrack": 4}
-
     last_run: dict | None = None
-
-    def validate(self):
-        super().validate()
-        check_number(self.hp, "steps", low=1, high=100, integer=True)
-        check_number(self.hp, "eps", low=0, low_open=True)
-        check_number(self.hp, "step_size", low=0, low_open=True, high=1)
-        check_number(self.hp, "max_retain_drop", low=0, low_open=True, high=1, optional=True)
-        check_number(self.hp, "backtrack", low=0, high=20, integer=True)
 
     def unlearn(self, model, task, runtime, ctx=None):
         ctx = ctx or RunContext()

@@ -1,4 +1,4 @@
-"""``l1_sparse`` (FT_prune, "model sparsity helps unlearning", ALGORITHMS §4.4).
+"""``l1_sparse`` (FT_prune, "model sparsity helps unlearning"; docs/methods.md#l1_sparse).
 
 Fine-tuning on the retain set with an L1 penalty on every trainable parameter:
 CE(retain batch) + α_t·||θ||₁ with α_t = α·(1 − t/(1 − no_l1_fraction)) at fraction t of the run,
@@ -15,20 +15,12 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .base import LoopUnlearner, check_number, register
+from .base import LoopUnlearner, register
 
 
 @register
 class L1Sparse(LoopUnlearner):
     name = "l1_sparse"
-    defaults = {
-        **LoopUnlearner.defaults, "budget": 0.05, "lr_scale": 2.0, "alpha": 3e-3, "no_l1_fraction": 0.0}
-
-    def validate(self):
-        super().validate()
-        check_number(self.hp, "alpha", low=0)
-        check_number(self.hp, "no_l1_fraction", low=0, high=1)
-
     def alpha_at(self, fraction: float) -> float:
         """α at ``fraction`` of the run: linear from α to 0 at ``1 − no_l1_fraction``, then 0."""
         span = 1.0 - float(self.hp["no_l1_fraction"])

@@ -1,4 +1,4 @@
-"""``neggrad`` (NegGrad / GA, ALGORITHMS §4.4): gradient *ascent* on the forget set only.
+"""``neggrad`` (NegGrad / GA; docs/methods.md#neggrad): gradient *ascent* on the forget set only.
 
 Each epoch is one shuffled pass over the forget set minimizing −CE. The retain set is never
 seen, so nothing holds utility in place: the method is very sensitive to its step budget and
@@ -21,19 +21,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import LoopUnlearner, check_number, register
+from .base import LoopUnlearner, register
 
 
 @register
 class NegGrad(LoopUnlearner):
     name = "neggrad"
-    defaults = {
-        **LoopUnlearner.defaults, "budget": 0.05, "lr_scale": 0.5, "loss_bound": None}
-
-    def validate(self):
-        super().validate()
-        check_number(self.hp, "loss_bound", low=0, low_open=True, optional=True)
-
     def batches(self, task, epoch, gen):
         return task.forget.batches(self.batch_size, shuffle=True, generator=gen)
 

@@ -1,4 +1,4 @@
-"""``neggrad_plus`` (NegGrad+ / NG, ALGORITHMS §4.4): descend on retain, ascend on forget, together.
+"""``neggrad_plus`` (NegGrad+ / NG; docs/methods.md#neggrad_plus): descend on retain, ascend on forget.
 
 Loss per step: α·CE(retain batch) − (1−α)·CE(forget batch). An epoch is one shuffled pass over
 the retain set; forget batches are drawn from ``zip(retain, cycle(forget))`` as in RUM's code,
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Batch, View
-from .base import LoopUnlearner, check_number, register
+from .base import LoopUnlearner, register
 from .neggrad import bounded_ce
 
 
@@ -33,14 +33,6 @@ def reshuffled_cycle(view: View, batch_size: int, gen: torch.Generator) -> Itera
 @register
 class NegGradPlus(LoopUnlearner):
     name = "neggrad_plus"
-    defaults = {
-        **LoopUnlearner.defaults, "budget": 0.08, "lr_scale": 0.5, "alpha": 0.3, "loss_bound": None}
-
-    def validate(self):
-        super().validate()
-        check_number(self.hp, "alpha", low=0, high=1)
-        check_number(self.hp, "loss_bound", low=0, low_open=True, optional=True)
-
     def batches(self, task, epoch, gen):
         bs = self.batch_size
         forget = reshuffled_cycle(task.forget, bs, gen)

@@ -1,4 +1,4 @@
-"""``random_label`` (RL_og, ALGORITHMS §4.4): fine-tune on the forget set with random labels ∪ retain.
+"""``random_label`` (RL_og; docs/methods.md#random_label): fine-tune on forget-with-random-labels ∪ retain.
 
 Forget rows get new random labels every epoch (seeded by the task's seed and the epoch, as RUM's
 ``RL`` redraws them per epoch), then forget and retain are shuffled together into one view
@@ -14,10 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import View, concat
-from ..errors import ConfigError
 from .base import LoopUnlearner, register
-
-LABEL_MODES = ("any", "wrong")
 
 
 def random_labels(y: torch.Tensor, num_classes: int, mode: str, seed: int) -> torch.Tensor:
@@ -31,14 +28,6 @@ def random_labels(y: torch.Tensor, num_classes: int, mode: str, seed: int) -> to
 @register
 class RandomLabel(LoopUnlearner):
     name = "random_label"
-    defaults = {**LoopUnlearner.defaults, "budget": 0.03, "lr_scale": 1.0, "label_mode": "any"}
-
-    def validate(self):
-        super().validate()
-        if self.hp["label_mode"] not in LABEL_MODES:
-            mode = self.hp["label_mode"]
-            raise ConfigError(f"hyperparameters.label_mode: must be one of {LABEL_MODES}, got {mode!r}")
-
     def relabeled_forget(self, task, epoch: int) -> View:
         """The forget set with this epoch's random labels."""
         forget = task.forget

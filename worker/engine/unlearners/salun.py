@@ -1,4 +1,4 @@
-"""``salun`` (SalUn, ALGORITHMS §4.4): random-label unlearning restricted to salient weights.
+"""``salun`` (SalUn; docs/methods.md#salun): random-label unlearning restricted to salient weights.
 
 Saliency mask (standard SalUn, OPTML-Group code): in eval mode and without any optimizer step,
 g = |Σ_{forget batches} ∇θ(−CE_b)| (batch-mean CE, true labels); M = 1 on the ``k`` fraction of
@@ -8,10 +8,10 @@ forget set with random labels (redrawn every epoch) followed by a pass over the 
 true labels, gradients multiplied by M. (``random_label`` is RUM's ``RL_og``, which shuffles both
 sets together instead.)
 
-[Deviation, on purpose] RUM's released ``generate_mask.py`` differs in two ways (ALGORITHMS
-§4.4/§7.4): it calls ``optimizer.step()`` while accumulating the gradients (so the model it
-unlearns is not the one it scored), and it ranks without the minus sign, so ``ranks < thr``
-marks the *smallest* |g| entries. We reproduce neither bug.
+[Deviation] RUM's released ``generate_mask.py`` differs in two ways (docs/methods.md#salun): it
+calls ``optimizer.step()`` while accumulating the gradients (so the model it unlearns is not the
+one it scored), and it ranks without the minus sign, so ``ranks < thr`` marks the *smallest* |g|
+entries. We reproduce neither bug.
 
 Entries outside M stay bit-identical: weight decay is applied through the masked gradient (see
 :class:`~.masking.MaskedLoopUnlearner`), which matches SalUn's current code (it restores the
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import check_number, register
+from .base import register
 from .masking import MaskedLoopUnlearner, gradient_sum, top_fraction
 from .random_label import RandomLabel
 
@@ -37,12 +37,6 @@ def saliency_mask(model, forget, runtime, *, k: float, batch_size: int, ctx=None
 @register
 class SalUn(MaskedLoopUnlearner, RandomLabel):
     name = "salun"
-    defaults = {**RandomLabel.defaults, "budget": 0.08, "lr_scale": 0.25, "k": 0.5}
-
-    def validate(self):
-        super().validate()
-        check_number(self.hp, "k", low=0, high=1)
-
     def prepare(self, model, task, runtime):
         mask = saliency_mask(model, task.forget, runtime, k=float(self.hp["k"]),
                              batch_size=self.batch_size, ctx=self._ctx)

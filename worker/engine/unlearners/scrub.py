@@ -1,4 +1,4 @@
-"""``scrub`` (SCRUB, Kurmanji et al.; ALGORITHMS §4.4): teacher–student max/min distillation.
+"""``scrub`` (SCRUB, Kurmanji et al.; docs/methods.md#scrub): teacher–student max/min distillation.
 
 The teacher is a frozen copy of the input model (eval mode, no gradients). Each epoch e
 (0-based) runs, when e ≤ ``msteps`` (the reference's ``epoch <= msteps``: msteps + 1 max-step
@@ -21,7 +21,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .base import LoopUnlearner, check_number, register
+from .base import LoopUnlearner, register
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -33,20 +33,7 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: fl
 @register
 class Scrub(LoopUnlearner):
     name = "scrub"
-    defaults = {
-        **LoopUnlearner.defaults, "budget": 0.08, "lr_scale": 4.0, "msteps": 2, "temperature": 4.0,
-        "beta": 0.5, "gamma": 1.0, "forget_batch_size": None,
-    }
-
     _teacher: torch.nn.Module | None = None
-
-    def validate(self):
-        super().validate()
-        for key in ("beta", "gamma"):
-            check_number(self.hp, key, low=0)
-        check_number(self.hp, "temperature", low=0, low_open=True)
-        check_number(self.hp, "msteps", low=-1, high=1000, integer=True)
-        check_number(self.hp, "forget_batch_size", low=1, high=1_000_000, integer=True, optional=True)
 
     def prepare(self, model, task, runtime):
         self._teacher = copy.deepcopy(model).eval()
