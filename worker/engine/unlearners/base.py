@@ -18,36 +18,12 @@ from torch import nn
 
 from ..data import Batch, View
 from ..errors import ConfigError
+from ..hparams import LOOP, SCHEMA, check_hparams, default_hparams
 from ..recipe import Recipe
 from ..runtime import RunContext, Runtime, seed_everything
 from ..training import accuracy, fit, make_optimizer, make_scheduler
 
 REGISTRY: dict[str, type[Unlearner]] = {}
-
-
-def check_number(
-    hp: dict[str, Any], key: str, *, low: float | None = None, high: float | None = None,
-    low_open: bool = False, integer: bool = False, optional: bool = False,
-) -> None:
-    """The one hyperparameter check: a number (not a bool) within [low, high] (or (low, high]).
-
-    Raises :class:`ConfigError` naming ``hyperparameters.<key>``; ``optional`` allows null.
-    """
-    v = hp[key]
-    if optional and v is None:
-        return
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and (not integer or v == int(v))
-    if ok and low is not None:
-        ok = v > low if low_open else v >= low
-    if ok and high is not None:
-        ok = v <= high
-    if not ok:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high is None else f"<= {high:g}"
-        kind = "an integer" if integer else "a number"
-        bounds = " and ".join(b for b in (lo, hi) if b)
-        raise ConfigError(f"hyperparameters.{key}: must be {kind}{' ' + bounds if bounds else ''}"
-                          f"{' or null' if optional else ''}, got {v!r}")
 
 
 @dataclass
@@ -78,23 +54,13 @@ class Unlearner:
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **hparams: Any):
-        unknown = sorted(set(hparams) - set(self.defaults))
-        if unknown:
-            raise ConfigError(
-                f"hyperparameters: unknown for {self.name!r}: {unknown}; known: {sorted(self.defaults)}"
-            )
-        self.hp: dict[str, Any] = {**self.defaults, **hparams}
+        # One schema for the API and the engine (worker/engine/hparams.py): unknown keys, types and
+        # bounds are refused here exactly as at registration.
+        self.hp: dict[str, Any] = check_hparams(self.name, hparams, defaults=type(self).defaults)
         self.validate()
 
     def validate(self) -> None:
-        """Check hyperparameter values; raise ConfigError naming the field."""
-        for key, low, high, integer in (("lr", 0, 10, False), ("epochs", 0, 1000, True),
-                                        ("batch_size", 1, 1_000_000, True)):
-            if key in self.hp:
-                check_number(self.hp, key, low=low, high=high, integer=integer, optional=True)
-
-    def config(self) -> dict[str, Any]:
-        return {"method": self.name, **self.hp}
+        """Checks beyond the schema's (none for the built-ins); raise ConfigError naming the field."""
 
     def unlearn(
         self, model: nn.Module, task: UnlearningTask, runtime: Runtime, ctx: RunContext | None = None
@@ -105,6 +71,8 @@ class Unlearner:
 def register(cls: type[Unlearner]) -> type[Unlearner]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in SCHEMA:  # the built-ins' defaults come from the schema
+        cls.defaults = default_hparams(cls.name)
     REGISTRY[cls.name] = cls
     return cls
 
@@ -157,11 +125,7 @@ class LoopUnlearner(Unlearner):
     default); ``last_run`` lists the rates tried and the steps spent by all attempts.
     """
 
-    defaults: ClassVar[dict[str, Any]] = {
-        "budget": 0.03, "lr_scale": 0.5, "steps": None, "epochs": None, "lr": None, "batch_size": None,
-        "optimizer": None, "momentum": 0.9, "weight_decay": None, "schedule": "cosine", "eta_min_frac": 0.0,
-        "max_retain_drop": 0.03, "retries": 2,
-    }
+    defaults: ClassVar[dict[str, Any]] = {key: spec.default for key, spec in LOOP.items()}
     #: Stop early after this many consecutive guard checks outside the limit (None: never early;
     #: the end of the run still restores the last state within it).
     guard_patience: ClassVar[int | None] = 4
@@ -169,19 +133,6 @@ class LoopUnlearner(Unlearner):
     last_run: dict[str, Any] | None = None
     plan: LoopPlan | None = None
     _steps_done: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        check_number(self.hp, "budget", low=0, low_open=True, high=1)
-        check_number(self.hp, "lr_scale", low=0, low_open=True, high=100)
-        check_number(self.hp, "steps", low=1, high=1_000_000, integer=True, optional=True)
-        check_number(self.hp, "momentum", low=0, high=0.999)
-        check_number(self.hp, "weight_decay", low=0, high=1, optional=True)
-        check_number(self.hp, "eta_min_frac", low=0, high=1)
-        check_number(self.hp, "max_retain_drop", low=0, low_open=True, high=1, optional=True)
-        check_number(self.hp, "retries", low=0, high=5, integer=True)
-        check_choice(self.hp, "optimizer", (None, "sgd", "adam"))
-        check_choice(self.hp, "schedule", ("constant", "cosine"))
 
     def resolve(self, task: UnlearningTask) -> LoopPlan:
         """Turn the recipe-relative hyperparameters into this task's numbers."""
@@ -300,11 +251,6 @@ class LoopUnlearner(Unlearner):
         finally:
             self._task = self._ctx = None
             self.finish()
-
-
-def check_choice(hp: dict[str, Any], key: str, choices: tuple) -> None:
-    if hp[key] not in choices:
-        raise ConfigError(f"hyperparameters.{key}: must be one of {list(choices)}, got {hp[key]!r}")
 
 
 PROBE_ROWS = 256  # rows per guard probe (retain, holdout)
