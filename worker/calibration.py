@@ -2,7 +2,7 @@
 
 ``run_calibration(ctx, job_id)`` runs a ``kind = calibration`` job (``POST /v1/models/{id}/calibrations``,
 or made at registration when ``policy.calibration.auto`` is true). It shares the deletion job's
-machinery (worker/jobs.py): the fenced claim with stale takeover (here only as the oldest active
+machinery (worker/pipeline/): the fenced claim with stale takeover (here only as the oldest active
 job of its model, so it never runs beside a deletion job), heartbeat, throttled progress,
 cooperative cancellation, and the failure and cancel paths. Stages:
 
@@ -30,15 +30,20 @@ import logging
 from sqlalchemy import select
 
 from service.core.db import ensure_optuna_schema
-from service.core.models import Dataset, ForgottenSample, Model
+from service.core.models import Dataset, ForgottenSample, Model, utcnow
 from service.core.policy import CALIBRATION_SCHEMA, Policy, payback, with_unlearning
 from service.core.repo import audit
 from service.core.repo import models as model_repo
 from service.core.repo.common import iso
+from service.core.statuses import JobStatus
 
-from . import jobs
 from .context import WorkerContext
-from .jobs import _clean, _Lost, _Tracker
+from .pipeline import run_claimed
+from .pipeline.lease import Lease, claim, default_worker_name
+from .pipeline.loading import base_version, load_inputs
+from .pipeline.progress import Progress
+from .pipeline.proxies import load_proxy
+from .pipeline.report import clean, device_name
 
 log = logging.getLogger("unlearnd.worker")
 
@@ -53,27 +58,24 @@ def study_name(model_id: int, job_id: int) -> str:
     return f"unlearnd-model{model_id}-job{job_id}"
 
 
-class _CalibrationTracker(_Tracker):
+class CalibrationProgress(Progress):
     """The job's stage follows the engine's own stages (reference, search, check)."""
 
-    def __init__(self, ctx: WorkerContext, claim):
-        super().__init__(ctx, claim)
-        self.spans = SPANS
+    def __init__(self, ctx: WorkerContext, lease: Lease):
+        super().__init__(ctx, lease, SPANS)
 
-    def progress(self, stage: str, fraction: float) -> None:
-        if self.lost:
-            raise _Lost
-        if stage in ENGINE_STAGES and stage != self.stage:
-            self._close_stage()
-            self.stage = stage
-            self._write(fraction, force=True)
+    def report(self, engine_stage: str, fraction: float) -> None:
+        self.lease.check()
+        if engine_stage in ENGINE_STAGES and engine_stage != self.stage:
+            self.clock.switch(engine_stage)
+            self.write(fraction, force=True)
             return
-        self._write(fraction)
+        self.write(fraction)
 
     def engine_context(self):
         from worker.engine.runtime import RunContext
 
-        return RunContext(progress=self.progress, cancel_requested=self.cancel_requested, start=ENGINE_SPAN[0],
+        return RunContext(progress=self.report, cancel_requested=self.cancel_requested, start=ENGINE_SPAN[0],
                           end=ENGINE_SPAN[1], stage="reference")
 
 
@@ -81,56 +83,55 @@ def run_calibration(ctx: WorkerContext, job_id: int, *, worker_name: str | None 
     """Run calibration job ``job_id`` to its end; return its final status, or None if this call did
     nothing (not claimable: running elsewhere, finished, or waiting for an older job of its model)."""
 
-    worker_name = worker_name or jobs.default_worker_name()
-    claim = jobs._claim(ctx, job_id, worker_name, kind="calibration")
-    if claim is None:
+    worker_name = worker_name or default_worker_name()
+    lease = claim(ctx, job_id, worker_name, kind="calibration")
+    if lease is None:
         log.info("calibration job %s: not claimable (running elsewhere, finished, or behind another job of "
                  "its model); nothing to do", job_id)
         return None
-    log.info("calibration job %s: claimed by %s (attempt %d)", job_id, worker_name, claim.token)
-    tr = _CalibrationTracker(ctx, claim)
-    return jobs.run_claimed(ctx, tr, _execute, f"calibration job {job_id}")
+    log.info("calibration job %s: claimed by %s (attempt %d)", job_id, worker_name, lease.token)
+    return run_claimed(ctx, lease, CalibrationProgress(ctx, lease), _execute, f"calibration job {job_id}")
 
 
-def _execute(ctx: WorkerContext, tr: _CalibrationTracker) -> str:
+def _execute(ctx: WorkerContext, lease: Lease, progress: CalibrationProgress) -> str:
     import torch
 
     from worker.engine.calibration import CalibrationSettings, calibrate
 
     # ---- loading
-    tr.enter("loading")
-    with ctx.db.transaction() as s:
-        job = tr.lock_job(s)
-        model = s.get(Model, job.model_id)
-        dataset = s.get(Dataset, model.dataset_id)
-        base = jobs.base_version(s, job, model)
-        excluded = sorted(s.scalars(select(ForgottenSample.row).where(ForgottenSample.model_id == model.id)))
-        pol = Policy.model_validate(job.policy)
+    progress.enter("loading")
+    with ctx.db.transaction() as session:
+        job = lease.lock_job(session)
+        model = session.get(Model, job.model_id)
+        dataset = session.get(Dataset, model.dataset_id)
+        base = base_version(session, job, model)
+        excluded = sorted(session.scalars(select(ForgottenSample.row).where(ForgottenSample.model_id == model.id)))
+        policy = Policy.model_validate(job.policy)
         params = dict(job.params or {})
-    settings = CalibrationSettings.from_dict({**params.get("settings", {}), "seed": pol.seed})
-    inputs = jobs.load_inputs(ctx, model, dataset, base, excluded)
-    tr.check()
+    settings = CalibrationSettings.from_dict({**params.get("settings", {}), "seed": policy.seed})
+    inputs = load_inputs(ctx, model, dataset, base, excluded)
+    progress.check()
 
     # ---- proxies
-    tr.enter("proxies")
-    proxy = jobs.load_proxy(ctx, tr, pol, model, dataset, base, inputs)
-    tr.check()
+    progress.enter("proxies")
+    proxy = load_proxy(ctx, progress, policy, model, dataset, base, inputs)
+    progress.check()
 
     # ---- reference, search, check (the engine's stages)
-    tr.enter("reference")
+    progress.enter("reference")
     storage = ctx.settings.optuna_storage_url
     if storage is not None:
         ensure_optuna_schema(ctx.db)
     result = calibrate(copy.deepcopy(inputs.base), inputs.data, inputs.recipe, proxy.values, inputs.runtime,
-                       tr.engine_context(), settings=settings, storage=storage,
+                       progress.engine_context(), settings=settings, storage=storage,
                        study_name=study_name(model.id, job.id),
                        excluded_rows=torch.tensor(excluded, dtype=torch.long) if excluded else None)
-    out = _clean(result.to_dict())
+    out = clean(result.to_dict())
 
     # ---- publishing
-    tr.enter("publishing")
-    _publish(ctx, tr, model, dataset, base.version, pol, params, proxy, out, jobs._device(inputs.runtime))
-    return "succeeded"
+    progress.enter("publishing")
+    _publish(ctx, lease, progress, model, dataset, base.version, params, proxy, out, device_name(inputs.runtime))
+    return JobStatus.SUCCEEDED.value
 
 
 def _scores(out: dict) -> dict:
@@ -141,28 +142,29 @@ def _scores(out: dict) -> dict:
             "payback": payback(out.get("cost_retrains"), default_cost, calibrated_cost)}
 
 
-def _publish(ctx: WorkerContext, tr: _CalibrationTracker, model: Model, dataset: Dataset, base_version: int,
-             pol: Policy, params: dict, proxy, out: dict, device: str) -> None:
+def _publish(ctx: WorkerContext, lease: Lease, progress: CalibrationProgress, model: Model, dataset: Dataset,
+             base_number: int, params: dict, proxy, out: dict, device: str) -> None:
     """The report artifact, the policy revision (current unless pinned and not asked to apply), the
     job and the audit entries: one transaction."""
     scores = _scores(out)
-    with ctx.db.transaction() as s:
-        job = tr.lock_job(s)
-        m = s.scalar(select(Model).where(Model.id == model.id).with_for_update(of=Model))
+    with ctx.db.transaction() as session:
+        job = lease.lock_job(session)
+        m = session.scalar(select(Model).where(Model.id == model.id).with_for_update(of=Model))
         policy = with_unlearning(m.policy, out["policy"]).model_dump()
         apply = params.get("apply")
         apply = (not m.policy_pinned) if apply is None else bool(apply)
         previous = m.policy_revision
-        rev = model_repo.add_revision(s, m, policy, source="calibration", job_id=job.id, scores=scores, apply=apply)
-        now = jobs.utcnow()
-        timings = tr.final_timings()
+        rev = model_repo.add_revision(session, m, policy, source="calibration", job_id=job.id, scores=scores,
+                                      apply=apply)
+        now = utcnow()
+        timings = progress.timings()
         report = {
             "schema": CALIBRATION_SCHEMA,
             "job": {"id": job.id, "kind": "calibration", "model_id": m.id, "model_name": m.name,
-                    "status": "succeeded", "base_version": base_version, "attempts": tr.claim.token,
+                    "status": "succeeded", "base_version": base_number, "attempts": lease.token,
                     "trigger": params.get("trigger"), "created_at": iso(job.created_at),
                     "started_at": iso(job.started_at), "finished_at": iso(now), "timings": timings,
-                    "device": device, "worker": tr.claim.worker, "study": study_name(m.id, job.id)},
+                    "device": device, "worker": lease.worker, "study": study_name(m.id, job.id)},
             "dataset": {"id": dataset.id, "name": dataset.name, "sha256": dataset.sha256,
                         "n_train": dataset.n_train, "n_test": dataset.n_test},
             "proxy": {"name": proxy.name, "params": proxy.params, "source": proxy.source,
@@ -172,18 +174,18 @@ def _publish(ctx: WorkerContext, tr: _CalibrationTracker, model: Model, dataset:
             "revision": {"number": rev.revision, "previous": previous, "applied": apply, "pinned": m.policy_pinned,
                          "current": m.policy_revision, "policy": policy},
         }
-        report_sha = ctx.store.put_bytes(json.dumps(_clean(report), allow_nan=False).encode())
-        job.status, job.stage, job.progress, job.finished_at, job.error = "succeeded", None, 1.0, now, None
+        report_sha = ctx.store.put_bytes(json.dumps(clean(report), allow_nan=False).encode())
+        job.status, job.stage, job.progress, job.finished_at, job.error = JobStatus.SUCCEEDED, None, 1.0, now, None
         job.timings, job.report_sha256 = timings, report_sha
         job.params = {**params, "result_revision": rev.revision, "applied": apply}
-        audit.record(s, job.tenant_id, "worker", "policy.revised", f"model:{m.id}/policy:{rev.revision}", {
+        audit.record(session, job.tenant_id, "worker", "policy.revised", f"model:{m.id}/policy:{rev.revision}", {
             "source": "calibration", "job_id": job.id, "revision": rev.revision, "previous": previous,
             "applied": apply, "pinned": m.policy_pinned, "policy": policy,
             "search": scores["search"], "check": scores["check"], "cost_retrains": scores["cost_retrains"]})
-        audit.record(s, job.tenant_id, "worker", "job.succeeded", f"job:{job.id}", {
-            "kind": "calibration", "model_id": m.id, "base_version": base_version, "revision": rev.revision,
+        audit.record(session, job.tenant_id, "worker", "job.succeeded", f"job:{job.id}", {
+            "kind": "calibration", "model_id": m.id, "base_version": base_number, "revision": rev.revision,
             "applied": apply, "attempts": job.attempts, "report_sha256": report_sha})
-    log.info("calibration job %s: policy revision %s of model %s (%s)", tr.claim.job_id, rev.revision, model.id,
+    log.info("calibration job %s: policy revision %s of model %s (%s)", lease.job_id, rev.revision, model.id,
              "applied" if apply else "recorded, not applied: the policy is pinned")
 
 

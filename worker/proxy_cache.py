@@ -1,6 +1,6 @@
 """The memorization-proxy cache: one array of proxy values per (model version, proxy), as artifacts.
 
-A proxy gives one float per training row (higher = more memorized, ALGORITHMS §3). Computing one
+A proxy gives one float per training row (higher = more memorized; docs/proxies-and-metrics.md). Computing one
 can cost anything from nothing (learning events) to a fine-tuning run (``holdout_retrain``), so a
 job looks its proxy up before computing it. The rule, for a job whose base version is B:
 
@@ -44,9 +44,6 @@ from .context import WorkerContext
 
 log = logging.getLogger("unlearnd.worker")
 
-SOURCES = ("computed", "carried", "cached")
-
-
 def canonical(name: str) -> str:
     return PROXY_ALIASES.get(name, name)
 
@@ -76,10 +73,6 @@ class CachedProxy:
     source: str  # computed | carried | cached
     compute_seconds: float
     sha256: str
-
-    @property
-    def hit(self) -> bool:
-        return self.source != "computed"
 
 
 def to_bytes(values: np.ndarray) -> bytes:

@@ -10,6 +10,7 @@ import time
 from service.core.models import Model, ModelVersion
 from service.core.policy import Policy
 from service.core.repo import models as model_repo
+from service.core.statuses import VersionStatus
 
 from .context import WorkerContext
 
@@ -20,7 +21,7 @@ def validate_version(ctx: WorkerContext, version_id: int) -> str | None:
     """Check one version; return its new status (None if it was not pending)."""
     with ctx.db.session() as s:
         v = s.get(ModelVersion, version_id)
-        if v is None or v.status != "pending":
+        if v is None or v.status != VersionStatus.PENDING:
             return None
         model = s.get(Model, v.model_id)
         ds = model.dataset

@@ -50,7 +50,7 @@ def register_version(version_id: int) -> str | None:
 @app.task(name=RUN_JOB)
 def run_job(job_id: int) -> str | None:
     """Run one claimed job; then claim the model's next batch if one is due (one job per model)."""
-    from .jobs import run_job as run
+    from .pipeline import run_job as run
 
     ctx = worker_context()
     status = run(ctx, int(job_id), worker_name=f"{socket.gethostname()}:{os.getpid()}")

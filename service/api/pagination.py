@@ -44,10 +44,13 @@ def token(after: int) -> str:
     return base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode().rstrip("=")
 
 
-def paginate(session: Session, query: Select, key_column, page: Page, render) -> dict:
-    """One page of ``query`` ordered by the integer ``key_column`` (an id, or a version number)."""
+def paginate(session: Session, query: Select, key_column, page: Page, render=None, *, render_page=None) -> dict:
+    """One page of ``query`` ordered by the integer ``key_column`` (an id, or a version number),
+    shown by ``render`` (one row) or ``render_page`` (the page's rows at once: what a row shows
+    from other tables is read in one query for the page, not one per row)."""
     rows = list(session.scalars(query.where(key_column > page.after).order_by(key_column).limit(page.size + 1)))
     more = len(rows) > page.size
     rows = rows[: page.size]
     last = getattr(rows[-1], key_column.key) if more else None
-    return {"items": [render(r) for r in rows], "next_page_token": token(last) if more else None}
+    items = render_page(rows) if render_page is not None else [render(r) for r in rows]
+    return {"items": items, "next_page_token": token(last) if more else None}

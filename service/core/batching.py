@@ -19,13 +19,18 @@ from sqlalchemy.orm import Session
 
 from service.core.db import is_postgres
 from service.core.models import DeletionRequest, DeletionRequestSample, Job, Model, ModelVersion, utcnow
-from service.core.repo import audit
-
-ACTIVE_JOB = ("queued", "running")
+from service.core.policy import Batching
+from service.core.repo import audit, requests
+from service.core.statuses import JobStatus, RequestStatus, VersionStatus
 
 
 def _aware(ts: dt.datetime) -> dt.datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
+
+
+def batching_of(policy: dict | None) -> Batching:
+    """A stored policy's batching part, with the defaults of service/core/policy.py for what it leaves out."""
+    return Batching.model_validate((policy or {}).get("batching") or {})
 
 
 def has_new_samples():
@@ -43,33 +48,32 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
     model = session.scalar(q.with_for_update(of=Model) if pg else q)
     if model is None:
         return None
-    if session.scalar(select(Job.id).where(Job.model_id == model_id, Job.status.in_(ACTIVE_JOB)).limit(1)):
+    if session.scalar(select(Job.id).where(Job.model_id == model_id, Job.status.in_(JobStatus.ACTIVE)).limit(1)):
         return None
     if not session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model_id,
-                                                        ModelVersion.status == "ready").limit(1)):
+                                                        ModelVersion.status == VersionStatus.READY).limit(1)):
         return None  # nothing to unlearn from yet
     pending_q = (select(DeletionRequest).where(DeletionRequest.model_id == model_id,
-                                               DeletionRequest.status == "received", has_new_samples())
+                                               DeletionRequest.status == RequestStatus.RECEIVED, has_new_samples())
                  .order_by(DeletionRequest.id))
     pending = list(session.scalars(pending_q.with_for_update(skip_locked=True) if pg else pending_q))
     if not pending:
         return None
-    batching = model.policy.get("batching", {})
-    max_requests = int(batching.get("max_requests", 32))
-    max_wait = float(batching.get("max_wait_s", 60.0))
+    batching = batching_of(model.policy)
     oldest = _aware(pending[0].created_at)
-    due = force or len(pending) >= max_requests or (now - oldest).total_seconds() >= max_wait
+    due = (force or len(pending) >= batching.max_requests
+           or (now - oldest).total_seconds() >= batching.max_wait_s)
     if not due:
         return None
     ids = [r.id for r in pending]
     n_forget = session.scalar(select(func.count(func.distinct(DeletionRequestSample.row))).where(
         DeletionRequestSample.request_id.in_(ids), DeletionRequestSample.linked_request_id.is_(None)))
-    job = Job(tenant_id=model.tenant_id, model_id=model_id, kind="deletion", status="queued", policy=model.policy,
+    job = Job(tenant_id=model.tenant_id, model_id=model_id, kind="deletion", status=JobStatus.QUEUED,
+              policy=model.policy,
               policy_revision=model.policy_revision, n_requests=len(ids), n_forget=int(n_forget or 0))
     session.add(job)
     session.flush()
-    session.execute(update(DeletionRequest).where(DeletionRequest.id.in_(ids))
-                    .values(status="batched", job_id=job.id, updated_at=now))
+    requests.batch(session, ids, job.id, now)
     audit.record(session, model.tenant_id, "batcher", "job.created", f"job:{job.id}",
                  {"model_id": model_id, "requests": ids, "n_forget": job.n_forget,
                   "trigger": "flush" if force else "batch", "policy_revision": model.policy_revision})
@@ -81,19 +85,20 @@ def maybe_due(session: Session, model_id: int, now: dt.datetime | None = None) -
     the per-model lock off the hot path of accepting requests."""
     now = now or utcnow()
     policy = session.scalar(select(Model.policy).where(Model.id == model_id)) or {}
-    batching = policy.get("batching", {})
+    batching = batching_of(policy)
     n, oldest = session.execute(select(func.count(), func.min(DeletionRequest.created_at)).where(
-        DeletionRequest.model_id == model_id, DeletionRequest.status == "received", has_new_samples())).one()
+        DeletionRequest.model_id == model_id, DeletionRequest.status == RequestStatus.RECEIVED,
+        has_new_samples())).one()
     if not n:
         return False
     waited = (now - _aware(oldest)).total_seconds()
-    return n >= int(batching.get("max_requests", 32)) or waited >= float(batching.get("max_wait_s", 60.0))
+    return n >= batching.max_requests or waited >= batching.max_wait_s
 
 
 def models_with_pending(session: Session) -> list[int]:
     """Models that have claimable requests and no active job (the sweeper checks if they are due)."""
-    active = select(Job.model_id).where(Job.status.in_(ACTIVE_JOB))
-    q = (select(DeletionRequest.model_id).where(DeletionRequest.status == "received", has_new_samples(),
+    active = select(Job.model_id).where(Job.status.in_(JobStatus.ACTIVE))
+    q = (select(DeletionRequest.model_id).where(DeletionRequest.status == RequestStatus.RECEIVED, has_new_samples(),
                                                 DeletionRequest.model_id.not_in(active)).distinct())
     return list(session.scalars(q))
 
@@ -122,10 +127,10 @@ def next_job(db, dispatcher, model_id: int) -> Job | None:
     """What a model does next once a job of it ended (or version 1 became ready): a queued
     calibration that waited for it, else the next deletion batch if one is due."""
     with db.session() as session:
-        oldest = session.scalar(select(Job).where(Job.model_id == model_id, Job.status.in_(ACTIVE_JOB))
+        oldest = session.scalar(select(Job).where(Job.model_id == model_id, Job.status.in_(JobStatus.ACTIVE))
                                 .order_by(Job.id).limit(1))
     if oldest is not None:
-        if oldest.status == "queued":
+        if oldest.status == JobStatus.QUEUED:
             dispatch(db, dispatcher, oldest.id, oldest.kind)
         return oldest
     return claim_and_dispatch(db, dispatcher, model_id)

@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from service.core.statuses import JobStatus, RequestStatus, VersionStatus
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -139,7 +141,7 @@ class ModelVersion(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     version: Mapped[int]
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=VersionStatus.PENDING.value)
     status_reason: Mapped[str | None] = mapped_column(Text)
     parent_version: Mapped[int | None]
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), unique=True)
@@ -174,7 +176,7 @@ class Job(Base):
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(16), default="deletion", server_default="deletion")
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     stage: Mapped[str | None] = mapped_column(String(32))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     # calibration: the request (settings, apply); deletion: None
@@ -200,8 +202,8 @@ class Job(Base):
 
 
 class DeletionRequest(Base):
-    """``received → batched → processing → completed | failed | rejected``. The subject is stored
-    only as a hash."""
+    """``received → batched → processing → completed | failed`` (service/core/statuses.py). The
+    subject is stored only as a hash."""
 
     __tablename__ = "deletion_requests"
     __table_args__ = (
@@ -211,7 +213,7 @@ class DeletionRequest(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
-    status: Mapped[str] = mapped_column(String(16), default="received")
+    status: Mapped[str] = mapped_column(String(16), default=RequestStatus.RECEIVED.value)
     reason: Mapped[str] = mapped_column(String(32))
     subject_hash: Mapped[str | None] = mapped_column(String(64))
     n_samples: Mapped[int]

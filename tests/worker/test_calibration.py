@@ -15,7 +15,7 @@ from service.core.repo import models as model_repo
 from service.core.settings import OPTUNA_SCHEMA
 from tests.servicekit import make_settings, register_dataset, register_model, running_service
 from worker import calibration as worker_calibration
-from worker import jobs
+from worker import pipeline
 from worker.context import WorkerContext
 from worker.engine.sample_data import digits_arrays
 
@@ -164,7 +164,7 @@ def test_policy_revisions_and_calibration_requests(service, user_files):
         assert c.get(f"/v1/jobs/{second['id']}").json()["status"] == "queued"
         # a deletion job is never run by the calibration task, nor a calibration by the job task
         assert worker_calibration.run_calibration(_ctx(service), flushed["job"]["id"]) is None
-        assert jobs.run_job(_ctx(service), second["id"]) is None
+        assert pipeline.run_job(_ctx(service), second["id"]) is None
         assert c.post(f"/v1/jobs/{second['id']}/cancel").json()["status"] == "canceled"
 
         # a pinned policy (a plain method) and an automatic calibration after registration
@@ -232,7 +232,7 @@ def test_calibration_job_publishes_a_policy_revision_used_by_the_next_deletion_j
         flushed = c.post(f"/v1/models/{mid}/flush").json()
         deletion = flushed["job"]
         assert deletion["kind"] == "deletion" and deletion["policy_revision"] == 2
-        assert jobs.run_job(_ctx(service), deletion["id"]) == "succeeded"
+        assert pipeline.run_job(_ctx(service), deletion["id"]) == "succeeded"
         version = c.get(f"/v1/models/{mid}/versions/2").json()
         assert version["config"]["method"] == report["policy"]["method"]
         if report["policy"]["method"] == "rum":

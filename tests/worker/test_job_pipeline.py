@@ -1,4 +1,4 @@
-"""The job pipeline (``worker.jobs.run_job``) in-process, against a database made by the migrations
+"""The job pipeline (``worker.pipeline.run_job``) in-process, against a database made by the migrations
 and a real artifact store: digits, the session's trained small CNN with its learning events.
 
 The job state is made by hand as the batcher leaves it (a ``queued`` job, its requests
@@ -31,8 +31,10 @@ from service.core.models import (
 )
 from service.core.repo import audit
 from tests.servicekit import register_dataset, register_model
-from worker import jobs
+from worker import pipeline
 from worker.context import WorkerContext
+from worker.pipeline import progress as job_progress
+from worker.pipeline.report import canonical_json
 from worker.registration import validate_version
 
 # RUM with NegGrad+ in every bin (the paper's RUM^F NG+) surely moves the model on random rows: 5% of
@@ -175,7 +177,7 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rum, "run_unlearning", spy)
-    assert jobs.run_job(s.ctx, job1, worker_name="w1") == "succeeded"
+    assert pipeline.run_job(s.ctx, job1, worker_name="w1") == "succeeded"
     assert seen == [None]  # nothing forgotten before
     # the model's recipe on the dataset's training rows (registered without one: every field inferred)
     assert recipes[0].n_train == s.n_train and recipes[0].inferred and recipes[0].epochs == 30
@@ -184,7 +186,7 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
     assert (j.status, j.stage, j.progress, j.base_version, j.result_version, j.attempts, j.error) == (
         "succeeded", None, 1.0, 1, 2, 1, None)
     assert j.worker == "w1" and j.finished_at is not None
-    assert set(j.timings) == set(jobs.STAGES) | {"total"}
+    assert set(j.timings) == set(pipeline.STAGES) | {"total"}
     assert j.timings["total"] >= sum(v for k, v in j.timings.items() if k != "total") - 1e-3
 
     v1, v2 = s.versions()
@@ -229,7 +231,7 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
     g = report["guardrails"]
     assert g["test_drop"] == pytest.approx(before["acc_test"] - after["acc_test"])
     assert report["aliases_moved"] == (["latest", "production"] if g["passed"] else ["latest"])
-    assert report["config_sha256"] == hashlib.sha256(jobs.canonical_json(report["config"]).encode()).hexdigest()
+    assert report["config_sha256"] == hashlib.sha256(canonical_json(report["config"]).encode()).hexdigest()
     assert report["checkpoint"] == {"sha256": v2.checkpoint_sha256, "size_bytes": v2.checkpoint_size}
 
     assert s.aliases() == {"latest": 2, "production": 2 if g["passed"] else 1}
@@ -247,7 +249,7 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
         assert (entry.model_version_id, entry.proxy, entry.source) == (v1.id, "confidence", "computed")
 
     # a duplicate delivery of a finished job does nothing
-    assert jobs.run_job(s.ctx, job1) is None
+    assert pipeline.run_job(s.ctx, job1) is None
     assert len(s.versions()) == 2 and s.get(Job, job1).attempts == 1
 
     # the next job starts from version 2 and keeps job 1's rows out of every retain set
@@ -255,7 +257,7 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
     r4 = s.request(second)
     r5 = s.request([first[0], second[0] + 0], links={first[0]: r1, second[0]: r4})  # covered by r1 and r4
     job2 = s.job([r4, r5], NEGGRAD)
-    assert jobs.run_job(s.ctx, job2) == "succeeded"
+    assert pipeline.run_job(s.ctx, job2) == "succeeded"
     assert sorted(seen[-1].tolist()) == first
     v3 = s.versions()[-1]
     assert (v3.version, v3.parent_version, v3.job_id, v3.n_forgotten) == (3, 2, job2, 70)
@@ -282,7 +284,7 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
                                                               result_version=None, finished_at=None))
         sess.execute(update(DeletionRequest).where(DeletionRequest.id == r4).values(status="processing",
                                                                                    result_version=None))
-    assert jobs.run_job(s.ctx, job2, worker_name="w2") == "succeeded"
+    assert pipeline.run_job(s.ctx, job2, worker_name="w2") == "succeeded"
     assert len(s.versions()) == 3 and len(s.forgotten()) == 70
     j2 = s.get(Job, job2)
     assert (j2.status, j2.result_version, j2.attempts, j2.worker) == ("succeeded", 3, 2, "w2")
@@ -301,7 +303,7 @@ def test_cancel_while_queued_and_while_running(setup, monkeypatch):
     rows = random_rows(s.n_train, 20, seed=3)
     r1 = s.request(rows)
     job = s.job([r1], NEGGRAD, cancel_requested=True)
-    assert jobs.run_job(s.ctx, job) == "canceled"
+    assert pipeline.run_job(s.ctx, job) == "canceled"
     j = s.get(Job, job)
     assert (j.status, j.stage, j.result_version, j.attempts) == ("canceled", None, None, 1)
     assert j.finished_at is not None
@@ -309,7 +311,7 @@ def test_cancel_while_queued_and_while_running(setup, monkeypatch):
     assert len(s.versions()) == 1 and s.actions()[-1] == "job.canceled"
 
     # mid-run: the flag is set once unlearning has started; the engine's loop notices it
-    monkeypatch.setattr(jobs, "CANCEL_POLL_S", 0.0)
+    monkeypatch.setattr(job_progress, "CANCEL_POLL_S", 0.0)
     real = rum.run_unlearning
     calls = []
 
@@ -321,14 +323,14 @@ def test_cancel_while_queued_and_while_running(setup, monkeypatch):
 
     monkeypatch.setattr(rum, "run_unlearning", flip_then_run)
     job2 = s.job([r1], NEGGRAD)
-    assert jobs.run_job(s.ctx, job2) == "canceled"
+    assert pipeline.run_job(s.ctx, job2) == "canceled"
     j = s.get(Job, job2)
     assert calls == [1] and (j.status, j.stage, j.result_version, j.error) == ("canceled", "unlearning", None, None)
     assert "unlearning" in j.timings
     assert [(r.status, r.job_id, r.attempts) for r in s.requests([r1])] == [("received", None, 0)]
     assert len(s.versions()) == 1 and s.forgotten() == [] and s.aliases() == {"latest": 1, "production": 1}
     assert s.actions()[-1] == "job.canceled"
-    assert jobs.run_job(s.ctx, job2) is None  # canceled is final
+    assert pipeline.run_job(s.ctx, job2) is None  # canceled is final
 
 
 def test_a_failing_job_requeues_its_requests_until_they_ran_out_of_attempts(setup, monkeypatch):
@@ -347,7 +349,7 @@ def test_a_failing_job_requeues_its_requests_until_they_ran_out_of_attempts(setu
     limit = s.ctx.settings.max_request_attempts
     for attempt in range(1, limit + 1):
         job = s.job([r1], NEGGRAD)
-        assert jobs.run_job(s.ctx, job) == "failed"
+        assert pipeline.run_job(s.ctx, job) == "failed"
         j = s.get(Job, job)
         assert j.error == {"type": "ConfigError", "message": "bins[1].method: boom", "stage": "unlearning"}
         assert j.finished_at is not None and j.result_version is None
@@ -379,7 +381,7 @@ def test_rum_policy_with_a_retrain_reference_and_broken_guardrails(setup, monkey
               "guardrails": {"max_test_drop": 0.0, "max_retain_drop": 0.0}, "seed": 7}
     r1 = s.request(random_rows(s.n_train, 45, seed=5))
     job = s.job([r1], policy)
-    assert jobs.run_job(s.ctx, job) == "succeeded"
+    assert pipeline.run_job(s.ctx, job) == "succeeded"
     report = s.report(job)
     m = report["metrics"]
     assert m["reference"] is not None and 0.0 < m["tow"] <= 1.0 and 0.0 < m["tow_mia"] <= 1.0
@@ -413,15 +415,15 @@ def test_a_live_job_is_left_alone_and_a_stale_one_is_taken_over_without_a_second
         j = s.get(Job, seen["job"])
         seen.update(stage=j.stage, progress=j.progress, beat=j.heartbeat_at > j.started_at)
         seen["inner"] = "running"
-        seen["inner"] = jobs.run_job(s.ctx, seen["job"], worker_name="w2")  # a second delivery meanwhile
+        seen["inner"] = pipeline.run_job(s.ctx, seen["job"], worker_name="w2")  # a second delivery meanwhile
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rum, "run_unlearning", during)
     # a live worker (heartbeat every 0.05 s): a second delivery does nothing
     seen["job"] = job = s.job([s.request(random_rows(s.n_train, 20, seed=6))], NEGGRAD)
-    assert jobs.run_job(fast, job, worker_name="w1") == "succeeded"
+    assert pipeline.run_job(fast, job, worker_name="w1") == "succeeded"
     assert seen["inner"] is None and seen["stage"] == "unlearning" and seen["beat"]
-    assert jobs.SPANS["unlearning"][0] <= seen["progress"] < jobs.SPANS["unlearning"][1]
+    assert job_progress.SPANS["unlearning"][0] <= seen["progress"] < job_progress.SPANS["unlearning"][1]
     assert [(v.version, v.job_id) for v in s.versions()] == [(1, None), (2, job)]
 
     # a worker that looks dead (stale heartbeat): the next delivery takes the job over and publishes;
@@ -433,13 +435,13 @@ def test_a_live_job_is_left_alone_and_a_stale_one_is_taken_over_without_a_second
         with s.db.transaction() as sess:
             sess.execute(update(Job).where(Job.id == seen["job"]).values(heartbeat_at=old))
         seen["inner"] = "running"
-        seen["inner"] = jobs.run_job(s.ctx, seen["job"], worker_name="w2")
+        seen["inner"] = pipeline.run_job(s.ctx, seen["job"], worker_name="w2")
         return real(*args, **kwargs)
 
     seen.clear()
     monkeypatch.setattr(rum, "run_unlearning", stale_then_deliver)
     seen["job"] = job2 = s.job([s.request(random_rows(s.n_train, 20, seed=7, exclude=s_rows(s)))], NEGGRAD)
-    assert jobs.run_job(s.ctx, job2, worker_name="w1") is None
+    assert pipeline.run_job(s.ctx, job2, worker_name="w1") is None
     assert seen["inner"] == "succeeded"
     j = s.get(Job, job2)
     assert (j.status, j.worker, j.attempts, j.result_version) == ("succeeded", "w2", 2, 3)
@@ -455,7 +457,7 @@ def test_a_job_with_nothing_left_to_unlearn_publishes_nothing(setup):
     s = setup
     rows = random_rows(s.n_train, 10, seed=8)
     r1 = s.request(rows)
-    assert jobs.run_job(s.ctx, s.job([r1], NEGGRAD)) == "succeeded"
+    assert pipeline.run_job(s.ctx, s.job([r1], NEGGRAD)) == "succeeded"
     # requests that raced the linking: their rows were forgotten meanwhile by r1's job
     r2 = s.request(rows[:4])
     r3 = s.request(rows[4:6], links={rows[5]: r1})
@@ -463,7 +465,7 @@ def test_a_job_with_nothing_left_to_unlearn_publishes_nothing(setup):
     r4 = s.request(other, status="received")  # pending, not in the job
     r5 = s.request([rows[6], other[0]], links={other[0]: r4})  # forgotten row + a row r4 will forget
     job = s.job([r2, r3, r5], NEGGRAD)
-    assert jobs.run_job(s.ctx, job) == "succeeded"
+    assert pipeline.run_job(s.ctx, job) == "succeeded"
     j = s.get(Job, job)
     assert (j.status, j.result_version, j.progress, j.report_sha256) == ("succeeded", None, 1.0, None)
     assert [(r.status, r.result_version) for r in s.requests([r1, r2, r3])] == [("completed", 2)] * 3
@@ -474,6 +476,6 @@ def test_a_job_with_nothing_left_to_unlearn_publishes_nothing(setup):
         links = dict(sess.execute(select(DeletionRequestSample.row, DeletionRequestSample.linked_request_id)
                                   .where(DeletionRequestSample.request_id == r5)).all())
     assert links == {rows[6]: r1, other[0]: r4}
-    assert jobs.run_job(s.ctx, s.job([r4], NEGGRAD)) == "succeeded"
+    assert pipeline.run_job(s.ctx, s.job([r4], NEGGRAD)) == "succeeded"
     assert [(r.status, r.result_version) for r in s.requests([r4, r5])] == [("completed", 3)] * 2
     assert len(s.versions()) == 3 and len(s.forgotten()) == 13

@@ -77,11 +77,6 @@ class ProxyResult:
     source: str  # "events": recorded during training; "final": computed from the final model
     params: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Metadata for reports and caches (the values stay an array)."""
-        return {"name": self.name, "source": self.source, "seconds": self.seconds, "params": dict(self.params),
-                "n": int(len(self.values))}
-
 
 ProxyFn = Callable[..., np.ndarray]
 

@@ -17,6 +17,7 @@ from service.core import batching
 from service.core.models import DeletionRequest, ForgottenSample, Job, ModelVersion
 from service.core.policy import CALIBRATION_SCHEMA
 from service.core.repo import datasets, deletions, jobs, models
+from service.core.statuses import JobStatus, RequestStatus
 
 router = APIRouter(tags=["deletions"])
 
@@ -78,13 +79,13 @@ def get_deletion_request(ctx: Ctx, caller: Auth, request_id: int):
 
 
 @router.get("/v1/models/{model_id}/deletion-requests", summary="A model's deletion requests")
-def list_deletion_requests(ctx: Ctx, caller: Auth, model_id: int, status: str | None = None,
+def list_deletion_requests(ctx: Ctx, caller: Auth, model_id: int, status: RequestStatus | None = None,
                            max_results: Annotated[int | None, Query()] = None, page_token: str | None = None):
     page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
     with ctx.db.session() as session:
         models.get(session, caller, model_id)
         return paginate(session, deletions.query(caller, model_id, status), DeletionRequest.id, page,
-                        lambda r: deletions.render(session, r))
+                        render_page=lambda rows: deletions.render_page(session, rows))
 
 
 @router.post("/v1/models/{model_id}/flush", status_code=202, summary="Batch what is pending now into a job")
@@ -94,7 +95,7 @@ def flush(ctx: Ctx, caller: Auth, model_id: int):
     job = batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id, force=True)
     with ctx.db.session() as session:
         if job is None:
-            active = session.scalar(select(Job).where(Job.model_id == model_id, Job.status.in_(batching.ACTIVE_JOB)))
+            active = session.scalar(select(Job).where(Job.model_id == model_id, Job.status.in_(JobStatus.ACTIVE)))
             return JSONResponse({"job": jobs.render(active) if active else None, "created": False,
                                  "detail": "a job is active: pending requests go into the next batch" if active
                                  else "nothing pending"}, status_code=202)
@@ -109,7 +110,7 @@ def get_job(ctx: Ctx, caller: Auth, job_id: int):
 
 
 @router.get("/v1/models/{model_id}/jobs", summary="A model's jobs")
-def list_jobs(ctx: Ctx, caller: Auth, model_id: int, status: str | None = None,
+def list_jobs(ctx: Ctx, caller: Auth, model_id: int, status: JobStatus | None = None,
               kind: Annotated[Literal["deletion", "calibration"] | None, Query()] = None,
               max_results: Annotated[int | None, Query()] = None, page_token: str | None = None):
     page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)

@@ -27,6 +27,7 @@ from service.core.celery_app import REGISTER_VERSION
 from service.core.models import Dataset, Job, ModelVersion
 from service.core.policy import Policy, is_pinned, parse_calibration, parse_policy
 from service.core.repo import datasets, jobs, models
+from service.core.statuses import JobStatus, VersionStatus
 from worker.engine.catalog import NEEDS_EVENTS
 from worker.engine.errors import ConfigError
 from worker.engine.recipe import Recipe
@@ -112,7 +113,7 @@ def list_models(ctx: Ctx, caller: Auth, name: str | None = None,
     page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
     with ctx.db.session() as session:
         return paginate(session, models.query(caller, name), models.Model.id, page,
-                        lambda m: models.render(session, m))
+                        render_page=lambda rows: models.render_page(session, rows))
 
 
 @router.get("/{model_id}", summary="Get a model")
@@ -173,7 +174,7 @@ def _filename(name: str, version: int) -> str:
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int]:
-    """One ``bytes=a-b``, ``bytes=a-`` or ``bytes=-n`` range (RFC 9110 §14.1.2)."""
+    """One ``bytes=a-b``, ``bytes=a-`` or ``bytes=-n`` range (RFC 9110, section 14.1.2)."""
     unsatisfiable = Problem(416, "Range not satisfiable", f"Range: {header!r} does not fit {size} bytes",
                             kind="range-not-satisfiable", field="Range", headers={"Content-Range": f"bytes */{size}"})
     unit, _, spec = header.partition("=")
@@ -238,14 +239,14 @@ def create_calibration(
         model = models.get(session, caller, model_id, lock=True)
         settings, apply = parse_calibration(raw, Policy.model_validate(model.policy).calibration)
         if not session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model_id,
-                                                            ModelVersion.status == "ready").limit(1)):
+                                                            ModelVersion.status == VersionStatus.READY).limit(1)):
             raise Problem(409, "Model not ready", f"model {model_id} has no ready version yet (version 1 is "
                           "checked by a worker after registration)", kind="model-not-ready")
         job = jobs.create_calibration(session, model, settings=settings.model_dump(exclude={"auto"}), apply=apply,
                                       actor=caller.actor, trigger="api")
         job_id = job.id
         runs_now = session.scalar(select(Job.id).where(Job.model_id == model_id, Job.id < job_id,
-                                                       Job.status.in_(jobs.ACTIVE)).limit(1)) is None
+                                                       Job.status.in_(JobStatus.ACTIVE)).limit(1)) is None
     if runs_now:  # else the job ahead of it sends its wake-up when it ends (and the sweeper does)
         batching.dispatch(ctx.db, ctx.dispatcher, job_id, "calibration")
     with ctx.db.session() as session:

@@ -31,9 +31,9 @@ from service.core.models import (
 from service.core.repo import audit
 from service.core.repo.common import iso
 from service.core.repo.datasets import MAX_ID
+from service.core.statuses import RequestStatus, VersionStatus
 
 REASONS = ("erasure", "mislabeled", "poisoned", "other")
-ACTIVE = ("received", "batched", "processing")
 MAX_SAMPLES_PER_REQUEST = 100_000
 ERASURE_DEADLINE = dt.timedelta(days=30)  # GDPR Art. 12(3): one month
 LOOKUP_CHUNK = 5000
@@ -97,7 +97,7 @@ def create(session: Session, caller: Caller, model: Model, *, sample_ids: list[s
            subject_ref: str | None, idempotency_key: str | None, fp: str) -> DeletionRequest:
     """Validate and insert one request with its samples, in the caller's transaction."""
     if not session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model.id,
-                                                        ModelVersion.status == "ready").limit(1)):
+                                                        ModelVersion.status == VersionStatus.READY).limit(1)):
         raise Conflict(f"model {model.id} has no ready version yet (version 1 is checked by "
                       "a worker after registration)", title="Model not ready", kind="model-not-ready")
     unique = list(dict.fromkeys(sample_ids))
@@ -112,10 +112,11 @@ def create(session: Session, caller: Caller, model: Model, *, sample_ids: list[s
         ForgottenSample.model_id == model.id), ForgottenSample.row, wanted)
     pending = _linked(session, select(DeletionRequestSample.row, DeletionRequestSample.request_id).join(
         DeletionRequest, DeletionRequest.id == DeletionRequestSample.request_id).where(
-        DeletionRequest.model_id == model.id, DeletionRequest.status.in_(ACTIVE),
+        DeletionRequest.model_id == model.id, DeletionRequest.status.in_(RequestStatus.ACTIVE),
         DeletionRequestSample.linked_request_id.is_(None)), DeletionRequestSample.row, wanted)
     now = utcnow()
-    req = DeletionRequest(tenant_id=caller.tenant_id, model_id=model.id, status="received", reason=reason,
+    req = DeletionRequest(tenant_id=caller.tenant_id, model_id=model.id, status=RequestStatus.RECEIVED,
+                          reason=reason,
                           subject_hash=subject_hash(caller.tenant_id, subject_ref) if subject_ref else None,
                           n_samples=len(unique), idempotency_key=idempotency_key, fingerprint=fp, created_at=now,
                           updated_at=now)
@@ -132,7 +133,7 @@ def create(session: Session, caller: Caller, model: Model, *, sample_ids: list[s
     if all(r in forgotten for r in wanted):
         version = session.scalar(select(func.max(ForgottenSample.version)).where(
             ForgottenSample.model_id == model.id, ForgottenSample.row.in_(wanted)))
-        req.status, req.result_version, req.completed_at = "completed", version, now
+        req.status, req.result_version, req.completed_at = RequestStatus.COMPLETED, version, now
     audit.record(session, caller.tenant_id, caller.actor, "deletion_request.received", f"deletion_request:{req.id}",
                  {"model_id": model.id, "reason": reason, "subject_hash": req.subject_hash, "n_samples": len(unique),
                   "n_new": sum(1 for r in wanted if links[r] is None),
@@ -148,7 +149,7 @@ def _linked(session: Session, query, row_column, rows: list[int]) -> dict[int, i
     return out
 
 
-def query(caller: Caller, model_id: int | None = None, status: str | None = None):
+def query(caller: Caller, model_id: int | None = None, status: RequestStatus | None = None):
     q = select(DeletionRequest).where(DeletionRequest.tenant_id == caller.tenant_id)
     if model_id is not None:
         q = q.where(DeletionRequest.model_id == model_id)
@@ -156,15 +157,31 @@ def query(caller: Caller, model_id: int | None = None, status: str | None = None
 
 
 def render(session: Session, r: DeletionRequest) -> dict:
-    counts = dict(session.execute(
-        select(DeletionRequestSample.linked_request_id.is_(None), func.count()).where(
-            DeletionRequestSample.request_id == r.id).group_by(DeletionRequestSample.linked_request_id.is_(None))
-    ).all())
-    linked = sorted(session.scalars(select(DeletionRequestSample.linked_request_id).where(
-        DeletionRequestSample.request_id == r.id, DeletionRequestSample.linked_request_id.is_not(None)).distinct()))
+    return render_page(session, [r])[0]
+
+
+def render_page(session: Session, page: list[DeletionRequest]) -> list[dict]:
+    """The requests as shown, with their samples' counts and links read in two queries for the page."""
+    ids = [r.id for r in page]
+    n_new: dict[int, int] = {}
+    linked: dict[int, list[int]] = {i: [] for i in ids}
+    if ids:
+        n_new = dict(session.execute(
+            select(DeletionRequestSample.request_id, func.count()).where(
+                DeletionRequestSample.request_id.in_(ids), DeletionRequestSample.linked_request_id.is_(None))
+            .group_by(DeletionRequestSample.request_id)).all())
+        for request_id, target in session.execute(
+                select(DeletionRequestSample.request_id, DeletionRequestSample.linked_request_id).where(
+                    DeletionRequestSample.request_id.in_(ids), DeletionRequestSample.linked_request_id.is_not(None))
+                .distinct().order_by(DeletionRequestSample.request_id, DeletionRequestSample.linked_request_id)):
+            linked[request_id].append(target)
+    return [_render(r, int(n_new.get(r.id, 0)), linked[r.id]) for r in page]
+
+
+def _render(r: DeletionRequest, n_new_samples: int, linked: list[int]) -> dict:
     created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=dt.UTC)
     return {"id": r.id, "model_id": r.model_id, "status": r.status, "reason": r.reason,
-            "subject_hash": r.subject_hash, "n_samples": r.n_samples, "n_new_samples": int(counts.get(True, 0)),
+            "subject_hash": r.subject_hash, "n_samples": r.n_samples, "n_new_samples": n_new_samples,
             "linked_to": linked, "job_id": r.job_id, "result_version": r.result_version, "attempts": r.attempts,
             "error": r.error, "created_at": iso(r.created_at), "due_by": iso(created + ERASURE_DEADLINE),
             "completed_at": iso(r.completed_at), "updated_at": iso(r.updated_at),

@@ -7,13 +7,12 @@ from sqlalchemy.orm import Session
 
 from service.core.auth import Caller
 from service.core.errors import Conflict, conflict, not_found
-from service.core.models import DeletionRequest, Job, Model, utcnow
-from service.core.repo import audit
+from service.core.models import Job, Model, utcnow
+from service.core.repo import audit, requests
 from service.core.repo.common import iso
 from service.core.repo.datasets import MAX_ID
+from service.core.statuses import JobStatus
 
-TERMINAL = ("succeeded", "failed", "canceled")
-ACTIVE = ("queued", "running")
 KINDS = ("deletion", "calibration")
 
 
@@ -25,7 +24,7 @@ def get(session: Session, caller: Caller, job_id: int) -> Job:
     return row
 
 
-def query(caller: Caller, model_id: int | None = None, status: str | None = None, kind: str | None = None):
+def query(caller: Caller, model_id: int | None = None, status: JobStatus | None = None, kind: str | None = None):
     q = select(Job).where(Job.tenant_id == caller.tenant_id)
     if model_id is not None:
         q = q.where(Job.model_id == model_id)
@@ -41,10 +40,10 @@ def create_calibration(session: Session, model: Model, *, settings: dict, apply:
     no deletion batch is claimed while it waits or runs (service/core/batching.py). One calibration per
     model at a time: 409 while one is active."""
     active = session.scalar(select(Job.id).where(Job.model_id == model.id, Job.kind == "calibration",
-                                                 Job.status.in_(ACTIVE)).limit(1))
+                                                 Job.status.in_(JobStatus.ACTIVE)).limit(1))
     if active is not None:
         raise conflict(f"model {model.id} has a calibration in progress (job {active})")
-    job = Job(tenant_id=model.tenant_id, model_id=model.id, kind="calibration", status="queued",
+    job = Job(tenant_id=model.tenant_id, model_id=model.id, kind="calibration", status=JobStatus.QUEUED,
               policy=model.policy, policy_revision=model.policy_revision,
               params={"settings": settings, "apply": apply, "trigger": trigger})
     session.add(job)
@@ -59,16 +58,15 @@ def cancel(session: Session, caller: Caller, job_id: int) -> Job:
     """A queued job is canceled at once (its requests go back to pending); a running one is asked
     to stop at its next step and publishes nothing."""
     job = get(session, caller, job_id)
-    if job.status in TERMINAL:
+    if job.status in JobStatus.TERMINAL:
         raise Conflict(f"job {job_id} is {job.status} and cannot be canceled", title="Job finished",
                        kind="job-finished")
     now = utcnow()
-    if job.status == "queued":
-        done = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
-            status="canceled", cancel_requested=True, finished_at=now, stage=None))
+    if job.status == JobStatus.QUEUED:
+        done = session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(
+            status=JobStatus.CANCELED, cancel_requested=True, finished_at=now, stage=None))
         if done.rowcount == 1:
-            session.execute(update(DeletionRequest).where(DeletionRequest.job_id == job_id).values(
-                status="received", job_id=None, updated_at=now))
+            requests.requeue(session, job_id, now)
             audit.record(session, caller.tenant_id, caller.actor, "job.canceled", f"job:{job_id}", {"while": "queued"})
             session.refresh(job)
             return job

@@ -14,6 +14,7 @@ from service.core.models import Job, Model, ModelAlias, ModelVersion, PolicyRevi
 from service.core.repo import audit
 from service.core.repo.common import iso
 from service.core.repo.datasets import MAX_ID
+from service.core.statuses import JobStatus, VersionStatus
 
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 SYSTEM_ALIASES = ("latest",)  # moved by the service to the newest ready version
@@ -47,8 +48,8 @@ def create(session: Session, caller: Caller, *, name: str, dataset_id: int, arch
     except IntegrityError:
         raise conflict(f"name: a model named {name!r} exists already", field="name") from None
     session.add(PolicyRevision(model_id=model.id, revision=1, policy=policy, source="registration", applied=True))
-    version = ModelVersion(model_id=model.id, version=1, status="pending", checkpoint_sha256=checkpoint_sha256,
-                           checkpoint_size=checkpoint_size, method="upload")
+    version = ModelVersion(model_id=model.id, version=1, status=VersionStatus.PENDING,
+                           checkpoint_sha256=checkpoint_sha256, checkpoint_size=checkpoint_size, method="upload")
     session.add(version)
     session.flush()
     audit.record(session, caller.tenant_id, caller.actor, "model.registered", f"model:{model.id}",
@@ -97,7 +98,7 @@ def set_alias(session: Session, caller: Caller, model_id: int, alias: str, versi
                                                        ModelVersion.version == version)) if version <= MAX_ID else None
     if target is None:
         raise invalid("version", f"model {model_id} has no version {version}")
-    if target.status != "ready":
+    if target.status != VersionStatus.READY:
         raise conflict(f"version: version {version} is {target.status}, only a ready version can be aliased",
                        field="version")
     row = session.get(ModelAlias, (model_id, alias))
@@ -142,8 +143,9 @@ def finish_registration(session: Session, version_id: int, *, ok: bool, reason: 
     """Mark a pending version ``ready`` (moving ``latest``, and ``production`` for version 1) or
     ``invalid``. Idempotent: a version that is no longer pending is left alone (returns False)."""
     done = session.execute(
-        update(ModelVersion).where(ModelVersion.id == version_id, ModelVersion.status == "pending")
-        .values(status="ready" if ok else "invalid", status_reason=reason, metrics=metrics, updated_at=utcnow()))
+        update(ModelVersion).where(ModelVersion.id == version_id, ModelVersion.status == VersionStatus.PENDING)
+        .values(status=VersionStatus.READY if ok else VersionStatus.INVALID, status_reason=reason, metrics=metrics,
+                updated_at=utcnow()))
     if done.rowcount != 1:
         return False
     version = session.get(ModelVersion, version_id)
@@ -165,7 +167,8 @@ def finish_registration(session: Session, version_id: int, *, ok: bool, reason: 
 def pending_registrations(session: Session, older_than) -> list[int]:
     """Versions still pending whose wake-up went out before ``older_than`` (or never)."""
     stale = ModelVersion.dispatched_at.is_(None) | (ModelVersion.dispatched_at < older_than)
-    q = select(ModelVersion.id).where(ModelVersion.status == "pending", ModelVersion.job_id.is_(None), stale)
+    q = select(ModelVersion.id).where(ModelVersion.status == VersionStatus.PENDING, ModelVersion.job_id.is_(None),
+                                      stale)
     return list(session.scalars(q))
 
 
@@ -198,9 +201,26 @@ def render_version(v: ModelVersion, alias_map: dict[str, int] | None = None, rec
 
 
 def render(session: Session, m: Model) -> dict:
-    alias_map = aliases(session, m.id)
-    last = session.scalar(select(ModelVersion).where(ModelVersion.model_id == m.id)
-                          .order_by(ModelVersion.version.desc()).limit(1))
+    return render_page(session, [m])[0]
+
+
+def render_page(session: Session, page: list[Model]) -> list[dict]:
+    """The models as shown, with their aliases and newest versions read in two queries for the page."""
+    ids = [m.id for m in page]
+    alias_maps: dict[int, dict[str, int]] = {i: {} for i in ids}
+    newest: dict[int, ModelVersion] = {}
+    if ids:
+        for row in session.scalars(select(ModelAlias).where(ModelAlias.model_id.in_(ids))
+                                   .order_by(ModelAlias.model_id, ModelAlias.alias)):
+            alias_maps[row.model_id][row.alias] = row.version
+        numbers = (select(ModelVersion.model_id, func.max(ModelVersion.version).label("version"))
+                   .where(ModelVersion.model_id.in_(ids)).group_by(ModelVersion.model_id).subquery())
+        newest = {v.model_id: v for v in session.scalars(select(ModelVersion).join(
+            numbers, (ModelVersion.model_id == numbers.c.model_id) & (ModelVersion.version == numbers.c.version)))}
+    return [_render(m, alias_maps[m.id], newest.get(m.id)) for m in page]
+
+
+def _render(m: Model, alias_map: dict[str, int], last: ModelVersion | None) -> dict:
     recipe = recipe_of(m)
     return {"id": m.id, "name": m.name, "dataset_id": m.dataset_id, "architecture": m.architecture,
             "recipe": recipe, "policy": m.policy, "policy_revision": m.policy_revision,
@@ -246,7 +266,7 @@ def render_policy(session: Session, m: Model) -> dict:
     revs = revisions(session, m.id)
     current = next((r for r in revs if r.revision == m.policy_revision), None)
     active = session.scalar(select(Job).where(Job.model_id == m.id, Job.kind == "calibration",
-                                              Job.status.in_(("queued", "running"))).limit(1))
+                                              Job.status.in_(JobStatus.ACTIVE)).limit(1))
     return {"model_id": m.id, "revision": m.policy_revision, "pinned": m.policy_pinned, "policy": m.policy,
             **({k: v for k, v in render_revision(current, m.policy_revision).items()
                 if k in ("source", "job_id", "scores", "created_at")} if current else {}),

@@ -1,0 +1,49 @@
+"""The lifecycles of deletion requests, jobs and model versions, with their active and terminal
+sets defined once (the database stores the values as plain strings).
+
+Deletion request: ``received → batched → processing → completed | failed``; a request whose job
+is canceled, or fails while it has attempts left, goes back to ``received``
+(service/core/repo/requests.py makes every transition). Job:
+``queued → running → succeeded | failed | canceled``. Model version: ``pending → ready | invalid``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum, nonmember
+
+
+class RequestStatus(StrEnum):
+    RECEIVED = "received"  # pending: waits for a batch
+    BATCHED = "batched"  # taken into a queued job
+    PROCESSING = "processing"  # its job runs
+    COMPLETED = "completed"
+    FAILED = "failed"  # its jobs failed max_request_attempts times
+
+    # Waiting or in a job (the API links a new request's samples to these).
+    ACTIVE = nonmember((RECEIVED, BATCHED, PROCESSING))
+    # In a job that has not ended.
+    IN_JOB = nonmember((BATCHED, PROCESSING))
+    TERMINAL = nonmember((COMPLETED, FAILED))
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    ACTIVE = nonmember((QUEUED, RUNNING))
+    TERMINAL = nonmember((SUCCEEDED, FAILED, CANCELED))
+
+
+class VersionStatus(StrEnum):
+    PENDING = "pending"  # registered, not yet checked by a worker
+    READY = "ready"
+    INVALID = "invalid"
+
+    ACTIVE = nonmember((PENDING,))
+    TERMINAL = nonmember((READY, INVALID))
+
+
+__all__ = ["JobStatus", "RequestStatus", "VersionStatus"]
