@@ -1,28 +1,30 @@
-"""Memorization proxies (ALGORITHMS §3): one score per training row, higher = more memorized.
+"""Memorization proxies (docs/proxies-and-metrics.md#proxies): one score per training row, higher =
+more memorized.
 
 Proxies, by name (:data:`PROXIES` holds their metadata; :func:`check_proxy` validates a
 policy's choice):
 
 - ``confidence``, ``max_conf``, ``entropy``, ``bi_acc``: running means of p_y, max_k p_k,
   Σ_k p_k log p_k and 1[argmax = y] recorded during the original training
-  (:class:`~worker.engine.events.LearningEvents`, §3.2). They need the events.
+  (:class:`~worker.engine.events.LearningEvents`). They need the events.
 - ``confidence_final``, ``max_conf_final``, ``entropy_final``, ``bi_acc_final``: the same four
-  statistics from one eval-mode pass of the *final* model (§8 ``confidence_final``) — the
-  fallback when no events were uploaded. [INF] They see only the end of training, so easy and
-  memorized examples look alike (both are fit); expect them to be weaker than the event means.
-- ``holdout_retrain`` (alias ``ho_ret``, §3.3): fine-tune a copy on the *holdout* split and
+  statistics from one eval-mode pass of the *final* model — the fallback when no events were
+  uploaded. [Ours] They see only the end of training, so easy and memorized examples look alike
+  (both are fit); expect them to be weaker than the event means.
+- ``holdout_retrain`` (alias ``ho_ret``): fine-tune a copy on the *holdout* split and
   take the symmetric KL between the two models' predictions. Post hoc, needs a holdout split.
-- ``loss_curvature`` (alias ``curvature_final``, §3.4): CURE's input-space curvature of the
+- ``loss_curvature`` (alias ``curvature_final``): CURE's input-space curvature of the
   loss, post hoc on the final model.
 
-Orientation is done in exactly one place, :func:`orient`: the learning-event statistics are
-anti-correlated with memorization (§7.1), so they are turned around there (1 − p_y, 1 − max p,
-entropy = −Σ p log p, error = 1 − accuracy); the KL and curvature scores already grow with
-memorization. Every other function in this module works on raw statistics.
+Orientation is done in exactly one place, :func:`orient`
+(docs/proxies-and-metrics.md#orientation-higher-means-more-memorized): the learning-event
+statistics are anti-correlated with memorization, so they are turned around there (1 − p_y,
+1 − max p, entropy = −Σ p log p, error = 1 − accuracy); the KL and curvature scores already grow
+with memorization. Every other function in this module works on raw statistics.
 
-Default (:func:`default_proxy`): ``confidence`` when events exist (the paper's best, ρ≈0.8–0.9
-at ≈0.002% of the estimator's cost, §3.5 [2nd]), else ``holdout_retrain`` (the only post-hoc
-proxy of the paper, §3.3 item 5).
+Default (:func:`default_proxy`): ``confidence`` when events exist (the best proxy on our digits
+benchmark at 0.04% of the estimator's cost: docs/benchmarks.md), else ``holdout_retrain`` (the
+papers' one proxy that needs only the final weights; docs/proxies-and-metrics.md#default-proxy).
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def available_proxies() -> list[str]:
 def default_proxy(has_events: bool, has_holdout: bool = True) -> str:
     """``confidence`` with learning events, else ``holdout_retrain``.
 
-    [INF] Without events *and* without a holdout split, no paper proxy applies; we fall back to
+    [Choice] Without events *and* without a holdout split, no paper proxy applies; we fall back to
     ``loss_curvature`` (post hoc, needs neither).
     """
     if has_events:
@@ -264,15 +266,16 @@ def _holdout_retrain(
     model: nn.Module, data: UnlearningData, runtime: Runtime, ctx: RunContext, *, ft_lr: float, ft_epochs: int,
     patience: int, momentum: float, weight_decay: float, batch_size: int, seed: int,
 ) -> np.ndarray:
-    """Symmetric KL between θ and θ fine-tuned on the holdout split (§3.3).
+    """Symmetric KL between θ and θ fine-tuned on the holdout split
+    (docs/proxies-and-metrics.md#holdout-retraining).
 
-    Deviation from the code (§7.7): the reference fine-tunes on the *test* split; we use the
+    [Deviation] The reference fine-tunes on the *test* split; we use the
     dataset's holdout split and never read the test split, so reported test accuracy stays clean.
     Fine-tuning: CE, SGD(ft_lr, momentum, wd), constant LR, train mode (BN statistics adapt, as in
     any fine-tuning), at most ``ft_epochs`` epochs, stop when the epoch's mean train loss has not
     improved for ``patience`` epochs. Scoring: both models in eval mode, probabilities clamped
     ≥ 1e-10, ½[KL(p‖q) + KL(q‖p)] = ½ Σ_k (p_k − q_k)(log p_k − log q_k).
-    [INF] ``batch_size`` 256 follows the RUM recipe (§1.1).
+    ``batch_size`` 256 is the RUM recipe's batch size.
     """
     if data.holdout is None:
         raise DatasetError(
@@ -320,7 +323,8 @@ def _loss_curvature(
     model: nn.Module, data: UnlearningData, runtime: Runtime, ctx: RunContext, *, h: float | Sequence[float],
     batch_size: int,
 ) -> np.ndarray:
-    """CURE's input-space loss curvature per training example (§3.4), eval mode, float32.
+    """CURE's input-space loss curvature per training example, eval mode, float32
+    (docs/proxies-and-metrics.md#loss-curvature).
 
     g = ∇_x ℓ(x, y); z = h · sign(g) / ||sign(g)||₂; curv = ||∇_x [ℓ(x + z, y) − ℓ(x, y)]||₂ with
     z held constant (sign has zero derivative), i.e. ||∇ℓ(x+z) − ∇ℓ(x)||₂: one gradient pass
@@ -328,7 +332,7 @@ def _loss_curvature(
     score does not depend on the batch it is in; CURE's batch-mean loss only rescales by 1/B).
     With several ``h`` values the scores are averaged.
 
-    [INF/GAP] The paper (Garg et al.) averages the curvature over *training* (every epoch);
+    [Choice] The paper (Garg et al.) averages the curvature over *training* (every epoch);
     we compute it post hoc on the final model only, so it needs no training hooks. ``h`` is in
     the units of the model's inputs (after normalization); the reference's h = 0.01 is in
     [0, 1] pixel units (normalization inside its model).
