@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from service.core.errors import Invalid, invalid
 from worker.engine.catalog import METHODS, PROXIES, PROXY_ALIASES
+from worker.engine.errors import ConfigError
+from worker.engine.hparams import check_hparams
 
 
 class _Strict(BaseModel):
@@ -125,10 +127,14 @@ class Policy(_Strict):
             raise ValueError("hparams: RUM takes per-bin hyperparameters in bins[i].hparams")
         if self.method != "rum" and (self.bins, self.quantiles, self.thresholds) != (None, None, None):
             raise ValueError("bins: bins, quantiles and thresholds belong to method 'rum'")
+        if self.method != "rum":
+            _check_hparams(self.method, self.hparams, "hparams")
         for i, b in enumerate(self.bins or []):
             name = b if isinstance(b, str) else b.get("method") if isinstance(b, dict) else None
             if name not in METHODS:
                 raise ValueError(f"bins[{i}].method: unknown method {name!r}; known: {list(METHODS)}")
+            if isinstance(b, dict):
+                _check_hparams(name, b.get("hparams"), f"bins[{i}].hparams")
         if self.proxy is not None and self.proxy not in PROXIES and self.proxy not in PROXY_ALIASES:
             raise ValueError(f"proxy: unknown proxy {self.proxy!r}; known: {list(PROXIES)}")
         return self
@@ -142,6 +148,15 @@ class Policy(_Strict):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
+
+
+def _check_hparams(method: str, hparams: Any, field: str) -> None:
+    """The engine's own schema (worker/engine/hparams.py), so a value the worker would refuse is a
+    422 at registration, not an invalid version minutes later."""
+    try:
+        check_hparams(method, hparams)
+    except ConfigError as exc:
+        raise ValueError(str(exc).replace("hyperparameters", field, 1)) from None
 
 
 def with_unlearning(policy: dict[str, Any], engine_policy: dict[str, Any]) -> Policy:

@@ -95,6 +95,17 @@ def test_hostile_model_uploads(tmp_path, user_files):
                 {"w": {"dtype": "U8", "shape": [1], "data_offsets": [False, True]}}, b"\0")), 422, "weights"),
             ("header past 8 MiB", post(blob=safetensors_bytes(
                 {"w": entry, "__metadata__": {"pad": "x" * (9 << 20)}}, b"\0" * 8)), 422, "weights"),
+            ("epochs 100,000,000", post(policy='{"method": "finetune", "hparams": {"epochs": 100000000}}'), 422,
+             "policy.hparams.epochs"),
+            ("a budget of 50 retrainings", post(policy='{"method": "neggrad_plus", "hparams": {"budget": 50}}'), 422,
+             "policy.hparams.budget"),
+            ("lr 1e6 in a RUM bin", post(policy=json.dumps(
+                {"method": "rum", "bins": ["none", {"method": "scrub", "hparams": {"lr": 1e6}}, "salun"]})), 422,
+             "policy.bins[1].hparams.lr"),
+            ("a boolean as a step count", post(policy='{"method": "iau", "hparams": {"steps": true}}'), 422,
+             "policy.hparams.steps"),
+            ("an unknown hyperparameter", post(policy='{"method": "finetune", "hparams": {"epoch": 3}}'), 422,
+             "policy.hparams"),
             ("70,000 tensors", post(blob=safetensors_bytes(
                 {f"t{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(70_000)}, b"")),
              422, "weights"),
