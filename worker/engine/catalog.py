@@ -2,7 +2,8 @@
 
 The API validates a policy's method and proxy names against these lists; the registries in
 :mod:`worker.engine.unlearners` and :mod:`worker.engine.proxies` are the source of truth and a
-test keeps the two equal. Hyperparameters are checked by the engine itself (in the worker).
+test keeps the two equal. Hyperparameters have their own torch-free schema in
+:mod:`worker.engine.hparams`, which the API and the unlearners both check against.
 """
 
 METHODS: tuple[str, ...] = (
