@@ -91,15 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace):
-    """Settings from the environment, with ``--data-dir`` exported so child processes agree."""
+def _settings(args: argparse.Namespace, *, create: bool = True):
+    """Settings from the environment, with ``--data-dir`` exported so child processes agree.
+    ``create=False``: a command that only uses an existing service never creates its directories."""
     if getattr(args, "data_dir", None) is not None:
         os.environ["UNLEARND_DATA_DIR"] = str(args.data_dir.resolve())
     from service.core.settings import Settings
 
     settings = Settings()
     os.environ["UNLEARND_DATA_DIR"] = str(settings.data_dir.resolve())
-    settings.ensure_dirs()
+    if create:
+        settings.ensure_dirs()
     return settings
 
 
@@ -118,7 +120,12 @@ def cmd_keys_create(args) -> int:
     from service.core.auth import create_key
     from service.core.db import Database
 
-    settings = _settings(args)
+    settings = _settings(args, create=False)
+    if settings.database_url is None and not (settings.data_dir / "unlearnd.sqlite3").is_file():
+        print(f"error: no unlearnd database in {settings.data_dir.resolve()}; give the service's data "
+              "directory with --data-dir (or UNLEARND_DATA_DIR), or DATABASE_URL for PostgreSQL. A new "
+              f"service starts with '{_prog()} serve' or '{_prog()} migrate --data-dir DIR'.", file=sys.stderr)
+        return 1
     db = Database(settings.db_url)
     try:
         with db.transaction() as session:

@@ -47,7 +47,8 @@ def test_the_api_side_never_imports_torch():
 def test_keys_need_a_migrated_database_then_authenticate(tmp_path):
     data = str(tmp_path / "d")
     early = _run("keys", "create", "--tenant", "acme", "--data-dir", data, check=False)
-    assert early.returncode == 1 and "unlearnd migrate" in early.stderr
+    assert early.returncode == 1 and "unlearnd migrate" in early.stderr and "--data-dir" in early.stderr
+    assert not (tmp_path / "d").exists()  # a mistyped directory is not created empty
     assert "revision" in _run("migrate", "--data-dir", data).stdout
     key = _run("keys", "create", "--tenant", "acme", "--data-dir", data).stdout.strip()
     assert key.startswith("ulk_")
