@@ -107,6 +107,11 @@ class Setup:
             return list(s.scalars(select(DeletionRequest).where(DeletionRequest.id.in_(ids))
                                   .order_by(DeletionRequest.id)))
 
+    def requests_of(self, job_id: int) -> list[DeletionRequest]:
+        with self.db.session() as s:
+            return list(s.scalars(select(DeletionRequest).where(DeletionRequest.job_id == job_id)
+                                  .order_by(DeletionRequest.id)))
+
     def versions(self) -> list[ModelVersion]:
         with self.db.session() as s:
             return list(s.scalars(select(ModelVersion).where(ModelVersion.model_id == self.model_id)
@@ -206,7 +211,7 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
     assert after["acc_test"] > 0.9 and after["acc_retain"] > 0.95
 
     report = s.report(job1)
-    assert set(report) == REPORT_KEYS and report["schema"] == "unlearnd.report/1"
+    assert set(report) == REPORT_KEYS and report["schema"] == "unlearnd.report/2"
     assert report["job"]["new_version"] == 2 and report["job"]["base_version"] == 1
     assert report["job"]["worker"] == "w1" and report["job"]["device"]
     assert report["forget_set"]["n"] == 40 and report["forget_set"]["n_excluded_before"] == 0
