@@ -8,7 +8,6 @@ from .base import Unlearner, register
 @register
 class NoOp(Unlearner):
     name = "none"
-    defaults: dict = {}
 
     def unlearn(self, model, task, runtime, ctx=None):
         if ctx is not None:

@@ -14,14 +14,10 @@ from .base import Unlearner, register
 @register
 class Retrain(Unlearner):
     name = "retrain"
-    # None = the original's recipe (task.recipe), so the reference is trained as the original was
-    defaults = {
-        "epochs": None, "lr": None, "batch_size": None, "optimizer": None, "momentum": None,
-        "weight_decay": None, "schedule": None,
-    }
 
     def config_for(self, task) -> TrainConfig:
         recipe = task.the_recipe()
+        # a hyperparameter left None is the original's (task.recipe): the reference is trained as it was
         given = {k: v for k, v in self.hp.items() if v is not None}
         base = {"epochs": recipe.epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
                 "optimizer": recipe.optimizer, "momentum": recipe.momentum,
