@@ -151,6 +151,13 @@ def test_control_characters_in_paths_queries_and_json_bodies(service, user_files
             ("NUL in a JSON key", lambda: c.post("/v1/models/1/deletion-requests", content=b'{"a\\u0000": 1}',
                                                  headers={"content-type": "application/json"}), 422, "body"),
         ])
+        # version references: digits int() refuses ('²' is a digit to str.isdigit()) are alias names
+        for ref in ("²", "١٢", "9" * 40):
+            r = c.get(f"/v1/models/1/versions/{ref}")
+            assert r.status_code == 404, (ref, r.text)
+        for path in ("/v1/models/1/deletion-requests?status=rejected", "/v1/models/1/jobs?status=bogus"):
+            r = c.get(path)  # an unknown status is a mistake, not an empty list
+            assert r.status_code == 422 and r.json()["errors"][0]["field"] == "status", (path, r.text)
         # a backslash before u0000 in the text is not a control character: the body goes through
         r = c.post("/v1/models/999/deletion-requests", json={"sample_ids": ["a\\u0000"], "reason": "erasure"})
         assert r.status_code == 404, r.text

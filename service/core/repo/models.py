@@ -74,7 +74,7 @@ def get_version(session: Session, caller: Caller, model_id: int, version: int) -
 
 def resolve(session: Session, caller: Caller, model_id: int, ref: str) -> ModelVersion:
     """A version by number or by alias (``latest``, ``production``, …)."""
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():  # str.isdigit() also takes '²' and other digits int() refuses
         return get_version(session, caller, model_id, int(ref))
     get(session, caller, model_id)
     alias = session.get(ModelAlias, (model_id, ref))
