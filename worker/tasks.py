@@ -17,6 +17,7 @@ from service.core.celery_app import REGISTER_VERSION, RUN_CALIBRATION, RUN_JOB, 
 from service.core.models import Job, ModelVersion, utcnow
 from service.core.repo import models as model_repo
 from service.core.settings import Settings
+from service.core.statuses import JobStatus, VersionStatus
 
 from .context import worker_context
 from .registration import validate_version
@@ -40,7 +41,7 @@ def _set_threads(**_) -> None:
 def register_version(version_id: int) -> str | None:
     ctx = worker_context()
     status = validate_version(ctx, int(version_id))
-    if status == "ready":  # an automatic calibration, or requests that arrived while version 1 was pending
+    if status == VersionStatus.READY:  # an automatic calibration, or requests that arrived while version 1 was pending
         with ctx.db.session() as s:
             model_id = s.scalar(select(ModelVersion.model_id).where(ModelVersion.id == int(version_id)))
         batching.next_job(ctx.db, ctx.dispatcher, model_id)
@@ -93,8 +94,8 @@ def sweep() -> dict:
         pending = model_repo.pending_registrations(s, cutoff)
         models = batching.models_with_pending(s)
         lost = list(s.execute(select(Job.id, Job.kind).where(
-            ((Job.status == "queued") & (Job.dispatched_at.is_(None) | (Job.dispatched_at < cutoff)))
-            | ((Job.status == "running") & (Job.heartbeat_at < stale)))).all())
+            ((Job.status == JobStatus.QUEUED) & (Job.dispatched_at.is_(None) | (Job.dispatched_at < cutoff)))
+            | ((Job.status == JobStatus.RUNNING) & (Job.heartbeat_at < stale)))).all())
     sent = [v for v in pending if dispatcher.send(REGISTER_VERSION, v)]
     if sent:
         with ctx.db.transaction() as s:

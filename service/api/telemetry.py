@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.core.models import DeletionRequest, Job, ModelVersion
+from service.core.statuses import RequestStatus
 
 
 class Metrics:
@@ -59,5 +60,5 @@ def refresh_gauges(ctx) -> CollectorRegistry:
             for status, n in session.execute(select(column, func.count()).group_by(column)):
                 gauge.labels(status).set(n)
         m.pending.set(session.scalar(select(func.count()).select_from(DeletionRequest)
-                                     .where(DeletionRequest.status.in_(("received", "batched", "processing")))))
+                                     .where(DeletionRequest.status.in_(RequestStatus.ACTIVE))))
     return m.registry

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from service.core.statuses import JobStatus
+
 from ..context import WorkerContext
 from . import auditing, endings, loading, proxies, publishing, refining, unlearning
 from .lease import Heartbeat, Lease, Lost, claim, default_worker_name
@@ -70,7 +72,7 @@ def execute(ctx: WorkerContext, lease: Lease, progress: Progress) -> str:
 
     progress.enter("publishing")
     publishing.publish(ctx, lease, progress, loaded, proxy, unlearned, audited)
-    return "succeeded"
+    return JobStatus.SUCCEEDED.value
 
 
 def run_claimed(ctx: WorkerContext, lease: Lease, progress: Progress, execute: Execute, label: str) -> str | None:
