@@ -11,7 +11,7 @@ dataset; the rows earlier jobs forgot, kept out of every calibration set) → ``
 memorization proxy from the cache, exactly as a deletion job gets it) → ``reference``, ``search``,
 ``check`` (the engine's ``worker.engine.calibration.calibrate``: a retrain reference without a
 calibration forget set, an Optuna search under the cost cap, the winner checked on a second,
-disjoint set) → ``publishing``: the report artifact (schema ``unlearnd.calibration/1``: the
+disjoint set) → ``publishing``: the report artifact (a ``CalibrationReport``, service/core/report.py: the
 engine's result with its trials table, the payback estimate, the revision), then one transaction
 with the new policy revision (``source = calibration``; current unless the policy is pinned and
 the request did not say ``apply``), the finished job and the audit-log entries.
@@ -24,7 +24,6 @@ over after its worker died resumes the trials already done.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 
 from sqlalchemy import select
@@ -35,6 +34,7 @@ from service.core.policy import CALIBRATION_SCHEMA, Policy, payback, with_unlear
 from service.core.repo import audit
 from service.core.repo import models as model_repo
 from service.core.repo.common import iso
+from service.core.report import CalibrationReport
 from service.core.statuses import JobStatus
 
 from .context import WorkerContext
@@ -44,6 +44,7 @@ from .pipeline.loading import base_version, load_inputs
 from .pipeline.progress import Progress
 from .pipeline.proxies import load_proxy
 from .pipeline.report import clean, device_name
+from .report import render_calibration_page
 
 log = logging.getLogger("unlearnd.worker")
 
@@ -158,7 +159,7 @@ def _publish(ctx: WorkerContext, lease: Lease, progress: CalibrationProgress, mo
                                       apply=apply)
         now = utcnow()
         timings = progress.timings()
-        report = {
+        report = CalibrationReport.model_validate(clean({
             "schema": CALIBRATION_SCHEMA,
             "job": {"id": job.id, "kind": "calibration", "model_id": m.id, "model_name": m.name,
                     "status": "succeeded", "base_version": base_number, "attempts": lease.token,
@@ -173,10 +174,11 @@ def _publish(ctx: WorkerContext, lease: Lease, progress: CalibrationProgress, mo
             "payback": scores["payback"],
             "revision": {"number": rev.revision, "previous": previous, "applied": apply, "pinned": m.policy_pinned,
                          "current": m.policy_revision, "policy": policy},
-        }
-        report_sha = ctx.store.put_bytes(json.dumps(clean(report), allow_nan=False).encode())
+        }))
+        report_sha = ctx.store.put_bytes(report.to_json().encode())
+        page_sha = ctx.store.put_bytes(render_calibration_page(report).encode())  # stored once (docs/report.md)
         job.status, job.stage, job.progress, job.finished_at, job.error = JobStatus.SUCCEEDED, None, 1.0, now, None
-        job.timings, job.report_sha256 = timings, report_sha
+        job.timings, job.report_sha256, job.report_html_sha256 = timings, report_sha, page_sha
         job.params = {**params, "result_revision": rev.revision, "applied": apply}
         audit.record(session, job.tenant_id, "worker", "policy.revised", f"model:{m.id}/policy:{rev.revision}", {
             "source": "calibration", "job_id": job.id, "revision": rev.revision, "previous": previous,
@@ -184,7 +186,8 @@ def _publish(ctx: WorkerContext, lease: Lease, progress: CalibrationProgress, mo
             "search": scores["search"], "check": scores["check"], "cost_retrains": scores["cost_retrains"]})
         audit.record(session, job.tenant_id, "worker", "job.succeeded", f"job:{job.id}", {
             "kind": "calibration", "model_id": m.id, "base_version": base_number, "revision": rev.revision,
-            "applied": apply, "attempts": job.attempts, "report_sha256": report_sha})
+            "applied": apply, "attempts": job.attempts, "report_sha256": report_sha,
+            "report_html_sha256": page_sha})
     log.info("calibration job %s: policy revision %s of model %s (%s)", lease.job_id, rev.revision, model.id,
              "applied" if apply else "recorded, not applied: the policy is pinned")
 

@@ -191,6 +191,8 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None]
     timings: Mapped[dict[str, Any] | None]
     report_sha256: Mapped[str | None] = mapped_column(String(64))
+    # the report page, rendered by the worker when the job published (migration 0004; none before it)
+    report_html_sha256: Mapped[str | None] = mapped_column(String(64))
     n_requests: Mapped[int] = mapped_column(default=0, server_default="0")
     n_forget: Mapped[int] = mapped_column(default=0, server_default="0")
     worker: Mapped[str | None] = mapped_column(String(200))

@@ -19,8 +19,9 @@
 4. **publishes** in one transaction: the version (``parent_version`` = base), ``latest`` (and
    ``production`` when the guardrails passed), ``forgotten_samples``, the requests (``completed``,
    plus requests elsewhere whose samples were all linked to requests now completed), the job, and
-   the audit-log entries. The report JSON (schema ``unlearnd.report/1``, report.py) is stored
-   before it.
+   the audit-log entries. The report JSON (``JobReport``, report.py) and the page
+   rendered from it (worker/report/) are stored before it; their sha256 digests go into the job and
+   the ``version.published`` audit entry.
 
 Cancellation publishes nothing and puts the requests back to ``received`` (they are batched
 again). Any other error fails the job (``error`` names type, message and stage) and puts each

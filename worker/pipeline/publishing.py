@@ -1,4 +1,4 @@
-"""The ``publishing`` stage: the new checkpoint and the report are stored as artifacts, then one
+"""The ``publishing`` stage: the new checkpoint, the report and its page are stored as artifacts, then one
 fenced transaction publishes the version (``parent_version`` = the base), moves ``latest`` (and
 ``production`` when the guardrails passed), records the forgotten samples, completes the requests
 (and the requests elsewhere whose samples were all linked to requests now completed), finishes the
@@ -26,6 +26,7 @@ from service.core.statuses import JobStatus, VersionStatus
 
 from ..context import WorkerContext
 from ..proxy_cache import CachedProxy
+from ..report import render_job_page
 from .auditing import AuditResult
 from .lease import Lease
 from .loading import ForgetEntry, Loaded, forget_set
@@ -43,6 +44,7 @@ class Published:
     guardrails_passed: bool
     checkpoint: Checkpoint
     report_sha256: str
+    report_html_sha256: str
     aliases_moved: list[str]
 
 
@@ -69,12 +71,16 @@ def publish(ctx: WorkerContext, lease: Lease, progress: Progress, loaded: Loaded
     inputs = ReportInputs(record=record, run=run, proxy=proxy, result=unlearned.result, config=config,
                           audit=audited, checkpoint=checkpoint, recipe=loaded.inputs.recipe.to_dict())
     report = build_report(inputs)
-    report_sha = ctx.store.put_bytes(json.dumps(report, sort_keys=False, allow_nan=False).encode())
-    metrics = clean({**audited.metrics(), "guardrails": audited.guardrails, "per_bin": report["bins"],
+    stored = report.to_json()
+    report_sha = ctx.store.put_bytes(stored.encode())
+    # the page is rendered once, here, and stored: its sha256 goes into the job and the audit log, so the
+    # page a reader signs is the one recorded (docs/report.md)
+    page_sha = ctx.store.put_bytes(render_job_page(report).encode())
+    metrics = clean({**audited.metrics(), "guardrails": audited.guardrails, "per_bin": json.loads(stored)["bins"],
                      "runtime": runtime.describe()})
     published = Published(version=record.next_version, base_version=record.base.version,
                           guardrails_passed=audited.passed, checkpoint=checkpoint, report_sha256=report_sha,
-                          aliases_moved=inputs.aliases_moved)
+                          report_html_sha256=page_sha, aliases_moved=inputs.aliases_moved)
     forget = record.forget_set.entries
     with ctx.db.transaction() as session:
         job = lease.lock_job(session)
@@ -94,15 +100,16 @@ def publish(ctx: WorkerContext, lease: Lease, progress: Progress, loaded: Loaded
         session.flush()
         moved = bookkeeping(session, job, published.version, forget, published.guardrails_passed, now)
         job.timings = run.timings
-        job.report_sha256 = report_sha
+        job.report_sha256, job.report_html_sha256 = report_sha, page_sha
         audit_log.record(session, job.tenant_id, "worker", "version.published",
                          f"model:{record.model.id}/version:{published.version}", {
             "job_id": job.id, "base_version": published.base_version, "new_version": published.version,
             "method": unlearned.result.method, "config_sha256": sha256_text(canonical_json(config)),
             "n_forget": len(forget), "n_forgotten_total": n_forgotten,
-            "forget_set_sha256": report["forget_set"]["sample_ids_sha256"],
+            "forget_set_sha256": report.forget_set.sample_ids_sha256,
             "guardrails_passed": published.guardrails_passed, "aliases_moved": moved,
-            "checkpoint_sha256": checkpoint.sha256, "report_sha256": report_sha})
+            "checkpoint_sha256": checkpoint.sha256, "report_sha256": report_sha,
+            "report_html_sha256": page_sha})
         audit_log.record(session, job.tenant_id, "worker", "job.succeeded", f"job:{job.id}", {
             "model_id": record.model.id, "base_version": published.base_version, "new_version": published.version,
             "requests": [r.id for r in record.requests], "n_forget": len(forget), "attempts": job.attempts,

@@ -1,7 +1,8 @@
-"""The audit report of a deletion job (schema ``unlearnd.report/1``), stored as a JSON artifact
-before the version is published, and the JSON helpers of the audit chain.
+"""The audit report of a deletion job (``JobReport``, schema ``unlearnd.report/2``, service/core/report.py),
+stored as a JSON artifact with its page (worker/report/) before the version is published, and the JSON
+helpers of the audit chain.
 
-``build_report(ReportInputs)`` returns the report as a JSON-safe dict: the job, the dataset, the
+``build_report(ReportInputs)`` returns the typed report: the job, the dataset, the
 requests (with their GDPR due dates), the forget set (its size and the sha256 of its sorted sample
 ids), the method and its config (with its sha256), the proxy, the bins, the before/after
 (/reference) metrics, per-class accuracy, confidences, the guardrails, the aliases moved, the
@@ -19,14 +20,29 @@ from typing import Any
 
 import numpy as np
 
-from service.core.repo.common import iso
 from service.core.repo.deletions import ERASURE_DEADLINE
+from service.core.report import (
+    REPORT_SCHEMA,
+    BinEntry,
+    BinMetrics,
+    BinRun,
+    Confidence,
+    DatasetInfo,
+    ForgetSet,
+    Guardrails,
+    JobInfo,
+    JobProxy,
+    JobReport,
+    Metrics,
+    PerClassAccuracy,
+    RequestEntry,
+)
+from service.core.report import Checkpoint as ReportCheckpoint
 
 from ..proxy_cache import CachedProxy
 from .auditing import AuditResult
 from .loading import JobRecord
 
-REPORT_SCHEMA = "unlearnd.report/1"
 MIA_ATTACK = ("SVC on the true-label confidence (shadow-in: retain rows, shadow-out: test rows); "
               "efficacy = share of forget rows predicted non-member")
 
@@ -101,7 +117,7 @@ def _aware(ts: dt.datetime) -> dt.datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 
 
-def request_entries(record: JobRecord) -> list[dict]:
+def request_entries(record: JobRecord) -> list[RequestEntry]:
     """One entry per request of the job: reason, subject hash, received and due dates, samples."""
     by_request: dict[int, list] = {r.id: [] for r in record.requests}
     for sample in record.forget_set.samples:
@@ -109,60 +125,60 @@ def request_entries(record: JobRecord) -> list[dict]:
     out = []
     for r in record.requests:
         samples = by_request.get(r.id, [])
-        out.append({"id": r.id, "reason": r.reason, "subject_hash": r.subject_hash, "received_at": iso(r.created_at),
-                    "due_by": iso(_aware(r.created_at) + ERASURE_DEADLINE), "n_samples": r.n_samples,
-                    "n_new_samples": sum(1 for s in samples if s.linked_request_id is None),
-                    "linked_to": sorted({s.linked_request_id for s in samples if s.linked_request_id is not None})})
+        received = _aware(r.created_at)
+        out.append(RequestEntry(
+            id=r.id, reason=r.reason, subject_hash=r.subject_hash, received_at=received,
+            due_by=received + ERASURE_DEADLINE, n_samples=r.n_samples,
+            n_new_samples=sum(1 for s in samples if s.linked_request_id is None),
+            linked_to=sorted({s.linked_request_id for s in samples if s.linked_request_id is not None})))
     return out
 
 
-def _bins(result, audit: AuditResult) -> list[dict]:
-    bins = []
-    for step, before, after in zip(result.steps, audit.bins_before, audit.bins_after):
-        bins.append({"index": step.bin.index, "level": step.bin.level, "n": len(step.bin), "method": step.method,
-                     "hparams": step.hparams, "seconds": step.seconds,
-                     "before": {"acc_forget": before.get("acc_forget"), "mia": before.get("mia")},
-                     "after": {"acc_forget": after.get("acc_forget"), "mia": after.get("mia")},
-                     "run": step.run})
-    return bins
+def _bins(result, audit: AuditResult) -> list[BinEntry]:
+    return [BinEntry(index=step.bin.index, level=step.bin.level, n=len(step.bin), method=step.method,
+                     hparams=clean(step.hparams), seconds=clean(step.seconds),
+                     before=BinMetrics(acc_forget=clean(before["acc_forget"]), mia=clean(before["mia"])),
+                     after=BinMetrics(acc_forget=clean(after["acc_forget"]), mia=clean(after["mia"])),
+                     run=BinRun.model_validate(clean(step.run)))
+            for step, before, after in zip(result.steps, audit.bins_before, audit.bins_after, strict=True)]
 
 
-def build_report(inputs: ReportInputs) -> dict:
-    """The report of a deletion job that publishes a version (a JSON-safe dict)."""
+def build_report(inputs: ReportInputs) -> JobReport:
+    """The report of a deletion job that publishes a version: the typed contract of
+    service/core/report.py (a value that does not fit it fails here, before anything is published)."""
     record, run, proxy, audit, config = inputs.record, inputs.run, inputs.proxy, inputs.audit, inputs.config
     job, model, dataset = record.job, record.model, record.dataset
     forget_rows = np.array(record.forget_set.rows, dtype=np.int64)
-    report = {
-        "schema": REPORT_SCHEMA,
-        "job": {"id": job.id, "model_id": model.id, "model_name": model.name, "status": "succeeded",
-                "base_version": record.base.version, "new_version": record.next_version, "attempts": run.attempt,
-                "created_at": iso(job.created_at), "started_at": iso(job.started_at),
-                "finished_at": iso(run.finished_at), "timings": run.timings, "device": run.device,
-                "worker": run.worker, "policy_revision": job.policy_revision},
-        "dataset": {"id": dataset.id, "name": dataset.name, "sha256": dataset.sha256, "n_train": dataset.n_train,
-                    "n_test": dataset.n_test},
-        "requests": request_entries(record),
-        "forget_set": {"n": len(record.forget_set.entries), "n_excluded_before": len(record.forget_set.excluded),
-                       "sample_ids_sha256": forget_set_sha256(record)},
-        "method": inputs.result.method,
-        "config": config,
-        "config_sha256": sha256_text(canonical_json(config)),
-        "seed": config["seed"],
-        "proxy": {"name": proxy.name, "params": proxy.params, "source": proxy.source,
-                  "compute_seconds": proxy.compute_seconds, "thresholds": inputs.result.thresholds,
-                  "forget_values": proxy.values[forget_rows].tolist()},
-        "bins": _bins(inputs.result, audit),
-        "metrics": audit.metrics(),
-        "per_class_accuracy": audit.per_class,
-        "confidence": audit.confidence,
-        "guardrails": audit.guardrails,
-        "aliases_moved": inputs.aliases_moved,
-        "checkpoint": {"sha256": inputs.checkpoint.sha256, "size_bytes": inputs.checkpoint.size_bytes},
-        "mia_attack": MIA_ATTACK,
-    }
-    report = clean(report)
-    report["recipe"] = inputs.recipe
-    return report
+    return JobReport(
+        schema=REPORT_SCHEMA,
+        job=JobInfo(id=job.id, model_id=model.id, model_name=model.name, status="succeeded",
+                    base_version=record.base.version, new_version=record.next_version, attempts=run.attempt,
+                    created_at=_aware(job.created_at),
+                    started_at=_aware(job.started_at) if job.started_at else None,
+                    finished_at=_aware(run.finished_at), timings=clean(run.timings), device=run.device,
+                    worker=run.worker, policy_revision=job.policy_revision),
+        dataset=DatasetInfo(id=dataset.id, name=dataset.name, sha256=dataset.sha256, n_train=dataset.n_train,
+                            n_test=dataset.n_test),
+        requests=request_entries(record),
+        forget_set=ForgetSet(n=len(record.forget_set.entries), n_excluded_before=len(record.forget_set.excluded),
+                             sample_ids_sha256=forget_set_sha256(record)),
+        method=inputs.result.method,
+        config=clean(config),
+        config_sha256=sha256_text(canonical_json(config)),
+        seed=config["seed"],
+        proxy=JobProxy(name=proxy.name, params=clean(proxy.params), source=proxy.source,
+                       compute_seconds=clean(proxy.compute_seconds), thresholds=clean(inputs.result.thresholds),
+                       forget_values=clean(proxy.values[forget_rows])),
+        bins=_bins(inputs.result, audit),
+        metrics=Metrics.model_validate(clean(audit.metrics())),
+        per_class_accuracy=PerClassAccuracy.model_validate(clean(audit.per_class)),
+        confidence=Confidence.model_validate(clean(audit.confidence)),
+        guardrails=Guardrails.model_validate(clean(audit.guardrails)),
+        aliases_moved=inputs.aliases_moved,
+        checkpoint=ReportCheckpoint(sha256=inputs.checkpoint.sha256, size_bytes=inputs.checkpoint.size_bytes),
+        mia_attack=MIA_ATTACK,
+        recipe=clean(inputs.recipe),
+    )
 
 
 __all__ = ["MIA_ATTACK", "REPORT_SCHEMA", "Checkpoint", "ReportInputs", "RunFacts", "build_report",

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
@@ -15,8 +14,8 @@ from service.api.pagination import paginate, parse_page
 from service.api.problems import Problem, bad_field
 from service.core import batching
 from service.core.models import DeletionRequest, ForgottenSample, Job, ModelVersion
-from service.core.policy import CALIBRATION_SCHEMA
 from service.core.repo import datasets, deletions, jobs, models
+from service.core.report import CalibrationReport, JobReport
 from service.core.statuses import JobStatus, RequestStatus
 
 router = APIRouter(tags=["deletions"])
@@ -125,31 +124,45 @@ def cancel_job(ctx: Ctx, caller: Auth, job_id: int):
         return JSONResponse(jobs.render(jobs.cancel(session, caller, job_id)), status_code=202)
 
 
-def _report(ctx, caller, job_id: int) -> dict:
+# The reports are served as the worker stored them, byte for byte: their sha256 digests are the job's
+# and the audit log's (docs/report.md). The page is never rendered here (the API imports no
+# rendering); a job published before pages were stored has none.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+                "X-Content-Type-Options": "nosniff"}
+
+
+def _stored(ctx, caller, job_id: int, page: bool) -> tuple[str, bytes]:
     with ctx.db.session() as session:
         job = jobs.get(session, caller, job_id)
-        sha, status = job.report_sha256, job.status
+        sha, page_sha, status = job.report_sha256, job.report_html_sha256, job.status
     if sha is None:
         raise Problem(404, "No report", f"job {job_id} is {status}: a report exists once it succeeded",
                       kind="report-not-ready")
-    with ctx.store.open(sha) as f:
-        return json.load(f)
+    if page and page_sha is None:
+        raise Problem(404, "No stored report page",
+                      f"job {job_id} was published before report pages were stored with the job, so it has none "
+                      f"(a page rendered now would not be the one its audit-log entry records); its JSON report "
+                      f"is at /v1/jobs/{job_id}/report", kind="report-page-not-stored")
+    digest = page_sha if page else sha
+    with ctx.store.open(digest) as f:
+        return digest, f.read()
 
 
-@router.get("/v1/jobs/{job_id}/report", summary="The job's audit report (JSON)")
+@router.get("/v1/jobs/{job_id}/report", summary="The job's audit report (JSON, as stored)",
+            response_class=Response,
+            responses={200: {"description": "the stored report: a JobReport (unlearnd.report/2, or /1 for jobs "
+                                            "published before it) or a CalibrationReport",
+                             "model": JobReport | CalibrationReport}})
 def get_report(ctx: Ctx, caller: Auth, job_id: int):
-    return _report(ctx, caller, job_id)
+    digest, body = _stored(ctx, caller, job_id, page=False)
+    return Response(body, media_type="application/json", headers={"ETag": f'"{digest}"'})
 
 
-@router.get("/v1/jobs/{job_id}/report.html", summary="The job's audit report as a self-contained page",
-            response_class=HTMLResponse)
+@router.get("/v1/jobs/{job_id}/report.html", response_class=HTMLResponse,
+            summary="The job's report page, as the worker rendered and stored it when the job published")
 def get_report_html(ctx: Ctx, caller: Auth, job_id: int):
-    from service.api.reports import render_calibration_html, render_html
-
-    report = _report(ctx, caller, job_id)
-    if report.get("schema") == CALIBRATION_SCHEMA:
-        return HTMLResponse(render_calibration_html(report))
-    return HTMLResponse(render_html(report))
+    digest, body = _stored(ctx, caller, job_id, page=True)
+    return HTMLResponse(body, headers={"ETag": f'"{digest}"', **PAGE_HEADERS})
 
 
 @router.get("/v1/models/{model_id}/samples/{sample_id}",
