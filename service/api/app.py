@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.api import openapi
 from service.api.deps import Context
 from service.api.problems import Problem, from_domain, install, problem_response
 from service.api.routes import audit, datasets, deletions, health, models
@@ -156,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install(app)
     for router in (health.router, datasets.router, models.router, deletions.router, audit.router):
         app.include_router(router)
+    openapi.install(app, settings.max_page_size)
     app.add_middleware(NoControlCharacters)
     app.add_middleware(BodyLimit, limit=2 * settings.max_upload_bytes + FORM_OVERHEAD)
     app.add_middleware(MetricsMiddleware, metrics=ctx.metrics)

@@ -110,8 +110,11 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         if isinstance(exc.__cause__, TooLarge):  # FastAPI turns an error while reading a form body into a 400
             return await _too_large(request, exc.__cause__)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method the path takes, not only those of the first route matched
+            headers["Allow"] = ", ".join(_allowed_methods(request))
         return problem_response(Problem(exc.status_code, _reason(exc.status_code), str(exc.detail),
-                                        headers=dict(exc.headers or {})), request)
+                                        headers=headers), request)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
@@ -130,6 +133,15 @@ def install(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem_response(Problem(500, "Internal server error", "an unexpected error occurred; it was logged",
                                         kind="internal"), request)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.scope["path"]):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _reason(status: int) -> str:
