@@ -43,6 +43,15 @@ def through_refining(s: Setup, lease, run_progress):
     return loaded, proxies.find(s.ctx, run_progress, loaded), refining.refine(loaded)
 
 
+def through_auditing(s: Setup, rows: list[int]):
+    """A claimed job over ``rows``, run through every stage before publishing."""
+    lease, run_progress = claimed(s, [rows])
+    loaded, proxy, sets = through_refining(s, lease, run_progress)
+    unlearned = unlearning.unlearn(run_progress, loaded, proxy, sets)
+    audited = auditing.audit(run_progress, loaded, sets, unlearned)
+    return lease, run_progress, (loaded, proxy, unlearned, audited)
+
+
 # --------------------------------------------------------------------------- lease and progress
 
 
@@ -210,10 +219,7 @@ def test_auditing_measures_before_and_after(setup):
 def test_publishing_writes_one_version_and_its_bookkeeping_and_is_fenced(setup):
     s = setup
     rows = random_rows(s.n_train, 20, seed=10)
-    lease, run_progress = claimed(s, [rows])
-    loaded, proxy, sets = through_refining(s, lease, run_progress)
-    unlearned = unlearning.unlearn(run_progress, loaded, proxy, sets)
-    audited = auditing.audit(run_progress, loaded, sets, unlearned)
+    lease, run_progress, (loaded, proxy, unlearned, audited) = through_auditing(s, rows)
 
     # a run that lost its job to another worker (an earlier token) publishes nothing
     outdated = dataclasses.replace(lease, token=lease.token - 1)
@@ -247,12 +253,8 @@ def test_publishing_writes_one_version_and_its_bookkeeping_and_is_fenced(setup):
 
 def test_publishing_again_after_a_crash_only_finishes_the_bookkeeping(setup):
     s = setup
-    rows = random_rows(s.n_train, 10, seed=12)
-    lease, run_progress = claimed(s, [rows])
-    loaded, proxy, sets = through_refining(s, lease, run_progress)
-    unlearned = unlearning.unlearn(run_progress, loaded, proxy, sets)
-    publishing.publish(s.ctx, lease, run_progress, loaded, proxy, unlearned,
-                       auditing.audit(run_progress, loaded, sets, unlearned))
+    lease, run_progress, stage_outputs = through_auditing(s, random_rows(s.n_train, 10, seed=12))
+    publishing.publish(s.ctx, lease, run_progress, *stage_outputs)
     with s.db.transaction() as session:  # as if the worker died between the version and the bookkeeping
         session.execute(update(Job).where(Job.id == lease.job_id).values(
             status="running", result_version=None, heartbeat_at=utcnow() - dt.timedelta(hours=1)))
