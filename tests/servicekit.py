@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -194,8 +195,10 @@ def worker_process(settings: Settings, log: Path, *, beat: bool = False, **env: 
     """``unlearnd worker`` as a child process; waits until Celery says it is ready."""
     cmd = [sys.executable, "-m", "service.cli", "worker", "--loglevel", "info"] + (["--beat"] if beat else [])
     with open(log, "wb") as out:
+        # its own process group: whatever it starts (the embedded beat) goes down with it below, even
+        # when a test SIGKILLs the worker itself
         proc = subprocess.Popen(cmd, env=worker_env(settings, **env), stdout=out, stderr=subprocess.STDOUT,
-                                cwd=ROOT)
+                                cwd=ROOT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while b" ready." not in log.read_bytes():
@@ -211,6 +214,8 @@ def worker_process(settings: Settings, log: Path, *, beat: bool = False, **env: 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def flush_redis(url: str) -> None:

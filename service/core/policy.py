@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 from service.core.errors import Invalid, invalid
 from worker.engine.catalog import METHODS, PROXIES, PROXY_ALIASES
@@ -174,6 +175,20 @@ def parse_policy(raw: Any, field: str = "policy") -> Policy:
     if not isinstance(raw, dict):
         raise invalid(field, "must be a JSON object")
     return validate_model(Policy, raw, field)
+
+
+def _calibration_request() -> type[BaseModel]:
+    """The body of ``POST /v1/models/{id}/calibrations``: any field of :class:`Calibration` (same
+    types and bounds, all optional) and ``apply``; nothing else."""
+    fields: dict[str, Any] = {name: (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
+                              for name, info in Calibration.model_fields.items()}
+    fields["apply"] = (StrictBool | None, Field(None, description="true: make the result current even on a pinned "
+                                                          "policy; false: only record it; absent: apply "
+                                                          "unless the policy is pinned"))
+    return create_model("CalibrationRequest", __base__=_Strict, **fields)
+
+
+CalibrationRequest = _calibration_request()
 
 
 def parse_calibration(raw: Any, base: Calibration, field: str = "calibration") -> tuple[Calibration, bool | None]:

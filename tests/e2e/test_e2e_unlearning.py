@@ -18,6 +18,7 @@ import pytest
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from service.core.artifacts import LocalArtifactStore
 from tests.servicekit import (
     fresh_postgres,
     make_settings,
@@ -215,20 +216,21 @@ def test_cancel_a_running_job_publishes_nothing(stack, noisy, tmp_path):
         assert back["status"] != "completed" and back["job_id"] != job_id and back["result_version"] is None
 
 
-def test_a_failing_unlearner_fails_the_job_and_retries_its_requests_up_to_the_limit(stack, noisy, tmp_path):
-    """An unlearner with an absurd setting and its guard off: the weights blow up, the
-    pipeline refuses to publish non-finite weights, the job fails with the reason, and the request
-    goes back for the next batch until it took part in max_request_attempts (3) jobs."""
-    # an absurd L1 penalty with the guard off: one step of 1e30 per weight, and the weights overflow
-    policy = {"method": "l1_sparse", "hparams": {"alpha": 1e30, "steps": 3, "max_retain_drop": None},
-              "batching": {"max_requests": 1, "max_wait_s": 3600}}
+def test_a_failing_job_fails_and_retries_its_requests_up_to_the_limit(stack, noisy, tmp_path):
+    """A job that cannot run (the base version's checkpoint went missing from the artifact store
+    after registration): the job fails with the reason, and the request goes back for the next batch
+    until it took part in max_request_attempts (3) jobs. (Hyperparameters that would blow the weights
+    up are refused at registration now: worker/engine/hparams.py.)"""
+    policy = {"method": "finetune", "hparams": {"steps": 3}, "batching": {"max_requests": 1, "max_wait_s": 3600}}
     with worker_process(stack.settings, tmp_path / "worker.log", **FAST), stack.client() as c:
         mid = _register(c, noisy, policy)
+        sha = c.get(f"/v1/models/{mid}/versions/1").json()["checkpoint"]["sha256"]
+        LocalArtifactStore(stack.settings.artifacts).delete(sha)
         r = c.post(f"/v1/models/{mid}/deletion-requests", json={"sample_ids": noisy["flipped"][:5],
                                                                   "reason": "poisoned"})
         job_id = wait_for(lambda: c.get(r.headers["location"]).json()["job_id"], what="the job")
         job = _job_done(c, job_id)
-        assert job["status"] == "failed" and "finite" in job["error"]["message"], job
+        assert job["status"] == "failed" and job["error"]["stage"] == "loading" and job["error"]["message"], job
         final = wait_for(lambda: (q := c.get(r.headers["location"]).json())["status"] == "failed" and q,
                          timeout=300, what="the request to run out of attempts")
         assert final["attempts"] == 3 and final["error"]

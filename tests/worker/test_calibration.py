@@ -119,9 +119,10 @@ def test_policy_revisions_and_calibration_requests(service, user_files):
         _ready(service, mid)
 
         before = service.snapshot()
-        for body, field in [({"n_trials": 0}, "calibration.n_trials"), ({"space": "grid"}, "calibration.space"),
-                            ({"forget_fraction": 0.9}, "calibration.forget_fraction"),
-                            ({"cost_cap": 0}, "calibration.cost_cap"), ({"bogus": 1}, "calibration.bogus"),
+        # the body's fields are named as they are written in it (n_trials), not as in the policy
+        for body, field in [({"n_trials": 0}, "n_trials"), ({"space": "grid"}, "space"),
+                            ({"forget_fraction": 0.9}, "forget_fraction"),
+                            ({"cost_cap": 0}, "cost_cap"), ({"bogus": 1}, "bogus"),
                             ({"apply": "yes"}, "apply")]:
             _problem(c.post(f"/v1/models/{mid}/calibrations", json=body), 422, field)
         r = c.post(f"/v1/models/{mid}/calibrations", json=[1])

@@ -38,10 +38,14 @@ class DeletionRequestIn(BaseModel):
         return v
 
 
+# at least one character that is not white space: a blank key is a client bug, not a key
+IDEMPOTENCY_KEY = Header(min_length=1, max_length=255, pattern=r"\S")
+
+
 @router.post("/v1/models/{model_id}/deletion-requests", status_code=202,
              summary="Ask a model to forget samples (committed before the answer; batched into a job)")
 def create_deletion_request(ctx: Ctx, caller: Auth, model_id: int, body: DeletionRequestIn,
-                            idempotency_key: Annotated[str | None, Header(max_length=255)] = None):
+                            idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None):
     sample_ids = [str(s) for s in body.sample_ids]
     fp = deletions.fingerprint(model_id, sample_ids, body.reason, body.subject_ref)
     if idempotency_key is not None and not idempotency_key.strip():

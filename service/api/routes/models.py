@@ -4,10 +4,11 @@ versions, download checkpoints, move aliases; its policy revisions and calibrati
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, File, Form, Header, Query, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from service.api.deps import Auth, Ctx
@@ -25,7 +26,7 @@ from service.api.uploads import (
 from service.core import batching
 from service.core.celery_app import REGISTER_VERSION
 from service.core.models import Dataset, Job, ModelVersion
-from service.core.policy import Policy, is_pinned, parse_calibration, parse_policy
+from service.core.policy import CalibrationRequest, Policy, is_pinned, parse_calibration, parse_policy
 from service.core.repo import datasets, jobs, models
 from service.core.statuses import JobStatus, VersionStatus
 from worker.engine.catalog import NEEDS_EVENTS
@@ -203,11 +204,16 @@ def list_aliases(ctx: Ctx, caller: Auth, model_id: int):
         return {"aliases": models.aliases(session, model_id)}
 
 
+class AliasIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, le=2**31 - 1, description="a ready version of the model")
+
+
 @router.put("/{model_id}/aliases/{alias}", summary="Point an alias (e.g. production) at a ready version")
-def put_alias(ctx: Ctx, caller: Auth, model_id: int, alias: str,
-              version: Annotated[int, Body(embed=True, ge=1)]):
+def put_alias(ctx: Ctx, caller: Auth, model_id: int, alias: str, body: AliasIn):
     with ctx.db.transaction() as session:
-        row = models.set_alias(session, caller, model_id, alias, version)
+        row = models.set_alias(session, caller, model_id, alias, body.version)
         return {"alias": row.alias, "version": row.version}
 
 
@@ -231,10 +237,11 @@ def get_policy(ctx: Ctx, caller: Auth, model_id: int):
              summary="Calibrate the model's unlearning policy (a job; its result is a new policy revision)")
 def create_calibration(
     ctx: Ctx, caller: Auth, model_id: int,
-    body: Annotated[dict[str, Any] | None, Body(description='optional: calibration fields overriding the '
-                                                            'policy\'s, e.g. {"n_trials": 8}, and "apply"')] = None,
+    body: Annotated[CalibrationRequest | None, Body(description='optional: calibration fields overriding the '
+                                                              'policy\'s, e.g. {"n_trials": 8}, and "apply"')] = None,
 ):
-    raw = body
+    # a field given as null is the policy's own value, like a field left out
+    raw = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None} if body else None
     with ctx.db.transaction() as session:
         model = models.get(session, caller, model_id, lock=True)
         settings, apply = parse_calibration(raw, Policy.model_validate(model.policy).calibration)
