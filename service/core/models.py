@@ -111,6 +111,9 @@ class Model(Base):
     # How the original was trained (worker/engine/recipe.py, ``Recipe.to_dict``); None: inferred.
     recipe: Mapped[dict[str, Any] | None]
     events_sha256: Mapped[str | None] = mapped_column(String(64))
+    # A flush that found a job of the model active (migration 0005): the next batch is due as soon
+    # as that job ends; the claim that honours it clears it (service/core/batching.py).
+    flush_requested_at: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     dataset: Mapped[Dataset] = relationship(lazy="joined")
 
