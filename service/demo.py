@@ -20,6 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from service.core.statuses import JobStatus, RequestStatus, VersionStatus
+
 DEMO_POLICY = {"method": "rum", "batching": {"max_requests": 3, "max_wait_s": 30}}
 # A small calibration so that the demo stays short on digits (the policy's defaults: 16 trials, 6% sets).
 DEMO_CALIBRATION = {"n_trials": 6, "forget_fraction": 0.04, "max_retrains": 3.0}
@@ -163,9 +165,9 @@ def calibrate(c: httpx.Client, mid: int, settings: dict, timeout: float) -> dict
     print(f"   calibration job {job['id']} ({', '.join(f'{k} {v}' for k, v in settings.items())}); stages: "
           "loading, proxies, reference (one retrain), search (Optuna trials), check, publishing")
     job = _wait(lambda: _check(c.get(f"/v1/jobs/{job['id']}"), 200),
-                lambda j: j["status"] in ("succeeded", "failed", "canceled"),
+                lambda j: j["status"] in JobStatus.TERMINAL,
                 lambda j: j["stage"] or j["status"], lambda j: float(j["progress"] or 0.0), timeout)
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         raise DemoError(f"calibration job {job['id']} {job['status']}: {job['error']}")
     report = _check(c.get(f"/v1/jobs/{job['id']}/report"), 200)
     print(f"   {'(ToW + ToW-MIA)/2':<36} {'score':>7} {'ToW':>7} {'ToW-MIA':>8} {'cost':>7}")
@@ -206,9 +208,10 @@ def run_demo(url: str, key: str, workdir: Path, *, timeout: float = 900.0, calib
                 "recipe": json.dumps(files["recipe"])},
                 files={"weights": ("weights.safetensors", w), "events": ("events.npz", e)}), 201)
         mid = model["id"]
-        v1 = _wait(lambda: _check(c.get(f"/v1/models/{mid}/versions/1"), 200), lambda v: v["status"] != "pending",
-                   lambda v: f"version 1 {v['status']}", lambda v: 0.0 if v["status"] == "pending" else 1.0, 300)
-        if v1["status"] != "ready":
+        pending = VersionStatus.PENDING
+        v1 = _wait(lambda: _check(c.get(f"/v1/models/{mid}/versions/1"), 200), lambda v: v["status"] != pending,
+                   lambda v: f"version 1 {v['status']}", lambda v: 0.0 if v["status"] == pending else 1.0, 300)
+        if v1["status"] != VersionStatus.READY:
             raise DemoError(f"version 1 is {v1['status']}: {v1['status_reason']}")
         print(f"   version 1 ready: test accuracy {v1['metrics']['test_accuracy']:.4f}; recipe "
               f"{model['recipe']['epochs']} epochs × {model['recipe']['steps'] // model['recipe']['epochs']} steps, "
@@ -238,16 +241,16 @@ def run_demo(url: str, key: str, workdir: Path, *, timeout: float = 900.0, calib
         def request_state():
             return _check(c.get(made[-1]["links"]["self"]), 200)
 
-        req = _wait(request_state, lambda r: r["job_id"] is not None or r["status"] != "received",
+        req = _wait(request_state, lambda r: r["job_id"] is not None or r["status"] != RequestStatus.RECEIVED,
                     lambda r: f"request {r['status']}", lambda r: 0.0, 120)
         job_id = req["job_id"]
         if job_id is None:
             raise DemoError(f"request {req['id']} is {req['status']} without a job")
         print(f"{step + 1}. job {job_id} runs (stages: loading, proxies, refining, unlearning, auditing, publishing)")
         job = _wait(lambda: _check(c.get(f"/v1/jobs/{job_id}"), 200),
-                    lambda j: j["status"] in ("succeeded", "failed", "canceled"),
+                    lambda j: j["status"] in JobStatus.TERMINAL,
                     lambda j: j["stage"] or j["status"], lambda j: float(j["progress"] or 0.0), timeout)
-        if job["status"] != "succeeded":
+        if job["status"] != JobStatus.SUCCEEDED:
             raise DemoError(f"job {job_id} {job['status']}: {job['error']}")
         report = _check(c.get(f"/v1/jobs/{job_id}/report"), 200)
         html = c.get(f"/v1/jobs/{job_id}/report.html")

@@ -3,7 +3,9 @@
 A batch is claimed when ``batching.max_requests`` requests are pending, when the oldest waited
 ``batching.max_wait_s``, or on ``POST /v1/models/{id}/flush``. One job per model runs at a time:
 a model with a queued or running job (a deletion job or a calibration) claims nothing (its requests
-wait for the next batch, which the worker claims when the job ends, or the sweeper). A calibration
+wait for the next batch, which the worker claims when the job ends, or the sweeper). A flush that
+finds a job active is remembered (``models.flush_requested_at``): the next batch is then due as
+soon as that job ends, and the claim that takes it clears the mark. A calibration
 requested while a deletion job runs is queued and starts when that job ends (``next_job``): a
 calibration job only runs as the oldest active job of its model (worker/calibration.py).
 On PostgreSQL the model row is locked and the pending requests are taken with
@@ -48,23 +50,31 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
     model = session.scalar(q.with_for_update(of=Model) if pg else q)
     if model is None:
         return None
+    pending_q = (select(DeletionRequest).where(DeletionRequest.model_id == model_id,
+                                               DeletionRequest.status == RequestStatus.RECEIVED, has_new_samples())
+                 .order_by(DeletionRequest.id))
     if session.scalar(select(Job.id).where(Job.model_id == model_id, Job.status.in_(JobStatus.ACTIVE)).limit(1)):
+        if force and model.flush_requested_at is None and session.scalar(pending_q.with_only_columns(
+                DeletionRequest.id).limit(1)):
+            model.flush_requested_at = now  # remembered: the next batch is due when the active job ends
         return None
     if not session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model_id,
                                                         ModelVersion.status == VersionStatus.READY).limit(1)):
         return None  # nothing to unlearn from yet
-    pending_q = (select(DeletionRequest).where(DeletionRequest.model_id == model_id,
-                                               DeletionRequest.status == RequestStatus.RECEIVED, has_new_samples())
-                 .order_by(DeletionRequest.id))
     pending = list(session.scalars(pending_q.with_for_update(skip_locked=True) if pg else pending_q))
+    remembered = model.flush_requested_at is not None
     if not pending:
+        if remembered:  # what the flush was for was batched, or linked to other work, meanwhile
+            model.flush_requested_at = None
         return None
     batching = batching_of(model.policy)
     oldest = _aware(pending[0].created_at)
-    due = (force or len(pending) >= batching.max_requests
+    due = (force or remembered or len(pending) >= batching.max_requests
            or (now - oldest).total_seconds() >= batching.max_wait_s)
     if not due:
         return None
+    if remembered:
+        model.flush_requested_at = None
     ids = [r.id for r in pending]
     n_forget = session.scalar(select(func.count(func.distinct(DeletionRequestSample.row))).where(
         DeletionRequestSample.request_id.in_(ids), DeletionRequestSample.linked_request_id.is_(None)))
@@ -76,7 +86,8 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
     requests.batch(session, ids, job.id, now)
     audit.record(session, model.tenant_id, "batcher", "job.created", f"job:{job.id}",
                  {"model_id": model_id, "requests": ids, "n_forget": job.n_forget,
-                  "trigger": "flush" if force else "batch", "policy_revision": model.policy_revision})
+                  "trigger": "flush" if force else "remembered-flush" if remembered else "batch",
+                  "policy_revision": model.policy_revision})
     return job
 
 
@@ -84,7 +95,8 @@ def maybe_due(session: Session, model_id: int, now: dt.datetime | None = None) -
     """A cheap, lock-free look: could a batch be due now? (``claim`` decides under the lock.) Keeps
     the per-model lock off the hot path of accepting requests."""
     now = now or utcnow()
-    policy = session.scalar(select(Model.policy).where(Model.id == model_id)) or {}
+    policy, flush_requested = session.execute(select(Model.policy, Model.flush_requested_at)
+                                              .where(Model.id == model_id)).one_or_none() or ({}, None)
     batching = batching_of(policy)
     n, oldest = session.execute(select(func.count(), func.min(DeletionRequest.created_at)).where(
         DeletionRequest.model_id == model_id, DeletionRequest.status == RequestStatus.RECEIVED,
@@ -92,7 +104,7 @@ def maybe_due(session: Session, model_id: int, now: dt.datetime | None = None) -
     if not n:
         return False
     waited = (now - _aware(oldest)).total_seconds()
-    return n >= batching.max_requests or waited >= batching.max_wait_s
+    return flush_requested is not None or n >= batching.max_requests or waited >= batching.max_wait_s
 
 
 def models_with_pending(session: Session) -> list[int]:

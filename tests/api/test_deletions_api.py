@@ -176,6 +176,68 @@ def test_batching_by_count_by_flush_and_one_job_per_model(service, user_files):
         assert [r["id"] for r in listed] == [r["id"] for r in late]
 
 
+class Wakeups:
+    """A dispatcher that records the wake-ups it would send (no worker runs here)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, task, *args):
+        self.sent.append((task, *args))
+        return True
+
+
+def test_a_flush_while_a_job_runs_starts_the_next_batch_when_it_ends(service, user_files):
+    """The flush is remembered (models.flush_requested_at): when the active job ends, the worker's
+    next_job claims the pending requests at once, not when max_requests or max_wait_s say so."""
+    from service.core import batching
+    from service.core.models import Model
+    from service.core.repo import requests as request_repo
+
+    def flag():
+        with service.db.session() as s:
+            return s.get(Model, mid).flush_requested_at
+
+    with service.client() as c:
+        mid = _ready_model(service, user_files, c, policy={"batching": {"max_requests": 100, "max_wait_s": 3600}})
+        _post(c, mid, [ID[1]])
+        first = c.post(f"/v1/models/{mid}/flush").json()
+        assert first["created"] is True
+        idle = c.post(f"/v1/models/{mid}/flush").json()  # a job is active, nothing pending: nothing to remember
+        assert idle["created"] is False and idle["detail"] == f"nothing pending (job {first['job']['id']} is active)"
+        assert flag() is None
+        late = [_post(c, mid, [ID[i]]).json() for i in (2, 3)]
+        busy = c.post(f"/v1/models/{mid}/flush").json()
+        assert busy["created"] is False and busy["job"]["id"] == first["job"]["id"]
+        assert busy["detail"] == (f"job {first['job']['id']} is active: the pending requests are batched as soon "
+                                  "as it ends")
+        assert flag() is not None
+        assert len(_jobs(service, mid)) == 1 and _post(c, mid, [ID[4]]).json()["status"] == "received"
+        # the job ends as a worker ends it, then the worker starts what comes next
+        with service.db.transaction() as s:
+            job = s.get(Job, first["job"]["id"])
+            job.status = "succeeded"
+            request_repo.complete_job(s, job.id, 1)
+        with service.db.session() as s:
+            assert batching.maybe_due(s, mid)  # 3 of 100 pending, waited 0 of 3600 s: due by the flush
+        wakeups = Wakeups()
+        nxt = batching.next_job(service.db, wakeups, mid)
+        assert nxt is not None and nxt.n_requests == 3 and wakeups.sent == [("unlearnd.run_job", nxt.id)]
+        assert all(c.get(r["links"]["self"]).json()["job_id"] == nxt.id for r in late)
+        assert flag() is None  # honoured once: the claim cleared it
+        entry = c.get("/v1/audit-log").json()["items"][-1]
+        assert (entry["action"], entry["details"]["trigger"]) == ("job.created", "remembered-flush")
+        # a remembered flush whose requests went elsewhere meanwhile is dropped, not kept for later ones
+        _post(c, mid, [ID[5]])
+        assert c.post(f"/v1/models/{mid}/flush").json()["detail"].endswith("as soon as it ends")
+        with service.db.transaction() as s:
+            s.get(Job, nxt.id).status = "succeeded"
+            request_repo.complete_job(s, nxt.id, 1)
+            s.execute(DeletionRequest.__table__.update().where(DeletionRequest.status == "received")
+                      .values(status="completed"))
+        assert batching.next_job(service.db, wakeups, mid) is None and flag() is None
+
+
 def test_cancel_a_queued_job_returns_its_requests(service, user_files):
     with service.client() as c:
         mid = _ready_model(service, user_files, c, policy={"batching": {"max_requests": 1, "max_wait_s": 3600}})

@@ -77,12 +77,29 @@ def test_a_job_published_before_pages_were_stored_has_its_json_but_no_page(servi
     assert "before report pages were stored" in problem["detail"] and f"/v1/jobs/{job_id}/report" in problem["detail"]
     assert report.status_code == 200 and report.content == stored  # served as stored, v1 and all
     assert json.loads(report.content)["schema"] == "unlearnd.report/1"
+    with service.client() as c:  # the job's links say so too: a report, no page
+        links = c.get(f"/v1/jobs/{job_id}").json()["links"]
+    assert links["report"] == f"/v1/jobs/{job_id}/report" and links["report_html"] is None
 
 
 def test_no_report_before_the_job_succeeds(service, user_files):
+    """A queued or running job will have a report: 409 with its status. A failed or canceled one
+    never will: 404."""
     s = Setup(service, user_files)
     job_id = s.job([s.request([4, 5])])
     with service.client() as c:
-        for suffix in ("report", "report.html"):
-            r = c.get(f"/v1/jobs/{job_id}/{suffix}")
-            assert r.status_code == 404 and r.json()["type"].endswith("report-not-ready"), r.text
+        for status in ("queued", "running"):
+            with service.db.transaction() as session:
+                session.get(Job, job_id).status = status
+            for suffix in ("report", "report.html"):
+                r = c.get(f"/v1/jobs/{job_id}/{suffix}")
+                assert r.status_code == 409 and r.headers["content-type"] == "application/problem+json", r.text
+                assert r.json()["type"].endswith("report-not-ready") and r.json()["job_status"] == status
+        assert c.get(f"/v1/jobs/{job_id}").json()["links"]["report"] is None
+        for status in ("failed", "canceled"):
+            with service.db.transaction() as session:
+                session.get(Job, job_id).status = status
+            for suffix in ("report", "report.html"):
+                r = c.get(f"/v1/jobs/{job_id}/{suffix}")
+                assert r.status_code == 404 and r.json()["type"].endswith("no-report"), r.text
+                assert r.json()["job_status"] == status

@@ -13,7 +13,7 @@ from service.api.deps import Auth, Ctx
 from service.api.pagination import paginate, parse_page
 from service.api.problems import Problem, bad_field
 from service.core import batching
-from service.core.models import DeletionRequest, ForgottenSample, Job, ModelVersion
+from service.core.models import DeletionRequest, ForgottenSample, Job, Model, ModelVersion
 from service.core.repo import datasets, deletions, jobs, models
 from service.core.report import CalibrationReport, JobReport
 from service.core.statuses import JobStatus, RequestStatus
@@ -63,7 +63,7 @@ def create_deletion_request(ctx: Ctx, caller: Auth, model_id: int, body: Deletio
             req = deletions.create(session, caller, model, sample_ids=sample_ids, reason=body.reason,
                                    subject_ref=body.subject_ref, idempotency_key=idempotency_key, fp=fp)
         out = deletions.render(session, req)
-    if not replayed and out["status"] == "received":
+    if not replayed and out["status"] == RequestStatus.RECEIVED:
         with ctx.db.session() as session:
             due = batching.maybe_due(session, model_id)
         if due and batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id) is not None:
@@ -98,10 +98,14 @@ def flush(ctx: Ctx, caller: Auth, model_id: int):
     job = batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id, force=True)
     with ctx.db.session() as session:
         if job is None:
-            active = session.scalar(select(Job).where(Job.model_id == model_id, Job.status.in_(JobStatus.ACTIVE)))
+            active = session.scalar(select(Job).where(Job.model_id == model_id, Job.status.in_(JobStatus.ACTIVE))
+                                    .order_by(Job.id).limit(1))
+            remembered = session.scalar(select(Model.flush_requested_at).where(Model.id == model_id)) is not None
+            detail = ("nothing pending" if active is None else
+                      f"job {active.id} is active: the pending requests are batched as soon as it ends" if remembered
+                      else f"nothing pending (job {active.id} is active)")
             return JSONResponse({"job": jobs.render(active) if active else None, "created": False,
-                                 "detail": "a job is active: pending requests go into the next batch" if active
-                                 else "nothing pending"}, status_code=202)
+                                 "detail": detail}, status_code=202)
         out = jobs.render(session.get(Job, job.id))
     return JSONResponse({"job": out, "created": True}, status_code=202, headers={"Location": out["links"]["self"]})
 
@@ -139,9 +143,12 @@ def _stored(ctx, caller, job_id: int, page: bool) -> tuple[str, bytes]:
     with ctx.db.session() as session:
         job = jobs.get(session, caller, job_id)
         sha, page_sha, status = job.report_sha256, job.report_html_sha256, job.status
-    if sha is None:
-        raise Problem(404, "No report", f"job {job_id} is {status}: a report exists once it succeeded",
-                      kind="report-not-ready")
+    if sha is None and status in JobStatus.ACTIVE:
+        raise Problem(409, "Report not ready", f"job {job_id} is {status}: its report is stored when it succeeds",
+                      kind="report-not-ready", job_status=status)
+    if sha is None:  # failed, canceled, or succeeded without publishing: no report will ever exist
+        raise Problem(404, "No report", f"job {job_id} is {status} and has no report: a report is stored only "
+                      "when a job publishes", kind="no-report", job_status=status)
     if page and page_sha is None:
         raise Problem(404, "No stored report page",
                       f"job {job_id} was published before report pages were stored with the job, so it has none "

@@ -86,6 +86,6 @@ def render(j: Job) -> dict:
             "heartbeat_at": iso(j.heartbeat_at),
             "links": {"self": f"/v1/jobs/{j.id}",
                       "report": f"/v1/jobs/{j.id}/report" if j.report_sha256 else None,
-                      "report_html": f"/v1/jobs/{j.id}/report.html" if j.report_sha256 else None,
+                      "report_html": f"/v1/jobs/{j.id}/report.html" if j.report_html_sha256 else None,
                       "version": (f"/v1/models/{j.model_id}/versions/{j.result_version}"
                                   if j.result_version else None)}}
