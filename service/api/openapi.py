@@ -59,9 +59,11 @@ def _problem(status: int) -> dict[str, Any]:
 
 
 def _error_statuses(path: str, method: str, op: dict[str, Any]) -> set[int]:
-    statuses = {422, 503}  # invalid input; the database unavailable
+    statuses: set[int] = set()
+    if op.get("parameters") or op.get("requestBody"):
+        statuses.add(422)  # invalid input
     if op.get("security"):
-        statuses.add(401)
+        statuses.update((401, 503))  # no valid key; the database (which holds the keys) unavailable
     if "{" in path:
         statuses.add(404)
     params = {p["name"].lower() for p in op.get("parameters", [])}
@@ -119,7 +121,8 @@ def document(app: FastAPI, max_page_size: int) -> dict[str, Any]:
         for method, op in operations.items():
             responses = op.setdefault("responses", {})
             for status in sorted(_error_statuses(path, method, op)):
-                responses[str(status)] = _problem(status)
+                if str(status) not in responses or status == 422:  # a route's own answer stays
+                    responses[str(status)] = _problem(status)
             for param in op.get("parameters", []):
                 if param["name"] == "page_token":
                     _set_pattern(param["schema"], TOKEN_PATTERN)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
 from service.core.errors import Invalid, invalid
@@ -177,15 +177,20 @@ def parse_policy(raw: Any, field: str = "policy") -> Policy:
     return validate_model(Policy, raw, field)
 
 
+class _StrictTypes(BaseModel):
+    """A JSON body read as written: no extra key, and no coercion (0 is not false, "8" is not 8)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 def _calibration_request() -> type[BaseModel]:
     """The body of ``POST /v1/models/{id}/calibrations``: any field of :class:`Calibration` (same
     types and bounds, all optional) and ``apply``; nothing else."""
     fields: dict[str, Any] = {name: (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
                               for name, info in Calibration.model_fields.items()}
-    fields["apply"] = (StrictBool | None, Field(None, description="true: make the result current even on a pinned "
+    fields["apply"] = (bool | None, Field(None, description="true: make the result current even on a pinned "
                                                           "policy; false: only record it; absent: apply "
                                                           "unless the policy is pinned"))
-    return create_model("CalibrationRequest", __base__=_Strict, **fields)
+    return create_model("CalibrationRequest", __base__=_StrictTypes, **fields)
 
 
 CalibrationRequest = _calibration_request()

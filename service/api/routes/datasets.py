@@ -10,13 +10,14 @@ from fastapi.responses import JSONResponse
 from service.api.deps import Auth, Ctx
 from service.api.pagination import paginate, parse_page
 from service.api.routes.common import stored_upload
+from service.api.schemas import DatasetOut, DatasetPage
 from service.api.uploads import check_extension, check_name, check_normalization, parse_json_field, read_dataset
 from service.core.repo import datasets
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, summary="Register a dataset (.npz)")
+@router.post("", status_code=201, response_model=DatasetOut, summary="Register a dataset (.npz)")
 def create_dataset(ctx: Ctx, caller: Auth, name: Annotated[str, Form()], file: Annotated[UploadFile, File()],
                    mean: Annotated[str | None, Form(description="JSON list, one value per channel")] = None,
                    std: Annotated[str | None, Form(description="JSON list, one value per channel")] = None):
@@ -37,7 +38,7 @@ def create_dataset(ctx: Ctx, caller: Auth, name: Annotated[str, Form()], file: A
     return JSONResponse(body, status_code=201, headers={"Location": f"/v1/datasets/{body['id']}"})
 
 
-@router.get("", summary="List datasets")
+@router.get("", response_model=DatasetPage, summary="List datasets")
 def list_datasets(ctx: Ctx, caller: Auth, name: str | None = None,
                   max_results: Annotated[int | None, Query()] = None, page_token: str | None = None):
     page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
@@ -45,7 +46,7 @@ def list_datasets(ctx: Ctx, caller: Auth, name: str | None = None,
         return paginate(session, datasets.query(caller, name), datasets.Dataset.id, page, datasets.render)
 
 
-@router.get("/{dataset_id}", summary="Get a dataset")
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="Get a dataset")
 def get_dataset(ctx: Ctx, caller: Auth, dataset_id: int):
     with ctx.db.session() as session:
         return datasets.render(datasets.get(session, caller, dataset_id))

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from service.api.deps import Auth, Ctx
 from service.api.pagination import paginate, parse_page
 from service.api.problems import Problem, bad_field
+from service.api.schemas import DeletionRequestOut, DeletionRequestPage, FlushOut, JobOut, JobPage, SampleStatusOut
 from service.core import batching
 from service.core.models import DeletionRequest, ForgottenSample, Job, Model, ModelVersion
 from service.core.repo import datasets, deletions, jobs, models
@@ -42,7 +43,7 @@ class DeletionRequestIn(BaseModel):
 IDEMPOTENCY_KEY = Header(min_length=1, max_length=255, pattern=r"\S")
 
 
-@router.post("/v1/models/{model_id}/deletion-requests", status_code=202,
+@router.post("/v1/models/{model_id}/deletion-requests", status_code=202, response_model=DeletionRequestOut,
              summary="Ask a model to forget samples (committed before the answer; batched into a job)")
 def create_deletion_request(ctx: Ctx, caller: Auth, model_id: int, body: DeletionRequestIn,
                             idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None):
@@ -75,13 +76,15 @@ def create_deletion_request(ctx: Ctx, caller: Auth, model_id: int, body: Deletio
     return JSONResponse(out, status_code=202, headers=headers)
 
 
-@router.get("/v1/deletion-requests/{request_id}", summary="A deletion request: status, job, resulting version")
+@router.get("/v1/deletion-requests/{request_id}", response_model=DeletionRequestOut,
+            summary="A deletion request: status, job, resulting version")
 def get_deletion_request(ctx: Ctx, caller: Auth, request_id: int):
     with ctx.db.session() as session:
         return deletions.render(session, deletions.get(session, caller, request_id))
 
 
-@router.get("/v1/models/{model_id}/deletion-requests", summary="A model's deletion requests")
+@router.get("/v1/models/{model_id}/deletion-requests", response_model=DeletionRequestPage,
+            summary="A model's deletion requests")
 def list_deletion_requests(ctx: Ctx, caller: Auth, model_id: int, status: RequestStatus | None = None,
                            max_results: Annotated[int | None, Query()] = None, page_token: str | None = None):
     page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
@@ -91,7 +94,8 @@ def list_deletion_requests(ctx: Ctx, caller: Auth, model_id: int, status: Reques
                         render_page=lambda rows: deletions.render_page(session, rows))
 
 
-@router.post("/v1/models/{model_id}/flush", status_code=202, summary="Batch what is pending now into a job")
+@router.post("/v1/models/{model_id}/flush", status_code=202, response_model=FlushOut,
+             summary="Batch what is pending now into a job")
 def flush(ctx: Ctx, caller: Auth, model_id: int):
     with ctx.db.session() as session:
         models.get(session, caller, model_id)
@@ -110,13 +114,13 @@ def flush(ctx: Ctx, caller: Auth, model_id: int):
     return JSONResponse({"job": out, "created": True}, status_code=202, headers={"Location": out["links"]["self"]})
 
 
-@router.get("/v1/jobs/{job_id}", summary="A job: status, stage, progress, timings, error")
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, summary="A job: status, stage, progress, timings, error")
 def get_job(ctx: Ctx, caller: Auth, job_id: int):
     with ctx.db.session() as session:
         return jobs.render(jobs.get(session, caller, job_id))
 
 
-@router.get("/v1/models/{model_id}/jobs", summary="A model's jobs")
+@router.get("/v1/models/{model_id}/jobs", response_model=JobPage, summary="A model's jobs")
 def list_jobs(ctx: Ctx, caller: Auth, model_id: int, status: JobStatus | None = None,
               kind: Annotated[Literal["deletion", "calibration"] | None, Query()] = None,
               max_results: Annotated[int | None, Query()] = None, page_token: str | None = None):
@@ -126,7 +130,8 @@ def list_jobs(ctx: Ctx, caller: Auth, model_id: int, status: JobStatus | None = 
         return paginate(session, jobs.query(caller, model_id, status, kind), Job.id, page, jobs.render)
 
 
-@router.post("/v1/jobs/{job_id}/cancel", status_code=202, summary="Cancel a job (it publishes nothing)")
+@router.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=JobOut,
+             summary="Cancel a job (it publishes nothing)")
 def cancel_job(ctx: Ctx, caller: Auth, job_id: int):
     with ctx.db.transaction() as session:
         return JSONResponse(jobs.render(jobs.cancel(session, caller, job_id)), status_code=202)
@@ -176,7 +181,7 @@ def get_report_html(ctx: Ctx, caller: Auth, job_id: int):
     return HTMLResponse(body, headers={"ETag": f'"{digest}"', **PAGE_HEADERS})
 
 
-@router.get("/v1/models/{model_id}/samples/{sample_id}",
+@router.get("/v1/models/{model_id}/samples/{sample_id}", response_model=SampleStatusOut,
             summary="Which versions of a model still contain a training sample")
 def sample_status(ctx: Ctx, caller: Auth, model_id: int, sample_id: str):
     with ctx.db.session() as session:

@@ -8,17 +8,19 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import Ctx
+from service.api.schemas import HealthOut, ReadyOut
 from service.core.migrate import current_revision, head_revision
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness")
+@router.get("/healthz", response_model=HealthOut, summary="Liveness")
 def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: database migrated and reachable, broker reachable")
+@router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut, "description": "not ready"}},
+            summary="Readiness: database migrated and reachable, broker reachable")
 def readyz(ctx: Ctx):
     checks: dict[str, str] = {}
     try:
@@ -36,7 +38,8 @@ def readyz(ctx: Ctx):
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "metrics"}})
 def metrics(ctx: Ctx):
     from service.api.telemetry import refresh_gauges
 

@@ -15,6 +15,7 @@ from service.api.deps import Auth, Ctx
 from service.api.pagination import paginate, parse_page
 from service.api.problems import Problem, bad_field, invalid
 from service.api.routes.common import stored_upload
+from service.api.schemas import AliasesOut, AliasOut, JobOut, ModelOut, ModelPage, PolicyOut, VersionOut, VersionPage
 from service.api.uploads import (
     check_architecture,
     check_events,
@@ -34,9 +35,11 @@ from worker.engine.errors import ConfigError
 from worker.engine.recipe import Recipe
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+BINARY = {"type": "string", "format": "binary"}
 
 
-@router.post("", status_code=201, summary="Register a model; version 1 is pending until a worker validates it")
+@router.post("", status_code=201, response_model=ModelOut,
+             summary="Register a model; version 1 is pending until a worker validates it")
 def create_model(
     ctx: Ctx, caller: Auth,
     name: Annotated[str, Form()],
@@ -108,7 +111,7 @@ def check_recipe(raw: dict | None, n_train: int) -> Recipe:
         raise invalid(field, rest) if sep and " " not in field else invalid("recipe", msg) from None
 
 
-@router.get("", summary="List models")
+@router.get("", response_model=ModelPage, summary="List models")
 def list_models(ctx: Ctx, caller: Auth, name: str | None = None,
                 max_results: Annotated[int | None, Query()] = None, page_token: str | None = None):
     page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
@@ -117,13 +120,13 @@ def list_models(ctx: Ctx, caller: Auth, name: str | None = None,
                         render_page=lambda rows: models.render_page(session, rows))
 
 
-@router.get("/{model_id}", summary="Get a model")
+@router.get("/{model_id}", response_model=ModelOut, summary="Get a model")
 def get_model(ctx: Ctx, caller: Auth, model_id: int):
     with ctx.db.session() as session:
         return models.render(session, models.get(session, caller, model_id))
 
 
-@router.get("/{model_id}/versions", summary="List a model's versions")
+@router.get("/{model_id}/versions", response_model=VersionPage, summary="List a model's versions")
 def list_versions(ctx: Ctx, caller: Auth, model_id: int, max_results: Annotated[int | None, Query()] = None,
                   page_token: str | None = None):
     page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
@@ -134,7 +137,7 @@ def list_versions(ctx: Ctx, caller: Auth, model_id: int, max_results: Annotated[
                         lambda v: models.render_version(v, alias_map, recipe))
 
 
-@router.get("/{model_id}/versions/{ref}", summary="Get a version by number or alias")
+@router.get("/{model_id}/versions/{ref}", response_model=VersionOut, summary="Get a version by number or alias")
 def get_version(ctx: Ctx, caller: Auth, model_id: int, ref: str):
     with ctx.db.session() as session:
         v = models.resolve(session, caller, model_id, ref)
@@ -143,7 +146,11 @@ def get_version(ctx: Ctx, caller: Auth, model_id: int, ref: str):
 
 
 @router.get("/{model_id}/versions/{ref}/checkpoint", summary="Download a version's weights (.safetensors)",
-            response_class=StreamingResponse)
+            response_class=StreamingResponse, responses={
+                200: {"description": "the weights", "content": {"application/octet-stream": {"schema": BINARY}}},
+                206: {"description": "the requested range", "content": {"application/octet-stream": {
+                    "schema": BINARY}}},
+                304: {"description": "not modified (If-None-Match holds the ETag)"}})
 def download_checkpoint(ctx: Ctx, caller: Auth, model_id: int, ref: str,
                         range_: Annotated[str | None, Header(alias="Range")] = None,
                         if_none_match: Annotated[str | None, Header()] = None):
@@ -197,7 +204,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
     return start, min(end, size - 1)
 
 
-@router.get("/{model_id}/aliases", summary="A model's aliases")
+@router.get("/{model_id}/aliases", response_model=AliasesOut, summary="A model's aliases")
 def list_aliases(ctx: Ctx, caller: Auth, model_id: int):
     with ctx.db.session() as session:
         models.get(session, caller, model_id)
@@ -210,7 +217,8 @@ class AliasIn(BaseModel):
     version: int = Field(ge=1, le=2**31 - 1, description="a ready version of the model")
 
 
-@router.put("/{model_id}/aliases/{alias}", summary="Point an alias (e.g. production) at a ready version")
+@router.put("/{model_id}/aliases/{alias}", response_model=AliasOut,
+            summary="Point an alias (e.g. production) at a ready version")
 def put_alias(ctx: Ctx, caller: Auth, model_id: int, alias: str, body: AliasIn):
     with ctx.db.transaction() as session:
         row = models.set_alias(session, caller, model_id, alias, body.version)
@@ -227,13 +235,14 @@ def delete_alias(ctx: Ctx, caller: Auth, model_id: int, alias: str):
 # --------------------------------------------------------------------------- policy and calibrations
 
 
-@router.get("/{model_id}/policy", summary="The model's current policy revision, where it came from, and every revision")
+@router.get("/{model_id}/policy", response_model=PolicyOut,
+            summary="The model's current policy revision, where it came from, and every revision")
 def get_policy(ctx: Ctx, caller: Auth, model_id: int):
     with ctx.db.session() as session:
         return models.render_policy(session, models.get(session, caller, model_id))
 
 
-@router.post("/{model_id}/calibrations", status_code=202,
+@router.post("/{model_id}/calibrations", status_code=202, response_model=JobOut,
              summary="Calibrate the model's unlearning policy (a job; its result is a new policy revision)")
 def create_calibration(
     ctx: Ctx, caller: Auth, model_id: int,
