@@ -173,3 +173,31 @@ def test_demo_runs_the_whole_path_on_the_embedded_default(tmp_path):
     report = json.loads((results[0] / "report.json").read_text())
     assert report["job"]["new_version"] == 2 and len(report["requests"]) == 3
     assert report["forget_set"]["n"] == 40  # 10 + 15 + 15 new ids; the 3 repeated ones are linked, not redone
+
+
+def test_sigterm_to_a_worker_with_beat_stops_it_and_its_beat(tmp_path):
+    """``unlearnd worker --beat`` (Celery's warm shutdown: the current task ends first) leaves nothing
+    running after SIGTERM: neither the worker nor the beat it embeds."""
+    data = tmp_path / "d"
+    _run("migrate", "--data-dir", str(data))
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*CLI, "worker", "--beat", "--data-dir", str(data)], env=_env(), cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: b" ready." in log.read_bytes() or proc.poll() is not None, timeout=90,
+                 what="the worker to be ready")
+        assert proc.poll() is None, log.read_text()[-2000:]
+        wait_for(lambda: len([p for p, cmd in marked_processes().items() if "service.cli" in cmd]) >= 2,
+                 timeout=30, what="the embedded beat to start")
+        started = {p for p, cmd in marked_processes().items() if "service.cli" in cmd}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    deadline = time.monotonic() + 15
+    while (left := set(marked_processes()) & started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"still running after the worker stopped: {left}"
