@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_shutting_down
 from sqlalchemy import select
 
 from service.core import batching
@@ -20,6 +20,7 @@ from service.core.settings import Settings
 from service.core.statuses import JobStatus, VersionStatus
 
 from .context import worker_context
+from .pipeline.progress import SHUTDOWN
 from .registration import validate_version
 
 log = logging.getLogger("unlearnd.worker")
@@ -35,6 +36,14 @@ def _set_threads(**_) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+@worker_shutting_down.connect
+def _release_the_running_job(**_) -> None:
+    """SIGTERM (Celery's warm shutdown) or SIGINT: a running job stops at its next check and is
+    released, queued again for another worker (worker/pipeline/endings.py), instead of holding the
+    stop past its timeout."""
+    SHUTDOWN.set()
 
 
 @app.task(name=REGISTER_VERSION)

@@ -268,3 +268,37 @@ def test_publishing_again_after_a_crash_only_finishes_the_bookkeeping(setup):
                               .where(ModelVersion.model_id == s.model_id)) == 2
     assert [(r.status, r.result_version) for r in s.requests_of(lease.job_id)] == [("completed", 2)]
     assert len(s.forgotten()) == 10 and s.get(Job, lease.job_id).result_version == 2
+
+
+def test_a_worker_shutting_down_releases_its_job_for_the_next_worker(setup, monkeypatch):
+    """SIGTERM to a worker (Celery's warm shutdown sets progress.SHUTDOWN): the running job stops at
+    its next check and goes back to queued with its requests batched, its wake-up sent again; the
+    next worker claims it as a new attempt and the old run can no longer write."""
+    from worker.pipeline import run
+
+    s = setup
+    lease, run_progress = claimed(s, [random_rows(s.n_train, 5, seed=11)])
+    sent = []
+    monkeypatch.setattr(type(s.ctx), "dispatcher", property(lambda _: type("D", (), {
+        "send": lambda self, task, *args: sent.append((task, args)) or True})()))
+
+    def execute(ctx, lease_, progress_):
+        progress_.enter("proxies")
+        progress.SHUTDOWN.set()  # what the worker_shutting_down signal does
+        progress_.check()
+        raise AssertionError("check() should have stopped the run")
+
+    try:
+        assert run.run_claimed(s.ctx, lease, run_progress, execute, "job") == "queued"
+    finally:
+        progress.SHUTDOWN.clear()
+    with s.db.session() as session:
+        job = session.get(Job, lease.job_id)
+        statuses = set(session.scalars(select(DeletionRequest.status).where(DeletionRequest.job_id == job.id)))
+    assert (job.status, job.stage, job.worker, job.heartbeat_at) == ("queued", None, None, None)
+    assert statuses == {"batched"} and job.finished_at is None
+    assert sent and sent[0][1] == (lease.job_id,)
+    again = claim(s.ctx, lease.job_id, "w2")
+    assert again is not None and again.token == lease.token + 1
+    with pytest.raises(Lost):  # the released run's token is stale
+        lease.update(s.db, stage="stale write")

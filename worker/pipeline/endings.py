@@ -1,4 +1,5 @@
-"""How a run ends without publishing a version: canceled, failed, or nothing left to unlearn.
+"""How a run ends without publishing a version: canceled, released (the worker is stopping),
+failed, or nothing left to unlearn.
 Each is one fenced transaction on the job, its requests (service/core/repo/requests.py) and the
 audit log."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from service.core import batching
 from service.core.models import utcnow
 from service.core.repo import audit as audit_log
 from service.core.repo import requests
@@ -33,6 +35,24 @@ def cancel(ctx: WorkerContext, lease: Lease, progress: Progress, why: str, *, st
             "attempts": job.attempts})
     log.info("job %s: canceled during %s; %d request(s) back to pending", lease.job_id, stage, len(requeued))
     return JobStatus.CANCELED.value
+
+
+def release(ctx: WorkerContext, lease: Lease, progress: Progress) -> str:
+    """The worker is shutting down: the job goes back to ``queued`` with its requests (``batched``),
+    for the next worker, and its wake-up is sent again. Nothing was published; the next claim is a
+    new attempt (its fencing token), so nothing this run might still write can land."""
+    now = utcnow()
+    with ctx.db.transaction() as session:
+        job = lease.lock_job(session)
+        requests.release(session, job.id, now)
+        stage = progress.stage
+        job.status, job.stage, job.progress, job.worker, job.heartbeat_at = JobStatus.QUEUED, None, 0.0, None, None
+        kind = job.kind
+        audit_log.record(session, job.tenant_id, "worker", "job.released", f"job:{job.id}", {
+            "model_id": job.model_id, "stage": stage, "attempts": job.attempts, "worker": lease.worker})
+    batching.dispatch(ctx.db, ctx.dispatcher, lease.job_id, kind)  # a lost wake-up is sent again by the sweeper
+    log.info("job %s: released during %s (worker shutting down); queued again", lease.job_id, stage)
+    return JobStatus.QUEUED.value
 
 
 def fail(ctx: WorkerContext, lease: Lease, progress: Progress, exc: BaseException) -> str:
@@ -77,4 +97,4 @@ def finish_empty(ctx: WorkerContext, lease: Lease, progress: Progress, record: J
     return JobStatus.SUCCEEDED.value
 
 
-__all__ = ["cancel", "fail", "finish_empty"]
+__all__ = ["cancel", "fail", "finish_empty", "release"]

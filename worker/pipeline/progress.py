@@ -10,6 +10,7 @@ afresh at every stage boundary; a request raises the engine's ``Cancelled``.
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 from sqlalchemy import select
@@ -27,6 +28,10 @@ SPANS = {"loading": (0.0, 0.05), "proxies": (0.05, 0.15), "refining": (0.15, 0.1
 SPANS_WITH_REFERENCE = {**SPANS, "unlearning": (0.17, 0.45), "auditing": (0.45, 0.95)}
 PROGRESS_EVERY_S = 1.0  # at most one progress write per second
 CANCEL_POLL_S = 1.0  # at most one read of jobs.cancel_requested per second (inside a stage)
+# Set when this worker process is asked to stop (SIGTERM: Celery's warm shutdown, worker/tasks.py).
+# A running job then stops at its next check and is released (queued again for another worker)
+# rather than run to its end past the stop timeout or killed with it.
+SHUTDOWN = threading.Event()
 
 
 class StageClock:
@@ -106,13 +111,16 @@ class Progress:
         self.write(fraction)
 
     def cancel_requested(self) -> bool:
-        return self.cancel.requested()
+        return SHUTDOWN.is_set() or self.cancel.requested()
 
     def check(self, force: bool = False) -> None:
-        """Raise Lost when the lease is gone, the engine's Cancelled when a cancel was asked for."""
+        """Raise Lost when the lease is gone, the engine's Cancelled when a cancel was asked for or
+        the worker is shutting down (run_claimed then releases the job instead of canceling it)."""
         from worker.engine.errors import Cancelled
 
         self.lease.check()
+        if SHUTDOWN.is_set():
+            raise Cancelled(f"worker shutting down during {self.stage}")
         if self.cancel.requested(force=force):
             raise Cancelled(f"canceled during {self.stage}")
 

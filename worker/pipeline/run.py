@@ -16,7 +16,7 @@ from service.core.statuses import JobStatus
 from ..context import WorkerContext
 from . import auditing, endings, loading, proxies, publishing, refining, unlearning
 from .lease import Heartbeat, Lease, Lost, claim, default_worker_name
-from .progress import SPANS_WITH_REFERENCE, Progress
+from .progress import SHUTDOWN, SPANS_WITH_REFERENCE, Progress
 
 log = logging.getLogger("unlearnd.worker")
 
@@ -90,6 +90,8 @@ def run_claimed(ctx: WorkerContext, lease: Lease, progress: Progress, execute: E
         log.warning("%s: lost to another worker (attempt %d is no longer current); stopping", label, lease.token)
         return None
     except Cancelled as exc:
+        if SHUTDOWN.is_set() and not progress.cancel.requested(force=True):
+            return _record(label, "the release", endings.release, ctx, lease, progress)
         return _record(label, "the cancellation", endings.cancel, ctx, lease, progress, str(exc))
     except Exception as exc:
         log.exception("%s failed during %s", label, progress.stage)

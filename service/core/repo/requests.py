@@ -43,6 +43,14 @@ def start(session: Session, job_id: int, now: dt.datetime | None = None) -> None
                     .values(status=RequestStatus.PROCESSING, updated_at=now or utcnow()))
 
 
+def release(session: Session, job_id: int, now: dt.datetime | None = None) -> None:
+    """``processing → batched``: job ``job_id`` was released by a worker that stopped; the requests
+    stay in it for the next worker."""
+    session.execute(update(DeletionRequest)
+                    .where(DeletionRequest.job_id == job_id, DeletionRequest.status == RequestStatus.PROCESSING)
+                    .values(status=RequestStatus.BATCHED, updated_at=now or utcnow()))
+
+
 def requeue(session: Session, job_id: int, now: dt.datetime | None = None) -> list[int]:
     """The requests still in job ``job_id`` go back to ``received`` (batched again later); returns
     their ids."""
