@@ -28,9 +28,17 @@ def validate_version(ctx: WorkerContext, version_id: int) -> str | None:
         job = dict(spec=model.architecture, policy=model.policy, weights=v.checkpoint_sha256,
                    events=model.events_sha256, data=ds.sha256, mean=ds.mean, std=ds.std,
                    num_classes=ds.num_classes, has_holdout=ds.n_holdout > 0)
-    ok, reason, metrics = check(ctx, **job)
+    try:
+        ok, reason, metrics = check(ctx, **job)
+    except Exception:
+        with ctx.db.session() as s:
+            if s.get(ModelVersion, version_id) is None:  # its model was deleted (and its files with it) meanwhile
+                log.info("version %s was deleted while it was checked", version_id)
+                return None
+        raise
     with ctx.db.transaction() as s:
-        model_repo.finish_registration(s, version_id, ok=ok, reason=reason, metrics=metrics)
+        if not model_repo.finish_registration(s, version_id, ok=ok, reason=reason, metrics=metrics):
+            return None  # checked meanwhile by another delivery, or its model was deleted
     log.info("version %s is %s%s", version_id, "ready" if ok else "invalid", f": {reason}" if reason else "")
     return "ready" if ok else "invalid"
 

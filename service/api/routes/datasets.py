@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from service.api.deps import Auth, Ctx
 from service.api.pagination import paginate, parse_page
 from service.api.routes.common import stored_upload
 from service.api.schemas import DatasetOut, DatasetPage
 from service.api.uploads import check_extension, check_name, check_normalization, parse_json_field, read_dataset
-from service.core.repo import datasets
+from service.core.repo import blobs, datasets
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -50,3 +50,11 @@ def list_datasets(ctx: Ctx, caller: Auth, name: str | None = None,
 def get_dataset(ctx: Ctx, caller: Auth, dataset_id: int):
     with ctx.db.session() as session:
         return datasets.render(datasets.get(session, caller, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset that no model uses")
+def delete_dataset(ctx: Ctx, caller: Auth, dataset_id: int):
+    with ctx.db.transaction() as session:
+        digests = datasets.delete(session, caller, dataset_id)
+    blobs.prune(ctx.db, ctx.store, digests)  # after the commit: a failed transaction removes nothing
+    return Response(status_code=204)

@@ -28,8 +28,8 @@ from service.core import batching
 from service.core.celery_app import REGISTER_VERSION
 from service.core.models import Dataset, Job, ModelVersion
 from service.core.policy import CalibrationRequest, Policy, is_pinned, parse_calibration, parse_policy
-from service.core.repo import datasets, jobs, models
-from service.core.statuses import JobStatus, VersionStatus
+from service.core.repo import blobs, datasets, jobs, models
+from service.core.statuses import JobStatus
 from worker.engine.catalog import NEEDS_EVENTS
 from worker.engine.errors import ConfigError
 from worker.engine.recipe import Recipe
@@ -124,6 +124,15 @@ def list_models(ctx: Ctx, caller: Auth, name: str | None = None,
 def get_model(ctx: Ctx, caller: Auth, model_id: int):
     with ctx.db.session() as session:
         return models.render(session, models.get(session, caller, model_id))
+
+
+@router.delete("/{model_id}", status_code=204,
+               summary="Delete a model that took no deletion request and has no active job; frees its name")
+def delete_model(ctx: Ctx, caller: Auth, model_id: int):
+    with ctx.db.transaction() as session:
+        digests = models.delete(session, caller, model_id)
+    blobs.prune(ctx.db, ctx.store, digests)  # after the commit: a failed transaction removes nothing
+    return Response(status_code=204)
 
 
 @router.get("/{model_id}/versions", response_model=VersionPage, summary="List a model's versions")
@@ -254,10 +263,7 @@ def create_calibration(
     with ctx.db.transaction() as session:
         model = models.get(session, caller, model_id, lock=True)
         settings, apply = parse_calibration(raw, Policy.model_validate(model.policy).calibration)
-        if not session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model_id,
-                                                            ModelVersion.status == VersionStatus.READY).limit(1)):
-            raise Problem(409, "Model not ready", f"model {model_id} has no ready version yet (version 1 is "
-                          "checked by a worker after registration)", kind="model-not-ready")
+        models.require_ready(session, model)
         job = jobs.create_calibration(session, model, settings=settings.model_dump(exclude={"auto"}), apply=apply,
                                       actor=caller.actor, trigger="api")
         job_id = job.id

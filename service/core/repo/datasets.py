@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+from sqlalchemy import delete as sql_delete
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.core.auth import Caller
-from service.core.errors import conflict, not_found
-from service.core.models import Dataset, DatasetSample
+from service.core.errors import Conflict, conflict, not_found
+from service.core.models import Dataset, DatasetSample, Model
 from service.core.repo import audit
-from service.core.repo.common import iso
+from service.core.repo.common import iso, retire
 
 INSERT_CHUNK = 5000
 MAX_ID = 2**31 - 1  # ids and version numbers are INTEGER columns (int4 on PostgreSQL): a larger one matches nothing
@@ -52,6 +53,29 @@ def create(session: Session, caller: Caller, *, name: str, sha256: str, size_byt
     audit.record(session, caller.tenant_id, caller.actor, "dataset.registered", f"dataset:{row.id}",
                  {"name": name, "sha256": sha256, "n_train": row.n_train})
     return row
+
+
+def delete(session: Session, caller: Caller, dataset_id: int) -> set[str]:
+    """Delete a dataset no model uses, with its samples, in the caller's transaction; the audit log
+    records it. Returns its artifact (the caller removes it once committed, if no other row shares
+    it: service/core/repo/blobs.py)."""
+    row = get(session, caller, dataset_id)
+    users = list(session.scalars(select(Model.id).where(Model.dataset_id == row.id).order_by(Model.id)))
+    if users:
+        raise Conflict(f"dataset {dataset_id} is used by model(s) {users}: delete those first (a model that took "
+                       "deletion requests is kept, and so is its dataset)", title="Dataset in use",
+                       kind="dataset-in-use", model_ids=users)
+    details = {"name": row.name, "sha256": row.sha256, "n_train": row.n_train}
+    session.execute(sql_delete(DatasetSample).where(DatasetSample.dataset_id == row.id))
+    session.delete(row)
+    try:
+        session.flush()
+    except IntegrityError:  # a model registered on it meanwhile (PostgreSQL; SQLite serializes writers)
+        raise Conflict(f"dataset {dataset_id} is used by a model registered just now: delete that first",
+                       title="Dataset in use", kind="dataset-in-use") from None
+    retire(session, "datasets", [dataset_id])
+    audit.record(session, caller.tenant_id, caller.actor, "dataset.deleted", f"dataset:{dataset_id}", details)
+    return {details["sha256"]}
 
 
 def sample_ids(session: Session, dataset_id: int) -> np.ndarray:

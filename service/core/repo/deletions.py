@@ -25,13 +25,13 @@ from service.core.models import (
     DeletionRequestSample,
     ForgottenSample,
     Model,
-    ModelVersion,
     utcnow,
 )
 from service.core.repo import audit
 from service.core.repo.common import iso
 from service.core.repo.datasets import MAX_ID
-from service.core.statuses import RequestStatus, VersionStatus
+from service.core.repo.models import require_ready
+from service.core.statuses import RequestStatus
 
 REASONS = ("erasure", "mislabeled", "poisoned", "other")
 MAX_SAMPLES_PER_REQUEST = 100_000
@@ -96,10 +96,7 @@ def _rows_of(session: Session, dataset_id: int, sample_ids: list[str]) -> dict[s
 def create(session: Session, caller: Caller, model: Model, *, sample_ids: list[str], reason: str,
            subject_ref: str | None, idempotency_key: str | None, fp: str) -> DeletionRequest:
     """Validate and insert one request with its samples, in the caller's transaction."""
-    if not session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model.id,
-                                                        ModelVersion.status == VersionStatus.READY).limit(1)):
-        raise Conflict(f"model {model.id} has no ready version yet (version 1 is checked by "
-                      "a worker after registration)", title="Model not ready", kind="model-not-ready")
+    require_ready(session, model)
     unique = list(dict.fromkeys(sample_ids))
     rows = _rows_of(session, model.dataset_id, unique)
     unknown = [s for s in unique if s not in rows]

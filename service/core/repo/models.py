@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import re
 
+from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.core.auth import Caller
-from service.core.errors import conflict, invalid, not_found
-from service.core.models import Job, Model, ModelAlias, ModelVersion, PolicyRevision, utcnow
+from service.core.errors import Conflict, conflict, invalid, not_found
+from service.core.models import (
+    DeletionRequest,
+    ForgottenSample,
+    Job,
+    Model,
+    ModelAlias,
+    ModelVersion,
+    PolicyRevision,
+    ProxyCacheEntry,
+    utcnow,
+)
 from service.core.repo import audit
-from service.core.repo.common import iso
+from service.core.repo.common import iso, retire
 from service.core.repo.datasets import MAX_ID
 from service.core.statuses import JobStatus, VersionStatus
 
@@ -57,6 +68,72 @@ def create(session: Session, caller: Caller, *, name: str, dataset_id: int, arch
                   "checkpoint_sha256": checkpoint_sha256, "events_sha256": events_sha256, "recipe": recipe,
                   "policy_pinned": pinned})
     return model, version
+
+
+def require_ready(session: Session, model: Model) -> None:
+    """409 unless the model has a ready version to unlearn from or calibrate (deletion requests and
+    calibrations): version 1 is still waiting for its check (``model-not-ready``), or was found
+    invalid and never will be ready (``model-invalid``: register the model again)."""
+    if session.scalar(select(ModelVersion.id).where(ModelVersion.model_id == model.id,
+                                                    ModelVersion.status == VersionStatus.READY).limit(1)):
+        return
+    first = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.version == 1))
+    if first is not None and first.status == VersionStatus.INVALID:
+        raise Conflict(f"model {model.id} has no ready version and never will: version 1 was found invalid "
+                       f"({first.status_reason or 'no reason recorded'}); register the model again with corrected "
+                       f"files (deleting model {model.id} frees its name {model.name!r})", title="Model invalid",
+                       kind="model-invalid", version_status=first.status, status_reason=first.status_reason)
+    raise Conflict(f"model {model.id} has no ready version yet (version 1 is checked by a worker after "
+                   "registration)", title="Model not ready", kind="model-not-ready")
+
+
+def delete(session: Session, caller: Caller, model_id: int) -> set[str]:
+    """Delete a model nothing depends on, with its versions, aliases, policy revisions, (calibration)
+    jobs and proxy cache entries, in the caller's transaction; the audit log records it. Returns the
+    artifacts those rows referenced (the caller removes the ones no other row references once the
+    transaction committed: service/core/repo/blobs.py).
+
+    A model that took deletion requests is kept: it and its versions are the evidence of those
+    erasures (which versions still contain a sample, the reports the audit log's hashes sign). A
+    model with a queued or running job is kept until the job ends (or is canceled)."""
+    model = get(session, caller, model_id, lock=True)
+    n_requests = session.scalar(select(func.count()).select_from(DeletionRequest)
+                                .where(DeletionRequest.model_id == model_id))
+    n_evidence = n_requests or session.scalar(select(func.count()).select_from(ForgottenSample).where(
+        ForgottenSample.model_id == model_id)) or session.scalar(select(func.count()).select_from(Job).where(
+            Job.model_id == model_id, Job.kind == "deletion"))
+    if n_evidence:
+        raise Conflict(f"model {model_id} took {n_requests} deletion request(s): the model and its versions are the "
+                       "record of those erasures and cannot be deleted", title="Model holds erasure records",
+                       kind="model-has-deletion-requests", n_deletion_requests=n_requests)
+    active = session.scalar(select(Job.id).where(Job.model_id == model_id, Job.status.in_(JobStatus.ACTIVE))
+                            .order_by(Job.id).limit(1))
+    if active is not None:
+        raise Conflict(f"model {model_id} has an active job ({active}): cancel it or wait until it ends",
+                       title="Model busy", kind="model-busy", job_id=active)
+    versions = list(session.scalars(versions_query(model_id).order_by(ModelVersion.version)))
+    jobs = list(session.scalars(select(Job).where(Job.model_id == model_id).order_by(Job.id)))
+    version_ids = [v.id for v in versions]
+    proxies = set(session.scalars(select(ProxyCacheEntry.sha256).where(
+        ProxyCacheEntry.model_version_id.in_(version_ids)))) if version_ids else set()
+    blobs = ({v.checkpoint_sha256 for v in versions} | {model.events_sha256} | proxies
+             | {j.report_sha256 for j in jobs} | {j.report_html_sha256 for j in jobs}) - {None}
+    details = {"name": model.name, "dataset_id": model.dataset_id,
+               "checkpoints": [{"version": v.version, "status": v.status, "sha256": v.checkpoint_sha256}
+                               for v in versions],
+               "events_sha256": model.events_sha256, "jobs": [j.id for j in jobs],
+               "policy_revision": model.policy_revision}
+    # children first: policy revisions and versions point at jobs, jobs and the rest at the model
+    if version_ids:
+        session.execute(sql_delete(ProxyCacheEntry).where(ProxyCacheEntry.model_version_id.in_(version_ids)))
+    for table in (ModelAlias, PolicyRevision, ModelVersion, Job):
+        session.execute(sql_delete(table).where(table.model_id == model_id))
+    session.delete(model)
+    session.flush()
+    retire(session, "models", [model_id])
+    retire(session, "jobs", [j.id for j in jobs])
+    audit.record(session, caller.tenant_id, caller.actor, "model.deleted", f"model:{model_id}", details)
+    return blobs
 
 
 def versions_query(model_id: int):
