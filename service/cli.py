@@ -6,6 +6,7 @@
 - ``migrate``: bring the database schema to the newest migration
 - ``keys create --tenant T``: print a new API key
 - ``train``: train an unlearning-ready model (weights, events, architecture)
+- ``verify FILE``: check a tree head, a proof or an erasure certificate offline (docs/transparency.md)
 """
 
 from __future__ import annotations
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip the policy calibration step (a few tens of seconds on digits)")
     demo.add_argument("--keep-serving", action="store_true",
                       help="keep the embedded service running afterwards (Ctrl-C stops it)")
+
+    verify = sub.add_parser("verify", help="check a signed tree head, a proof or an erasure certificate offline; "
+                                           "exit 0 if it verifies, 1 if anything in it was altered")
+    verify.add_argument("file", help="the JSON document ('-': standard input)")
+    key = verify.add_mutually_exclusive_group(required=True)
+    key.add_argument("--public-key", type=Path, metavar="PEM", help="the deployment's Ed25519 public key (PEM)")
+    key.add_argument("--url", metavar="BASE", help="fetch the public key from BASE/v1/public-key")
 
     train = sub.add_parser("train", help="train an unlearning-ready model (weights, events, architecture)")
     from worker.engine.cli import add_train_arguments  # cheap: torch loads when the command runs
@@ -249,6 +257,7 @@ def cmd_serve(args) -> int:
 
     settings = _settings(args)
     upgrade(settings.db_url)
+    _register_signing_key(settings)
     _exit_on_sigterm()
     supervisor = None
     try:
@@ -266,6 +275,22 @@ def cmd_serve(args) -> int:
         if supervisor:
             supervisor.stop()
     return 0
+
+
+def _register_signing_key(settings) -> None:
+    """The deployment's signing key (created on first start for the embedded default), registered so
+    that the API serves its public half from the start. Only its id is printed."""
+    from service.core.db import Database
+    from service.core.repo.transparency import register_key
+    from service.core.signing import load_signer
+
+    signer = load_signer(settings)
+    db = Database(settings.db_url)
+    try:
+        with db.transaction() as session:
+            register_key(session, signer)
+    finally:
+        db.dispose()
 
 
 def _prog() -> str:
@@ -304,6 +329,45 @@ def cmd_demo(args) -> int:
         return 1
 
 
+def cmd_verify(args) -> int:
+    """0: the document verifies; 1: it does not (altered, or signed by another key); 2: it could
+    not be checked (unreadable file or key)."""
+    import json
+
+    from service.core.evidence import Altered, verify
+    from service.core.signing import key_id, load_public_key
+
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        public = load_public_key(args.public_key.read_bytes() if args.public_key else _fetch_public_key(args.url))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        print(f"FAILED: {args.file} is not JSON ({exc})", file=sys.stderr)
+        return 1
+    try:
+        summary = verify(doc, public)
+    except Altered as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(f"OK ({key_id(public)[:16]}…): {summary}")
+    return 0
+
+
+def _fetch_public_key(base: str) -> str:
+    import httpx
+
+    try:
+        answer = httpx.get(base.rstrip("/") + "/v1/public-key", timeout=30)
+        answer.raise_for_status()
+        return answer.json()["public_key_pem"]
+    except httpx.HTTPError as exc:
+        raise OSError(f"could not fetch the public key from {base}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
@@ -313,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return cmd_keys_create(args)
     return {"serve": cmd_serve, "api": cmd_api, "worker": cmd_worker, "beat": cmd_beat,
-            "migrate": cmd_migrate, "demo": cmd_demo}[args.command](args)
+            "migrate": cmd_migrate, "demo": cmd_demo, "verify": cmd_verify}[args.command](args)
 
 
 if __name__ == "__main__":

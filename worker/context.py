@@ -9,6 +9,7 @@ from service.core.artifacts import LocalArtifactStore
 from service.core.db import Database
 from service.core.dispatch import Dispatcher
 from service.core.settings import Settings
+from service.core.signing import Signer, load_signer
 
 
 @dataclass
@@ -21,6 +22,11 @@ class WorkerContext:
     def dispatcher(self) -> Dispatcher:
         """One Celery client per worker process (not a new one per task or sweep)."""
         return Dispatcher(self.settings)
+
+    @cached_property
+    def signer(self) -> Signer:
+        """The deployment's signing key, read (or, for the embedded default, created) once."""
+        return load_signer(self.settings)
 
 
 @cache

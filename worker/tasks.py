@@ -13,9 +13,18 @@ from celery.signals import worker_init, worker_shutting_down
 from sqlalchemy import select
 
 from service.core import batching
-from service.core.celery_app import REGISTER_VERSION, RUN_CALIBRATION, RUN_JOB, SWEEP, make_celery, task_for_kind
+from service.core.celery_app import (
+    REGISTER_VERSION,
+    RUN_CALIBRATION,
+    RUN_JOB,
+    SEQUENCE,
+    SWEEP,
+    make_celery,
+    task_for_kind,
+)
 from service.core.models import Job, ModelVersion, utcnow
 from service.core.repo import models as model_repo
+from service.core.repo import transparency
 from service.core.settings import Settings
 from service.core.statuses import JobStatus, VersionStatus
 
@@ -66,6 +75,7 @@ def run_job(job_id: int) -> str | None:
     status = run(ctx, int(job_id), worker_name=f"{socket.gethostname()}:{os.getpid()}")
     if status is not None:
         _next(ctx, int(job_id))
+        sequence()  # the job's requests get their certificates now, not after the next beat
     return status
 
 
@@ -117,3 +127,16 @@ def sweep() -> dict:
             s.execute(Job.__table__.update().where(Job.id.in_(resent)).values(dispatched_at=utcnow()))
         log.info("sweeper re-sent %d job(s): %s", len(resent), resent)
     return {"registrations": len(sent), "batches": len(claimed), "jobs": len(resent)}
+
+
+@app.task(name=SEQUENCE)
+def sequence() -> dict:
+    """The transparency log's sequencer (beat, every ``sequence_interval_s``; also callable
+    directly): completed deletion requests get their log entry, queued entries go into their
+    tenant's tree under a new signed tree head, and provable certificates are signed."""
+    ctx = worker_context()
+    done = transparency.sequence(ctx.db, ctx.signer, ctx.settings.sequence_batch)
+    if done.entries or done.certificates:
+        log.info("sequencer: %d entr(ies) in %d tree head(s), %d certificate(s)", done.entries,
+                 len(done.tree_heads), done.certificates)
+    return done.to_dict()

@@ -22,9 +22,6 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    event,
-    func,
-    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -275,33 +272,10 @@ class ProxyCacheEntry(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
-class RetiredId(Base):
-    """The highest id deleted from a table whose ids users hold (models, datasets, jobs; migration
-    0005). SQLite gives a new row the largest id + 1, so without this the next model would take the
-    id of a model just deleted, and the audit log's ``model:<id>`` would name two models; a new row
-    of these tables gets an id above it (``_above_retired``). PostgreSQL's sequences never go back,
-    so it is written on SQLite only (service/core/repo/common.py ``retire``)."""
-
-    __tablename__ = "retired_ids"
-    table_name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    max_id: Mapped[int]
-
-
-def _above_retired(mapper, connection, target) -> None:
-    if target.id is not None or connection.dialect.name != "sqlite":
-        return
-    table = mapper.local_table
-    floor = connection.scalar(select(RetiredId.max_id).where(RetiredId.table_name == table.name))
-    if floor is not None and floor >= (connection.scalar(select(func.max(table.c.id))) or 0):
-        target.id = floor + 1
-
-
-for _cls in (Dataset, Model, Job):
-    event.listen(_cls, "before_insert", _above_retired)
-
-
 class AuditEntry(Base):
-    """Append-only, hash-chained per tenant (the migration adds triggers refusing UPDATE and DELETE)."""
+    """One entry of a tenant's transparency log: append-only (the migration adds triggers refusing
+    UPDATE and DELETE). Appended without a lock; the sequencer gives it its place in the tenant's
+    Merkle tree later (``LogLeaf``; service/core/repo/transparency.py)."""
 
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -311,5 +285,65 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     resource: Mapped[str] = mapped_column(String(200))
     details: Mapped[dict[str, Any]]
-    prev_hash: Mapped[str] = mapped_column(String(64))
-    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class LogPending(Base):
+    """An entry the sequencer has not integrated yet (deleted when it is)."""
+
+    __tablename__ = "log_pending"
+    entry_id: Mapped[int] = mapped_column(ForeignKey("audit_log.id"), primary_key=True, autoincrement=False)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+
+
+class LogLeaf(Base):
+    """The place of an entry in its tenant's tree (append-only)."""
+
+    __tablename__ = "log_leaves"
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    leaf_index: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    entry_id: Mapped[int] = mapped_column(ForeignKey("audit_log.id"), unique=True)
+
+
+class LogNode(Base):
+    """A perfect subtree of a tenant's tree: level 0 are the leaf hashes, level l covers the 2**l
+    leaves from ``idx * 2**l`` (append-only). Every root and proof is folded from these."""
+
+    __tablename__ = "log_nodes"
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class TreeHead(Base):
+    """A signed tree head, one per sequencer batch of a tenant (append-only)."""
+
+    __tablename__ = "tree_heads"
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    tree_size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    root_hash: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(ForeignKey("signing_keys.key_id"))
+    document: Mapped[dict[str, Any]]  # the signed head exactly as served
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class SigningKey(Base):
+    """A public key the deployment signed with (the API serves the newest)."""
+
+    __tablename__ = "signing_keys"
+    key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key_pem: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ErasureCertificate(Base):
+    """The signed certificate of a completed deletion request: its log entry is recorded by the
+    sequencer when it finds the request completed, the certificate once that entry is in a tree."""
+
+    __tablename__ = "erasure_certificates"
+    request_id: Mapped[int] = mapped_column(ForeignKey("deletion_requests.id", ondelete="CASCADE"),
+                                            primary_key=True, autoincrement=False)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    entry_id: Mapped[int] = mapped_column(ForeignKey("audit_log.id"), unique=True)
+    certificate: Mapped[dict[str, Any] | None]
+    issued_at: Mapped[dt.datetime | None] = mapped_column(index=True)

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, validation_alias=_env("DATABASE_URL"))
     broker_url: str | None = Field(None, validation_alias=_env("BROKER_URL"))
     artifact_dir: Path | None = Field(None, validation_alias=_env("ARTIFACT_DIR"))
+    # The Ed25519 key (PKCS#8 PEM) that signs tree heads and erasure certificates; unset: the embedded
+    # default's <data_dir>/signing-key.pem, created on first start (service/core/signing.py).
+    signing_key: Path | None = Field(None, validation_alias=_env("SIGNING_KEY"))
 
     # Upload limits: files are streamed to disk and refused once they pass these.
     max_upload_bytes: int = 2 * GiB
@@ -47,6 +50,10 @@ class Settings(BaseSettings):
     # by the sweeper after this many seconds.
     redispatch_after_s: float = 60.0
     sweep_interval_s: float = 30.0
+    # The transparency log's sequencer: how often beat runs it, and the most entries of a tenant it
+    # integrates into one signed tree head (service/core/repo/transparency.py).
+    sequence_interval_s: float = 2.0
+    sequence_batch: int = 10_000
     # Jobs: a running job's worker touches heartbeat_at every job_heartbeat_s; a job whose heartbeat
     # is older than job_stale_after_s (its worker was killed) is taken over by the next delivery.
     job_heartbeat_s: float = 5.0

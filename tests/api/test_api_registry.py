@@ -110,18 +110,23 @@ def test_readyz_reports_an_unreachable_broker(tmp_path, db_url):
         assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("unreachable")
 
 
-def test_audit_log_is_hash_chained_and_append_only(service, user_files):
+def test_audit_log_is_append_only_and_sequenced_into_a_signed_tree(service, user_files):
     import pytest
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
+
+    from service.core.repo import transparency
+    from service.core.signing import load_signer
 
     with service.client() as c:
         ds = register_dataset(c, user_files)
         register_model(c, user_files, ds["id"])
         log = c.get("/v1/audit-log").json()
         assert [e["action"] for e in log["items"]] == ["dataset.registered", "model.registered"]
-        assert log["items"][1]["prev_hash"] == log["items"][0]["hash"]
-        assert log["chain"] == {"intact": True, "first_bad_entry": None}
+        assert [e["leaf_index"] for e in log["items"]] == [None, None] and log["tree_head"] is None
+        transparency.sequence(service.db, load_signer(service.settings))
+        log = c.get("/v1/audit-log").json()
+        assert [e["leaf_index"] for e in log["items"]] == [0, 1] and log["tree_head"]["tree_size"] == 2
     for stmt in ("UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log"):
         with pytest.raises(DBAPIError, match="append-only"), service.db.transaction() as s:
             s.execute(text(stmt))

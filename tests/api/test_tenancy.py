@@ -64,7 +64,7 @@ def test_a_tenant_sees_and_changes_nothing_of_another(service, user_files):
         assert_problem(r, 422, "dataset_id")
         assert service.snapshot() == before
 
-        # globex's own resources: the same names are free, ids are its own, the audit chain starts afresh
+        # globex's own resources: the same names are free, ids are its own, its audit log is its own
         own = register_dataset(globex, user_files)
         assert own["id"] != ds["id"]
         r = register_model(globex, user_files, own["id"])
@@ -75,7 +75,6 @@ def test_a_tenant_sees_and_changes_nothing_of_another(service, user_files):
         log = globex.get("/v1/audit-log").json()
         assert [(e["action"], e["resource"]) for e in log["items"]] == [
             ("dataset.registered", f"dataset:{own['id']}"), ("model.registered", f"model:{own_mid}")]
-        assert log["items"][0]["prev_hash"] == "0" * 64 and log["chain"]["intact"] is True
         assert not {e["id"] for e in log["items"]} & {e["id"] for e in acme_audit}
 
         # and acme still sees exactly its own, unchanged

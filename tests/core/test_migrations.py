@@ -65,3 +65,65 @@ def test_0003_gives_existing_models_policy_revision_1(db_url):
     finally:
         engine.dispose()
     command.downgrade(alembic_config(db_url), "0002")
+
+
+def test_0006_carries_the_hash_chain_into_the_transparency_log(db_url):
+    """The chain's entries become the first leaves in their order, followed by one entry that records
+    the chain's last hash; downgrading gives back the same chain, hash for hash."""
+    import datetime as dt
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from sqlalchemy import text
+
+    from service.core.db import Database
+    from service.core.migrate import upgrade as up
+    from service.core.repo import transparency
+    from service.core.signing import Signer
+
+    def chained(prev: str, tenant_id: int, created_at: dt.datetime, action: str, details: dict) -> str:
+        body = json.dumps({"tenant_id": tenant_id, "created_at": created_at.isoformat(timespec="microseconds"),
+                           "actor": "a", "action": action, "resource": "r", "details": details},
+                          sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256((prev + body).encode()).hexdigest()
+
+    up(db_url, "0005")
+    engine = create_engine(db_url)
+    chain: dict[int, list[tuple[str, str]]] = {1: [], 2: []}
+    try:
+        with engine.begin() as conn:
+            for t in (1, 2):
+                conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES (:t, :n, CURRENT_TIMESTAMP)"),
+                             {"t": t, "n": f"t{t}"})
+            for i, t in enumerate((1, 2, 1, 1, 2)):
+                ts = dt.datetime(2026, 11, 1, 12, 0, i, 1000 * i)
+                prev = chain[t][-1][1] if chain[t] else "0" * 64
+                h = chained(prev, t, ts, f"act{i}", {"i": i})
+                conn.execute(text("INSERT INTO audit_log (tenant_id, created_at, actor, action, resource, details, "
+                                  "prev_hash, hash) VALUES (:t, :ts, 'a', :act, 'r', :d, :p, :h)"),
+                             {"t": t, "ts": ts, "act": f"act{i}", "d": json.dumps({"i": i}), "p": prev, "h": h})
+                chain[t].append((prev, h))
+        up(db_url)
+        db = Database(db_url)
+        try:
+            transparency.sequence(db, Signer(Ed25519PrivateKey.generate()))
+            with db.session() as s:
+                for t, actions in ((1, ["act0", "act2", "act3"]), (2, ["act1", "act4"])):
+                    head = transparency.tree_head(s, t)
+                    assert head["tree_size"] == len(actions) + 1
+                    entries = sorted((transparency.inclusion_proof(s, t, e) for e in s.scalars(
+                        text("SELECT id FROM audit_log WHERE tenant_id = :t").bindparams(t=t))),
+                        key=lambda p: p["leaf_index"])
+                    assert [p["entry"]["action"] for p in entries] == actions + ["audit_log.migrated"]
+                    migrated = entries[-1]["entry"]["details"]
+                    assert (migrated["entries"], migrated["chain_head"]) == (len(actions), chain[t][-1][1])
+        finally:
+            db.dispose()
+        command.downgrade(alembic_config(db_url), "0005")
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT tenant_id, action, prev_hash, hash FROM audit_log ORDER BY id")).all()
+        for t in (1, 2):
+            assert [(r.prev_hash, r.hash) for r in rows if r.tenant_id == t][:len(chain[t])] == chain[t]
+        assert [r.action for r in rows][-2:] == ["audit_log.migrated"] * 2  # kept, and chained after
+    finally:
+        engine.dispose()

@@ -14,8 +14,10 @@ import time
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select, update
 
+from service.core import evidence
 from service.core.artifacts import LocalArtifactStore
 from service.core.models import (
     DatasetSample,
@@ -29,7 +31,8 @@ from service.core.models import (
     ProxyCacheEntry,
     utcnow,
 )
-from service.core.repo import audit
+from service.core.repo import transparency
+from service.core.signing import Signer
 from tests.servicekit import register_dataset, register_model
 from worker import pipeline
 from worker.context import WorkerContext
@@ -248,8 +251,16 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
     assert all(r.completed_at is not None for r in reqs)
     actions = s.actions()
     assert actions[-2:] == ["version.published", "job.succeeded"]
+    # the sequencer certifies the three requests; each certificate verifies offline and names the report
+    signer = Signer(Ed25519PrivateKey.generate())
+    assert transparency.sequence(s.db, signer).certificates == 3
     with s.db.session() as sess:
-        assert audit.verify(sess, s.tenant_id) == (True, None)
+        cert = transparency.certificate(sess, s.tenant_id, r1)
+        assert "deletion request" in evidence.verify(cert, signer.public)
+        job = sess.get(Job, job1)
+        assert (cert["erasure"]["version_before"], cert["erasure"]["version_after"]) == (1, 2)
+        assert (cert["erasure"]["report_sha256"], cert["erasure"]["report_html_sha256"]) == (
+            job.report_sha256, job.report_html_sha256)
         entry = sess.scalar(select(ProxyCacheEntry))
         assert (entry.model_version_id, entry.proxy, entry.source) == (v1.id, "confidence", "computed")
 

@@ -1,71 +1,52 @@
-"""The append-only audit log, hash-chained per tenant (tamper evidence for erasure records).
+"""The audit log: every action of a tenant, appended to its transparency log (docs/transparency.md).
 
-Each entry's hash is sha256 over the previous entry's hash and the entry's canonical JSON; the
-database refuses UPDATE and DELETE on the table (triggers in the initial migration). Appends of
-one tenant are serialized by an advisory lock (PostgreSQL) or by SQLite's single writer.
+An append is two INSERTs in the caller's transaction (the entry, and its place in the sequencer's
+queue) and takes no lock: writers of a tenant no longer wait for each other. The sequencer
+(service/core/repo/transparency.py) later gives each entry its leaf in the tenant's Merkle tree and
+signs a tree head. The database refuses UPDATE and DELETE on the table (triggers in the initial
+migration). Subject references are stored only as hashes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.core.db import is_postgres
-from service.core.models import AuditEntry, utcnow
-from service.core.repo.common import iso
-
-GENESIS = "0" * 64
-AUDIT_LOCK_BASE = 0x61756474 << 32  # "audt": advisory-lock ids of the per-tenant chains
-
-
-def _digest(prev: str, tenant_id: int, created_at: str, actor: str, action: str, resource: str,
-            details: dict) -> str:
-    body = json.dumps({"tenant_id": tenant_id, "created_at": created_at, "actor": actor, "action": action,
-                       "resource": resource, "details": details}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256((prev + body).encode()).hexdigest()
-
-
-def _iso(ts: dt.datetime) -> str:
-    if ts.tzinfo is not None:
-        ts = ts.astimezone(dt.UTC).replace(tzinfo=None)
-    return ts.isoformat(timespec="microseconds")
+from service.core.models import AuditEntry, LogLeaf, LogPending, utcnow
 
 
 def record(session: Session, tenant_id: int, actor: str, action: str, resource: str,
            details: dict[str, Any] | None = None) -> AuditEntry:
     """Append one entry in the caller's transaction."""
-    if is_postgres(session):
-        # An advisory lock, not a row lock on the tenant: the inserts before this one already hold
-        # a key-share lock on that row (foreign keys), and upgrading it would deadlock two writers.
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK_BASE + tenant_id})
-    prev = session.scalar(select(AuditEntry.hash).where(AuditEntry.tenant_id == tenant_id)
-                          .order_by(AuditEntry.id.desc()).limit(1)) or GENESIS
-    details = json.loads(json.dumps(details or {}, default=str))
-    now = utcnow()
-    entry = AuditEntry(tenant_id=tenant_id, created_at=now, actor=actor, action=action, resource=resource,
-                       details=details, prev_hash=prev,
-                       hash=_digest(prev, tenant_id, _iso(now), actor, action, resource, details))
+    entry = AuditEntry(tenant_id=tenant_id, created_at=utcnow(), actor=actor, action=action, resource=resource,
+                       details=json.loads(json.dumps(details or {}, default=str)))
     session.add(entry)
     session.flush()
+    session.add(LogPending(entry_id=entry.id, tenant_id=tenant_id))
     return entry
 
 
-def verify(session: Session, tenant_id: int) -> tuple[bool, int | None]:
-    """Walk the tenant's chain; return (intact, id of the first bad entry)."""
-    prev = GENESIS
-    for e in session.scalars(select(AuditEntry).where(AuditEntry.tenant_id == tenant_id).order_by(AuditEntry.id)):
-        if e.prev_hash != prev or e.hash != _digest(prev, e.tenant_id, _iso(e.created_at), e.actor, e.action,
-                                                   e.resource, e.details):
-            return False, e.id
-        prev = e.hash
-    return True, None
+def timestamp(ts: dt.datetime) -> str:
+    """RFC 3339 in UTC with microseconds, always the same length (SQLite hands back naive UTC)."""
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(dt.UTC).replace(tzinfo=None)
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def render(e: AuditEntry) -> dict:
-    return {"id": e.id, "created_at": iso(e.created_at), "actor": e.actor, "action": e.action,
-            "resource": e.resource, "details": e.details, "prev_hash": e.prev_hash, "hash": e.hash}
+def document(e: AuditEntry) -> dict:
+    """The entry as its leaf commits to it: the leaf is SHA-256(0x00 || canonical JSON of this)."""
+    return {"id": e.id, "tenant_id": e.tenant_id, "created_at": timestamp(e.created_at), "actor": e.actor,
+            "action": e.action, "resource": e.resource, "details": e.details}
+
+
+def render_page(session: Session, entries: Sequence[AuditEntry]) -> list[dict]:
+    """Entries as the API lists them, with their leaf index (null until sequenced): one query a page."""
+    ids = [e.id for e in entries]
+    leaves = {entry_id: index for entry_id, index in session.execute(
+        select(LogLeaf.entry_id, LogLeaf.leaf_index).where(LogLeaf.entry_id.in_(ids)))} if ids else {}
+    return [{**document(e), "leaf_index": leaves.get(e.id)} for e in entries]
