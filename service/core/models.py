@@ -22,6 +22,9 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
+    func,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -270,6 +273,31 @@ class ProxyCacheEntry(Base):
     source: Mapped[str] = mapped_column(String(16))  # computed | carried
     compute_seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class RetiredId(Base):
+    """The highest id deleted from a table whose ids users hold (models, datasets, jobs; migration
+    0005). SQLite gives a new row the largest id + 1, so without this the next model would take the
+    id of a model just deleted, and the audit log's ``model:<id>`` would name two models; a new row
+    of these tables gets an id above it (``_above_retired``). PostgreSQL's sequences never go back,
+    so it is written on SQLite only (service/core/repo/common.py ``retire``)."""
+
+    __tablename__ = "retired_ids"
+    table_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    max_id: Mapped[int]
+
+
+def _above_retired(mapper, connection, target) -> None:
+    if target.id is not None or connection.dialect.name != "sqlite":
+        return
+    table = mapper.local_table
+    floor = connection.scalar(select(RetiredId.max_id).where(RetiredId.table_name == table.name))
+    if floor is not None and floor >= (connection.scalar(select(func.max(table.c.id))) or 0):
+        target.id = floor + 1
+
+
+for _cls in (Dataset, Model, Job):
+    event.listen(_cls, "before_insert", _above_retired)
 
 
 class AuditEntry(Base):
