@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
               "exit_code": out.returncode, "seconds": round(seconds, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fuzz.json").write_text(json.dumps(result, indent=2) + "\n")
+    (work / "schemathesis.log").write_text(text + out.stderr)  # every failure with its curl reproduction
+    print(f"full output: {work / 'schemathesis.log'}; the API's log: {work / 'svc' / 'api.log'}")
     summary = text[text.find("SUMMARY") - 40:] if "SUMMARY" in text else text[-3000:]
     print(summary)
     print(json.dumps(result))
