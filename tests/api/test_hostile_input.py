@@ -155,6 +155,10 @@ def test_control_characters_in_paths_queries_and_json_bodies(service, user_files
         for ref in ("²", "١٢", "9" * 40):
             r = c.get(f"/v1/models/1/versions/{ref}")
             assert r.status_code == 404, (ref, r.text)
+        for path in (f"/v1/audit-log/{2**40}/inclusion-proof", f"/v1/deletion-requests/{2**40}/certificate",
+                     f"/v1/models/{2**40}", f"/v1/jobs/{2**63 - 1}"):
+            r = c.get(path)  # ids past the database's integers: nothing of that id, not a 500
+            assert r.status_code == 404, (path, r.text)
         for path in ("/v1/models/1/deletion-requests?status=rejected", "/v1/models/1/jobs?status=bogus"):
             r = c.get(path)  # an unknown status is a mistake, not an empty list
             assert r.status_code == 422 and r.json()["errors"][0]["field"] == "status", (path, r.text)

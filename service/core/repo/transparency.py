@@ -43,6 +43,7 @@ from service.core.models import (
 )
 from service.core.repo import audit
 from service.core.repo.common import iso
+from service.core.repo.datasets import MAX_ID
 from service.core.signing import Signer, canonical
 from service.core.statuses import RequestStatus
 
@@ -188,7 +189,8 @@ def tree_head(session: Session, tenant_id: int, size: int | None = None) -> dict
 
 def inclusion_proof(session: Session, tenant_id: int, entry_id: int, size: int | None = None) -> dict:
     """The entry, its leaf and the audit path to a signed tree head (the newest by default)."""
-    entry = session.scalar(select(AuditEntry).where(AuditEntry.id == entry_id, AuditEntry.tenant_id == tenant_id))
+    entry = session.scalar(select(AuditEntry).where(AuditEntry.id == entry_id, AuditEntry.tenant_id == tenant_id)
+                           ) if 0 < entry_id <= MAX_ID else None
     if entry is None:
         raise not_found(f"audit-log entry {entry_id}")
     index = session.scalar(select(LogLeaf.leaf_index).where(LogLeaf.entry_id == entry_id))
@@ -289,7 +291,8 @@ def issue_certificates(session: Session, signer: Signer, limit: int = CERTIFICAT
 
 def certificate(session: Session, tenant_id: int, request_id: int) -> dict:
     r = session.scalar(select(DeletionRequest).where(DeletionRequest.id == request_id,
-                                                     DeletionRequest.tenant_id == tenant_id))
+                                                     DeletionRequest.tenant_id == tenant_id)
+                       ) if 0 < request_id <= MAX_ID else None
     if r is None:
         raise not_found(f"deletion request {request_id}")
     if r.status != RequestStatus.COMPLETED:
