@@ -73,7 +73,7 @@ def _error_statuses(path: str, method: str, op: dict[str, Any]) -> set[int]:
         statuses.add(416)
     body = op.get("requestBody", {}).get("content", {})
     if body:
-        statuses.add(413)
+        statuses.update((400, 413))  # 400: a body that is not what its content type says (not UTF-8 JSON)
     if "multipart/form-data" in body:
         statuses.update((400, 415))  # 400: a form the multipart parser cannot read
     if (method, path) in CONFLICTS:
@@ -104,6 +104,16 @@ def _no_control(schema: dict[str, Any], components: dict[str, Any], seen: set[st
         _no_control(sub, components, seen)
 
 
+def _not_null(param: dict[str, Any]) -> None:
+    """A query, path or header parameter is a string on the wire, never JSON null: an optional one
+    is left out. FastAPI writes ``str | None`` as anyOf [string, null]; keep the string."""
+    schema = param.get("schema", {})
+    options = [o for o in schema.get("anyOf", []) if o.get("type") != "null"]
+    if "anyOf" in schema and len(options) == 1:
+        rest = {k: v for k, v in schema.items() if k != "anyOf"}
+        param["schema"] = {**options[0], **rest}
+
+
 def _set_pattern(schema: dict[str, Any], pattern: str) -> None:
     for sub in schema.get("anyOf", [schema]):
         if sub.get("type") == "string":
@@ -124,6 +134,7 @@ def document(app: FastAPI, max_page_size: int) -> dict[str, Any]:
                 if str(status) not in responses or status == 422:  # a route's own answer stays
                     responses[str(status)] = _problem(status)
             for param in op.get("parameters", []):
+                _not_null(param)
                 if param["name"] == "page_token":
                     _set_pattern(param["schema"], TOKEN_PATTERN)
                 if param["name"] == "max_results":
