@@ -140,7 +140,9 @@ class PolicyRevision(Base):
 
 
 class ModelVersion(Base):
-    """An immutable version: ``pending`` until a worker validated it, then ``ready`` or ``invalid``."""
+    """An immutable version: ``pending`` until a worker validated it, then ``ready`` or ``invalid``;
+    a ready version whose samples were since erased is ``purged`` once its retention ran out
+    (service/core/repo/retention.py): the row stays as a tombstone, its checkpoint's blob goes."""
 
     __tablename__ = "model_versions"
     __table_args__ = (UniqueConstraint("model_id", "version"),)
@@ -161,6 +163,9 @@ class ModelVersion(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     dispatched_at: Mapped[dt.datetime | None]
+    # the tombstone of a purged version (migration 0007): when, and why
+    purged_at: Mapped[dt.datetime | None]
+    purge_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class ModelAlias(Base):

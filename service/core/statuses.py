@@ -4,7 +4,9 @@ sets defined once (the database stores the values as plain strings).
 Deletion request: ``received → batched → processing → completed | failed``; a request whose job
 is canceled, or fails while it has attempts left, goes back to ``received``
 (service/core/repo/requests.py makes every transition). Job:
-``queued → running → succeeded | failed | canceled``. Model version: ``pending → ready | invalid``.
+``queued → running → succeeded | failed | canceled``. Model version: ``pending → ready | invalid``,
+and ``ready → purged`` once a later version erased some of its samples and its retention ran out
+(service/core/repo/retention.py: the row is a tombstone, the checkpoint is gone).
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ class VersionStatus(StrEnum):
     PENDING = "pending"  # registered, not yet checked by a worker
     READY = "ready"
     INVALID = "invalid"
+    PURGED = "purged"  # a tombstone: its checkpoint held erased samples and left the artifact store
 
     ACTIVE = nonmember((PENDING,))
-    TERMINAL = nonmember((READY, INVALID))
+    TERMINAL = nonmember((READY, INVALID, PURGED))
 
 
 __all__ = ["JobStatus", "RequestStatus", "VersionStatus"]
