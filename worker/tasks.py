@@ -24,7 +24,7 @@ from service.core.celery_app import (
 )
 from service.core.models import Job, ModelVersion, utcnow
 from service.core.repo import models as model_repo
-from service.core.repo import transparency
+from service.core.repo import retention, transparency
 from service.core.settings import Settings
 from service.core.statuses import JobStatus, VersionStatus
 
@@ -75,6 +75,7 @@ def run_job(job_id: int) -> str | None:
     status = run(ctx, int(job_id), worker_name=f"{socket.gethostname()}:{os.getpid()}")
     if status is not None:
         _next(ctx, int(job_id))
+        _purge_due(ctx, int(job_id))  # retention.purge_after_days = 0: the superseded versions go at once
         sequence()  # the job's requests get their certificates now, not after the next beat
     return status
 
@@ -98,12 +99,22 @@ def _next(ctx, job_id: int) -> None:
     batching.next_job(ctx.db, ctx.dispatcher, model_id)
 
 
+def _purge_due(ctx, job_id: int) -> None:
+    with ctx.db.session() as s:
+        model_id = s.scalar(select(Job.model_id).where(Job.id == job_id))
+    if model_id is not None:
+        purged = retention.purge_due(ctx.db, ctx.store, model_id)
+        if purged:
+            log.info("purged version(s) %s of model %s (retention)", [p["version"] for p in purged], model_id)
+
+
 @app.task(name=SWEEP)
 def sweep() -> dict:
     """The database says what is owed; re-send what the broker lost and start what is due:
     registrations still pending, batches whose wait ran out, queued jobs (deletion or calibration)
     whose wake-up was lost, and running jobs whose worker stopped beating (killed): the next
-    delivery takes them over."""
+    delivery takes them over. And superseded versions whose retention ran out are purged
+    (service/core/repo/retention.py)."""
     ctx = worker_context()
     dispatcher = ctx.dispatcher
     now = utcnow()
@@ -126,7 +137,10 @@ def sweep() -> dict:
         with ctx.db.transaction() as s:
             s.execute(Job.__table__.update().where(Job.id.in_(resent)).values(dispatched_at=utcnow()))
         log.info("sweeper re-sent %d job(s): %s", len(resent), resent)
-    return {"registrations": len(sent), "batches": len(claimed), "jobs": len(resent)}
+    purged = retention.sweep(ctx.db, ctx.store)
+    if purged:
+        log.info("sweeper purged %d version(s) (retention)", len(purged))
+    return {"registrations": len(sent), "batches": len(claimed), "jobs": len(resent), "purged": len(purged)}
 
 
 @app.task(name=SEQUENCE)

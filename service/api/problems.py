@@ -19,7 +19,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.artifacts import TooLarge
-from service.core.errors import Conflict, DomainError, Invalid, NotFound, Unauthorized
+from service.core.errors import Conflict, DomainError, Gone, Invalid, NotFound, Unauthorized
 from service.core.errors import invalid as invalid  # re-exported: a 422 naming a field
 
 MEDIA_TYPE = "application/problem+json"
@@ -51,7 +51,7 @@ class Problem(Exception):
         return out
 
 
-STATUS: dict[type[DomainError], int] = {Invalid: 422, NotFound: 404, Conflict: 409, Unauthorized: 401}
+STATUS: dict[type[DomainError], int] = {Invalid: 422, NotFound: 404, Conflict: 409, Gone: 410, Unauthorized: 401}
 
 
 def bad_field(field: str, message: str, status: int = 400, kind: str = "invalid-input") -> Problem:

@@ -76,6 +76,8 @@ class VersionOut(_Out):
     n_forgotten: int | None
     created_at: str
     updated_at: str | None
+    purged_at: str | None = None  # a purged version's tombstone: when, and why
+    purge_reason: str | None = None
 
 
 class VersionPage(_Out):
@@ -102,6 +104,25 @@ class ModelOut(_Out):
 class ModelPage(_Out):
     items: list[ModelOut]
     next_page_token: str | None
+
+
+class PurgedVersionOut(_Out):
+    version: int
+    checkpoint_sha256: str
+    purged_at: str
+    reason: str
+    trigger: str
+    erased_in: list[int]
+    n_erased: int
+    n_proxy_cache_entries: int
+    aliases_moved: dict[str, int]
+    aliases_removed: list[str]
+
+
+class PurgeOut(_Out):
+    model_id: int
+    purged: list[PurgedVersionOut]
+    blobs_removed: list[str]
 
 
 class AliasesOut(_Out):
@@ -198,6 +219,17 @@ class FlushOut(_Out):
     created: bool
 
 
+class HoldingVersionOut(_Out):
+    version: int
+    status: VersionStatus
+    purge_due_at: str | None  # None: no later version erased any of its samples (yet)
+
+
+class PurgedRefOut(_Out):
+    version: int
+    purged_at: str | None
+
+
 class SampleStatusOut(_Out):
     model_id: int
     sample_id: str
@@ -205,6 +237,8 @@ class SampleStatusOut(_Out):
     forgotten_in_version: int | None
     forgotten_by_job: int | None
     versions_containing: list[int]
+    holding: list[HoldingVersionOut]
+    purged_versions: list[PurgedRefOut]
     deletion_requests: list[int]
 
 

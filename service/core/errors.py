@@ -49,6 +49,12 @@ class Conflict(DomainError):
     kind = "conflict"
 
 
+class Gone(DomainError):
+    """The resource existed and was removed on purpose; only its tombstone is left (410)."""
+    title = "Gone"
+    kind = "gone"
+
+
 class Unauthorized(DomainError):
     """No valid API key (401)."""
     title = "Unauthorized"

@@ -46,6 +46,15 @@ class Guardrails(_Strict):
     max_retain_drop: float = Field(0.05, ge=0, le=1)
 
 
+class Retention(_Strict):
+    """How long a superseded version that still holds erased samples is kept: ``purge_after_days``
+    after the first later version that erased some of its samples was published, its checkpoint and
+    derived caches are purged (service/core/repo/retention.py); 0 purges them as soon as that
+    version is published."""
+
+    purge_after_days: int = Field(30, ge=0, le=36_500)
+
+
 class Calibration(_Strict):
     """Per-model calibration (worker/calibration.py): a search of the unlearning policy against a
     retrain reference on calibration forget sets drawn from the training set. ``auto`` runs one after
@@ -119,6 +128,7 @@ class Policy(_Strict):
     audit: AuditOptions = Field(default_factory=AuditOptions)
     guardrails: Guardrails = Field(default_factory=Guardrails)
     calibration: Calibration = Field(default_factory=Calibration)
+    retention: Retention = Field(default_factory=Retention)
 
     @model_validator(mode="after")
     def _names(self) -> Policy:
@@ -149,6 +159,11 @@ class Policy(_Strict):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
+
+
+def retention_of(policy: dict[str, Any]) -> Retention:
+    """A stored policy's retention (policies stored before it existed have the default)."""
+    return Retention.model_validate((policy or {}).get("retention") or {})
 
 
 def _check_hparams(method: str, hparams: Any, field: str) -> None:

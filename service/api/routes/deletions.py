@@ -14,8 +14,8 @@ from service.api.pagination import paginate, parse_page
 from service.api.problems import Problem, bad_field
 from service.api.schemas import DeletionRequestOut, DeletionRequestPage, FlushOut, JobOut, JobPage, SampleStatusOut
 from service.core import batching
-from service.core.models import DeletionRequest, ForgottenSample, Job, Model, ModelVersion
-from service.core.repo import datasets, deletions, jobs, models
+from service.core.models import DeletionRequest, ForgottenSample, Job, Model
+from service.core.repo import datasets, deletions, jobs, models, retention
 from service.core.report import CalibrationReport, JobReport
 from service.core.statuses import JobStatus, RequestStatus
 
@@ -182,7 +182,7 @@ def get_report_html(ctx: Ctx, caller: Auth, job_id: int):
 
 
 @router.get("/v1/models/{model_id}/samples/{sample_id}", response_model=SampleStatusOut,
-            summary="Which versions of a model still contain a training sample")
+            summary="Which versions of a model still contain a training sample, and when they will be purged")
 def sample_status(ctx: Ctx, caller: Auth, model_id: int, sample_id: str):
     with ctx.db.session() as session:
         model = models.get(session, caller, model_id)
@@ -191,8 +191,7 @@ def sample_status(ctx: Ctx, caller: Auth, model_id: int, sample_id: str):
             raise Problem(404, "Not found", f"sample {sample_id!r} is not in model {model_id}'s training set",
                           kind="not-found")
         gone = session.get(ForgottenSample, (model_id, row))
-        versions = list(session.scalars(select(ModelVersion.version).where(ModelVersion.model_id == model_id)
-                                        .order_by(ModelVersion.version)))
+        held = retention.sample_versions(session, model_id, gone.version if gone else None)
         requests = list(session.scalars(
             select(DeletionRequest.id).join(deletions.DeletionRequestSample,
                                             deletions.DeletionRequestSample.request_id == DeletionRequest.id)
@@ -200,5 +199,4 @@ def sample_status(ctx: Ctx, caller: Auth, model_id: int, sample_id: str):
             .order_by(DeletionRequest.id)))
     return {"model_id": model_id, "sample_id": sample_id, "forgotten": gone is not None,
             "forgotten_in_version": gone.version if gone else None, "forgotten_by_job": gone.job_id if gone else None,
-            "versions_containing": [v for v in versions if gone is None or v < gone.version],
-            "deletion_requests": requests}
+            **held, "deletion_requests": requests}

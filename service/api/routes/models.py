@@ -13,9 +13,19 @@ from sqlalchemy import select
 
 from service.api.deps import Auth, Ctx
 from service.api.pagination import paginate, parse_page
-from service.api.problems import Problem, bad_field, invalid
+from service.api.problems import MEDIA_TYPE, Problem, bad_field, invalid
 from service.api.routes.common import stored_upload
-from service.api.schemas import AliasesOut, AliasOut, JobOut, ModelOut, ModelPage, PolicyOut, VersionOut, VersionPage
+from service.api.schemas import (
+    AliasesOut,
+    AliasOut,
+    JobOut,
+    ModelOut,
+    ModelPage,
+    PolicyOut,
+    PurgeOut,
+    VersionOut,
+    VersionPage,
+)
 from service.api.uploads import (
     check_architecture,
     check_events,
@@ -28,7 +38,7 @@ from service.core import batching
 from service.core.celery_app import REGISTER_VERSION
 from service.core.models import Dataset, Job, ModelVersion
 from service.core.policy import CalibrationRequest, Policy, is_pinned, parse_calibration, parse_policy
-from service.core.repo import blobs, datasets, jobs, models
+from service.core.repo import blobs, datasets, jobs, models, retention
 from service.core.statuses import JobStatus
 from worker.engine.catalog import NEEDS_EVENTS
 from worker.engine.errors import ConfigError
@@ -135,6 +145,16 @@ def delete_model(ctx: Ctx, caller: Auth, model_id: int):
     return Response(status_code=204)
 
 
+@router.post("/{model_id}/purge", response_model=PurgeOut,
+             summary="Purge now every version that holds erased samples, without waiting out the retention period")
+def purge_versions(ctx: Ctx, caller: Auth, model_id: int):
+    with ctx.db.transaction() as session:
+        model = models.get(session, caller, model_id, lock=True)
+        purged, digests = retention.purge(session, model, actor=caller.actor, due_only=False)
+    removed = blobs.prune(ctx.db, ctx.store, digests)  # after the commit: a failed transaction removes nothing
+    return {"model_id": model_id, "purged": purged, "blobs_removed": removed}
+
+
 @router.get("/{model_id}/versions", response_model=VersionPage, summary="List a model's versions")
 def list_versions(ctx: Ctx, caller: Auth, model_id: int, max_results: Annotated[int | None, Query()] = None,
                   page_token: str | None = None):
@@ -159,12 +179,15 @@ def get_version(ctx: Ctx, caller: Auth, model_id: int, ref: str):
                 200: {"description": "the weights", "content": {"application/octet-stream": {"schema": BINARY}}},
                 206: {"description": "the requested range", "content": {"application/octet-stream": {
                     "schema": BINARY}}},
-                304: {"description": "not modified (If-None-Match holds the ETag)"}})
+                304: {"description": "not modified (If-None-Match holds the ETag)"},
+                410: {"description": "the version was purged (retention): only its tombstone is left",
+                      "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}})
 def download_checkpoint(ctx: Ctx, caller: Auth, model_id: int, ref: str,
                         range_: Annotated[str | None, Header(alias="Range")] = None,
                         if_none_match: Annotated[str | None, Header()] = None):
     with ctx.db.session() as session:
         v = models.resolve(session, caller, model_id, ref)
+        models.require_checkpoint(v)
         model = models.get(session, caller, model_id)
         sha, size, number = v.checkpoint_sha256, v.checkpoint_size, v.version
     etag = f'"{sha}"'

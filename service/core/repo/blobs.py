@@ -1,5 +1,6 @@
 """Which artifacts rows still reference: a blob is removed only when no row of any tenant names it
-(identical uploads share one blob, service/core/artifacts.py)."""
+(identical uploads share one blob, service/core/artifacts.py). A purged version's tombstone keeps
+its checkpoint's sha256 but not the blob: it is no reference (service/core/repo/retention.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.core.models import Dataset, Job, Model, ModelVersion, ProxyCacheEntry
+from service.core.statuses import VersionStatus
 
 # every column that holds an artifact's sha256
 REFERENCES = (Dataset.sha256, Model.events_sha256, ModelVersion.checkpoint_sha256, ProxyCacheEntry.sha256,
@@ -21,7 +23,10 @@ def unreferenced(session: Session, digests: Iterable[str | None]) -> list[str]:
     for column in REFERENCES:
         if not left:
             break
-        left -= set(session.scalars(select(column).where(column.in_(sorted(left))).distinct()))
+        q = select(column).where(column.in_(sorted(left)))
+        if column is ModelVersion.checkpoint_sha256:
+            q = q.where(ModelVersion.status != VersionStatus.PURGED)
+        left -= set(session.scalars(q.distinct()))
     return sorted(left)
 
 

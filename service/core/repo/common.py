@@ -19,6 +19,11 @@ def iso(ts: dt.datetime | None) -> str | None:
     return ts.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+def aware(ts: dt.datetime) -> dt.datetime:
+    """A timestamp read back from the database, in UTC (SQLite hands back naive ones)."""
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
+
+
 def retire(session: Session, table_name: str, ids: list[int]) -> None:
     """Keep deleted ids of ``table_name`` from being given to new rows (SQLite; ``RetiredId``). The
     caller deletes under a write lock (SQLite has one writer)."""

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.core.auth import Caller
-from service.core.errors import Conflict, conflict, invalid, not_found
+from service.core.errors import Conflict, Gone, conflict, invalid, not_found
 from service.core.models import (
     DeletionRequest,
     ForgottenSample,
@@ -160,6 +160,15 @@ def resolve(session: Session, caller: Caller, model_id: int, ref: str) -> ModelV
     return get_version(session, caller, model_id, alias.version)
 
 
+def require_checkpoint(v: ModelVersion) -> None:
+    """410 for a purged version: its checkpoint left the artifact store, the row is a tombstone
+    (service/core/repo/retention.py)."""
+    if v.status == VersionStatus.PURGED:
+        raise Gone(f"version {v.version} of model {v.model_id} was purged at {iso(v.purged_at)}: {v.purge_reason}",
+                   title="Version purged", kind="version-purged", version=v.version,
+                   checkpoint_sha256=v.checkpoint_sha256, purged_at=iso(v.purged_at), purge_reason=v.purge_reason)
+
+
 def aliases(session: Session, model_id: int) -> dict[str, int]:
     rows = session.scalars(select(ModelAlias).where(ModelAlias.model_id == model_id).order_by(ModelAlias.alias))
     return {a.alias: a.version for a in rows}
@@ -274,7 +283,8 @@ def render_version(v: ModelVersion, alias_map: dict[str, int] | None = None, rec
             "checkpoint": {"sha256": v.checkpoint_sha256, "size_bytes": v.checkpoint_size,
                            "url": checkpoint_url(v.model_id, v.version)},
             "method": v.method, "config": v.config, "metrics": v.metrics, "seconds": v.seconds,
-            "n_forgotten": v.n_forgotten, "created_at": iso(v.created_at), "updated_at": iso(v.updated_at)}
+            "n_forgotten": v.n_forgotten, "created_at": iso(v.created_at), "updated_at": iso(v.updated_at),
+            "purged_at": iso(v.purged_at), "purge_reason": v.purge_reason}
 
 
 def render(session: Session, m: Model) -> dict:

@@ -1,0 +1,162 @@
+"""Retention of superseded versions (issue 11, item 3; docs/architecture.md#retention-of-superseded-versions).
+
+A version ``v`` holds the samples that a later version ``w > v`` forgot (``forgotten_samples``
+records the version that forgot each one); the newest version never does. Such a version is kept
+for the model's ``retention.purge_after_days`` after the first of those later versions was
+published, then purged: its checkpoint and its proxy cache entries leave the artifact store (a blob
+goes only when no kept row uses it: service/core/repo/blobs.py), and the row stays as a tombstone
+(status ``purged``, its sha256, ``purged_at``, ``purge_reason``). No alias points at a purged
+version: ``latest`` and ``production`` move to the newest ready version, other aliases on it are
+removed. The audit log records each purge (``version.purged``).
+
+Three callers: the sweeper purges what is due, a worker purges its model's due versions right after
+a job published (so ``purge_after_days = 0`` purges at once), and ``POST /v1/models/{id}/purge``
+purges every version that holds erased samples without waiting out the period.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from service.core.models import ForgottenSample, Job, Model, ModelAlias, ModelVersion, ProxyCacheEntry, utcnow
+from service.core.policy import retention_of
+from service.core.repo import audit, blobs
+from service.core.repo.common import aware, iso
+from service.core.statuses import JobStatus, VersionStatus
+
+MOVED_ALIASES = ("latest", "production")  # moved to the newest ready version; other aliases are removed
+
+
+@dataclass(frozen=True)
+class Holding:
+    """A kept version that still holds samples a later version erased."""
+
+    version: ModelVersion
+    erased_in: list[int]  # the later versions that forgot some of its samples
+    n_erased: int  # how many
+    since: dt.datetime  # when the first of them was published
+    due_at: dt.datetime  # since + retention.purge_after_days
+
+
+def holdings(session: Session, model: Model) -> list[Holding]:
+    """The model's ready versions that hold erased samples, oldest first, with their purge dates."""
+    erasures = session.execute(
+        select(ForgottenSample.version, func.min(ForgottenSample.created_at), func.count())
+        .where(ForgottenSample.model_id == model.id).group_by(ForgottenSample.version)).all()
+    if not erasures:
+        return []
+    period = dt.timedelta(days=retention_of(model.policy).purge_after_days)
+    kept = session.scalars(select(ModelVersion).where(
+        ModelVersion.model_id == model.id, ModelVersion.status == VersionStatus.READY,
+        ModelVersion.version < max(w for w, _, _ in erasures)).order_by(ModelVersion.version))
+    out = []
+    for v in kept:
+        later = [(w, aware(t), n) for w, t, n in erasures if w > v.version]
+        since = min(t for _, t, _ in later)
+        out.append(Holding(v, sorted(w for w, _, _ in later), sum(n for _, _, n in later), since, since + period))
+    return out
+
+
+def purge(session: Session, model: Model, *, actor: str, due_only: bool,
+          now: dt.datetime | None = None) -> tuple[list[dict], set[str]]:
+    """Purge the model's versions that hold erased samples (``due_only``: those whose retention ran
+    out by ``now``), in the caller's transaction with the model row locked. A version an active job
+    starts from is left for the next sweep. Returns the tombstones and the artifacts the purged rows
+    referenced (the caller prunes them once the transaction committed: :func:`blobs.prune`)."""
+    now = now or utcnow()
+    busy = set(session.scalars(select(Job.base_version).where(
+        Job.model_id == model.id, Job.status.in_(JobStatus.ACTIVE), Job.base_version.is_not(None))))
+    targets = [h for h in holdings(session, model)
+               if h.version.version not in busy and (not due_only or h.due_at <= now)]
+    if not targets:
+        return [], set()
+    numbers = [h.version.version for h in targets]
+    ids = [h.version.id for h in targets]
+    caches = session.execute(select(ProxyCacheEntry.model_version_id, ProxyCacheEntry.proxy, ProxyCacheEntry.sha256)
+                             .where(ProxyCacheEntry.model_version_id.in_(ids))).all()
+    session.execute(delete(ProxyCacheEntry).where(ProxyCacheEntry.model_version_id.in_(ids)))
+    newest = session.scalar(select(func.max(ModelVersion.version)).where(
+        ModelVersion.model_id == model.id, ModelVersion.status == VersionStatus.READY,
+        ModelVersion.version.not_in(numbers)))
+    moved: dict[int, dict[str, int]] = {}
+    removed: dict[int, list[str]] = {}
+    for alias in session.scalars(select(ModelAlias).where(ModelAlias.model_id == model.id,
+                                                          ModelAlias.version.in_(numbers))):
+        if alias.alias in MOVED_ALIASES and newest is not None:
+            moved.setdefault(alias.version, {})[alias.alias] = newest
+            alias.version, alias.updated_at = newest, now
+        else:
+            removed.setdefault(alias.version, []).append(alias.alias)
+            session.delete(alias)
+    days = retention_of(model.policy).purge_after_days
+    tombstones = []
+    for h in targets:
+        v = h.version
+        held = f"held {h.n_erased} sample(s) erased in version(s) {', '.join(map(str, h.erased_in))}"
+        v.purge_reason = (f"{held}; retention.purge_after_days = {days} ran out at {iso(h.due_at)}" if due_only
+                          else f"{held}; purged on request (POST /v1/models/{model.id}/purge), its retention "
+                               f"would have run out at {iso(h.due_at)}")
+        v.status, v.purged_at, v.updated_at = VersionStatus.PURGED, now, now
+        entries = [{"proxy": p, "sha256": sha} for vid, p, sha in caches if vid == v.id]
+        details = {"version": v.version, "checkpoint_sha256": v.checkpoint_sha256, "checkpoint_size": v.checkpoint_size,
+                   "reason": v.purge_reason, "trigger": "retention" if due_only else "request",
+                   "erased_in": h.erased_in, "n_erased": h.n_erased, "purge_after_days": days,
+                   "due_at": iso(h.due_at), "proxy_cache": entries, "aliases_moved": moved.get(v.version, {}),
+                   "aliases_removed": sorted(removed.get(v.version, []))}
+        audit.record(session, model.tenant_id, actor, "version.purged", f"model:{model.id}/version:{v.version}",
+                     details)
+        tombstones.append({**{k: details[k] for k in ("version", "reason", "trigger", "erased_in", "n_erased",
+                                                      "aliases_moved", "aliases_removed")},
+                           "checkpoint_sha256": v.checkpoint_sha256, "purged_at": iso(now),
+                           "n_proxy_cache_entries": len(entries)})
+    session.flush()
+    return tombstones, {h.version.checkpoint_sha256 for h in targets} | {sha for _, _, sha in caches}
+
+
+def _locked(session: Session, model_id: int) -> Model | None:
+    return session.scalar(select(Model).where(Model.id == model_id).with_for_update(of=Model))
+
+
+def purge_due(db, store, model_id: int, now: dt.datetime | None = None) -> list[dict]:
+    """Purge what is due of one model (a worker, after its job published): one transaction, then
+    the blobs no kept row uses."""
+    with db.transaction() as session:
+        model = _locked(session, model_id)
+        tombstones, digests = purge(session, model, actor="worker", due_only=True, now=now) if model else ([], set())
+    blobs.prune(db, store, digests)
+    return tombstones
+
+
+def candidates(session: Session) -> list[int]:
+    """Models with a ready version older than their newest erasure (the sweeper checks their dates)."""
+    newest = (select(ForgottenSample.model_id, func.max(ForgottenSample.version).label("version"))
+              .group_by(ForgottenSample.model_id).subquery())
+    return list(session.scalars(select(ModelVersion.model_id).distinct().join(
+        newest, (newest.c.model_id == ModelVersion.model_id) & (ModelVersion.version < newest.c.version))
+        .where(ModelVersion.status == VersionStatus.READY).order_by(ModelVersion.model_id)))
+
+
+def sweep(db, store, now: dt.datetime | None = None) -> list[dict]:
+    """The sweeper's part: purge every model's due versions (one transaction per model)."""
+    with db.session() as session:
+        model_ids = candidates(session)
+    return [t for m in model_ids for t in purge_due(db, store, m, now)]
+
+
+def sample_versions(session: Session, model_id: int, forgotten_in: int | None) -> dict:
+    """For the sample status: the versions that still hold a sample (all versions before the one
+    that forgot it, or every version if none did) with their purge dates, and those purged."""
+    model = session.get(Model, model_id)
+    due = {h.version.version: h.due_at for h in holdings(session, model)}
+    rows = session.execute(select(ModelVersion.version, ModelVersion.status, ModelVersion.purged_at).where(
+        ModelVersion.model_id == model_id).order_by(ModelVersion.version)).all()
+    had = [r for r in rows if forgotten_in is None or r.version < forgotten_in]
+    return {"versions_containing": [r.version for r in had if r.status != VersionStatus.PURGED],
+            "holding": [{"version": r.version, "status": r.status, "purge_due_at": iso(due.get(r.version))}
+                        for r in had if r.status != VersionStatus.PURGED],
+            "purged_versions": [{"version": r.version, "purged_at": iso(r.purged_at)}
+                                for r in had if r.status == VersionStatus.PURGED]}

@@ -1,0 +1,159 @@
+"""Retention of superseded versions over real HTTP on SQLite and PostgreSQL (issue 11, item 3): a
+version that holds samples a later version erased is purged when its retention runs out (the
+sweeper's part, service/core/repo/retention.py) or on POST /v1/models/{id}/purge. No worker runs
+here: version 1 is marked ready as the registration task marks it, and version 2 is written as a
+job publishes it (tests/worker/test_retention_pipeline.py runs the real pipeline)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import select
+
+from service.core.models import ForgottenSample, Job, Model, ModelVersion, ProxyCacheEntry, utcnow
+from service.core.repo import models as model_repo
+from service.core.repo import retention
+from tests.api.test_delete_resources import _problem, _register
+from tests.servicekit import register_dataset, register_model
+from worker.engine.sample_data import digits_arrays
+
+ID = [str(i) for i in digits_arrays()["ids_train"]]
+
+
+def _publish_v2(service, mid: int, rows: list[int], *, at: dt.datetime | None = None) -> dict[str, str]:
+    """Version 2 as a job publishes it: ready, child of 1, ``latest``, the rows it forgot; plus proxy
+    cache entries: version 1's own (a blob only it uses) and an events proxy carried to version 2
+    (one blob, two rows). Returns the blobs by name."""
+    store = service.store
+    blobs = {"v2": store.put_bytes(b"weights of version 2"), "own": store.put_bytes(b"proxy of version 1"),
+             "carried": store.put_bytes(b"events proxy")}
+    at = at or utcnow()
+    with service.db.transaction() as s:
+        model = s.get(Model, mid)
+        v1 = s.scalar(select(ModelVersion).where(ModelVersion.model_id == mid, ModelVersion.version == 1))
+        job = Job(tenant_id=model.tenant_id, model_id=mid, status="succeeded", policy=model.policy, base_version=1,
+                  result_version=2, attempts=1)
+        s.add(job)
+        s.flush()
+        v2 = ModelVersion(model_id=mid, version=2, status="ready", parent_version=1, job_id=job.id,
+                          checkpoint_sha256=blobs["v2"], checkpoint_size=20, method="rum", n_forgotten=len(rows))
+        s.add(v2)
+        s.flush()
+        s.add_all([ForgottenSample(model_id=mid, row=r, sample_id=ID[r], version=2, job_id=job.id, created_at=at)
+                   for r in rows])
+        s.add_all([ProxyCacheEntry(model_version_id=v1.id, proxy="confidence", sha256=blobs["own"], source="computed",
+                                   compute_seconds=1.0),
+                   ProxyCacheEntry(model_version_id=v1.id, proxy="events", sha256=blobs["carried"],
+                                   source="computed", compute_seconds=0.1),
+                   ProxyCacheEntry(model_version_id=v2.id, proxy="events", sha256=blobs["carried"],
+                                   source="carried", compute_seconds=0.0)])
+        model_repo.move_alias(s, mid, "latest", 2)
+    return blobs
+
+
+def test_purge_leaves_a_tombstone_answers_410_moves_aliases_and_keeps_shared_blobs(service, user_files):
+    store = service.store
+    with service.client() as c:
+        ds = register_dataset(c, user_files)
+        keep = _register(service, c, user_files, ds["id"], "keep", ok=True)  # the same weights: one blob
+        mid = _register(service, c, user_files, ds["id"], "cnn", ok=True)
+        v1 = c.get(f"/v1/models/{mid}/versions/1").json()
+        blobs = _publish_v2(service, mid, [3, 5])
+        assert c.put(f"/v1/models/{mid}/aliases/staging", json={"version": 1}).status_code == 200
+        assert c.get(f"/v1/models/{mid}/aliases").json()["aliases"] == {"latest": 2, "production": 1, "staging": 1}
+
+        # before: version 1 holds the erased samples until 30 days after version 2
+        st = c.get(f"/v1/models/{mid}/samples/{ID[3]}").json()
+        assert (st["forgotten"], st["forgotten_in_version"], st["versions_containing"]) == (True, 2, [1])
+        (held,) = st["holding"]
+        with service.db.session() as s:
+            erased_at = s.scalar(select(ForgottenSample.created_at).where(ForgottenSample.model_id == mid).limit(1))
+        erased_at = erased_at if erased_at.tzinfo else erased_at.replace(tzinfo=dt.UTC)
+        assert held["version"] == 1 and held["status"] == "ready"
+        assert dt.datetime.fromisoformat(held["purge_due_at"]) == erased_at + dt.timedelta(days=30)
+        assert st["purged_versions"] == []
+        kept = c.get(f"/v1/models/{mid}/samples/{ID[4]}").json()  # never erased: held by both, purged by neither
+        assert kept["versions_containing"] == [1, 2]
+        assert [h["purge_due_at"] is None for h in kept["holding"]] == [False, True]
+        assert c.get(f"/v1/models/{mid}/versions/1/checkpoint").status_code == 200
+
+        r = c.post(f"/v1/models/{mid}/purge")
+        assert r.status_code == 200, r.text
+        out = r.json()
+        (p,) = out["purged"]
+        assert (p["version"], p["checkpoint_sha256"], p["trigger"], p["erased_in"], p["n_erased"]) == (
+            1, v1["checkpoint"]["sha256"], "request", [2], 2)
+        assert p["aliases_moved"] == {"production": 2} and p["aliases_removed"] == ["staging"]
+        assert p["n_proxy_cache_entries"] == 2 and "held 2 sample(s) erased in version(s) 2" in p["reason"]
+        # version 1's own proxy goes; its weights stay (model 'keep' uses them), the carried proxy too
+        assert out["blobs_removed"] == [blobs["own"]]
+        assert store.exists(v1["checkpoint"]["sha256"]) and store.exists(blobs["carried"])
+        assert not store.exists(blobs["own"]) and store.exists(blobs["v2"])
+
+        # the tombstone, and 410 for its checkpoint (by number and whatever the ETag)
+        t = c.get(f"/v1/models/{mid}/versions/1").json()
+        assert (t["status"], t["checkpoint"]["sha256"], t["purge_reason"]) == (
+            "purged", v1["checkpoint"]["sha256"], p["reason"])
+        assert t["purged_at"] == p["purged_at"] and t["aliases"] == []
+        for headers in ({}, {"If-None-Match": f'"{v1["checkpoint"]["sha256"]}"'}, {"Range": "bytes=0-9"}):
+            gone = _problem(c.get(f"/v1/models/{mid}/versions/1/checkpoint", headers=headers), 410, "version-purged")
+            assert gone["version"] == 1 and gone["purged_at"] == p["purged_at"]
+            assert gone["checkpoint_sha256"] == v1["checkpoint"]["sha256"] and gone["purge_reason"] == p["reason"]
+        assert c.get(f"/v1/models/{mid}/versions/production/checkpoint").status_code == 200  # now version 2
+        # no alias may point at it
+        assert c.get(f"/v1/models/{mid}/aliases").json()["aliases"] == {"latest": 2, "production": 2}
+        r = c.put(f"/v1/models/{mid}/aliases/staging", json={"version": 1})
+        assert r.status_code == 409 and "purged" in r.json()["detail"]
+
+        # the audit log records it
+        entries = [e for e in c.get("/v1/audit-log", params={"max_results": 1000}).json()["items"]
+                   if e["action"] == "version.purged"]
+        (e,) = entries
+        assert e["resource"] == f"model:{mid}/version:1"
+        assert e["details"]["checkpoint_sha256"] == v1["checkpoint"]["sha256"]
+        assert e["details"]["trigger"] == "request" and e["details"]["aliases_removed"] == ["staging"]
+        assert {x["sha256"] for x in e["details"]["proxy_cache"]} == {blobs["own"], blobs["carried"]}
+
+        # the sample status: no kept version holds it; the purged one is listed
+        st = c.get(f"/v1/models/{mid}/samples/{ID[3]}").json()
+        assert st["versions_containing"] == [] and st["holding"] == []
+        assert st["purged_versions"] == [{"version": 1, "purged_at": p["purged_at"]}]
+        # nothing left to purge; the newest version never holds erased samples
+        assert c.post(f"/v1/models/{mid}/purge").json() == {"model_id": mid, "purged": [], "blobs_removed": []}
+
+        # a tombstone is no reference: once the other model goes, version 1's weights go
+        assert c.delete(f"/v1/models/{keep}").status_code == 204
+        assert not store.exists(v1["checkpoint"]["sha256"])
+        assert _problem(c.post("/v1/models/999999/purge"), 404, "not-found")
+    with service.client(tenant="other") as other:  # another tenant's model is not found
+        assert _problem(other.post(f"/v1/models/{mid}/purge"), 404, "not-found")
+
+
+def test_the_sweeper_purges_what_is_due(service, user_files):
+    with service.client() as c:
+        ds = register_dataset(c, user_files)
+        mid = _register(service, c, user_files, ds["id"], "cnn", ok=True)  # the default: 30 days
+        now = _register(service, c, user_files, ds["id"], "now", ok=True,
+                        policy={"retention": {"purge_after_days": 0}})
+        assert c.get(f"/v1/models/{now}").json()["policy"]["retention"] == {"purge_after_days": 0}
+        assert c.get(f"/v1/models/{mid}").json()["policy"]["retention"] == {"purge_after_days": 30}
+        for bad in (-1, 1.5, "x", 40_000):
+            r = register_model(c, user_files, ds["id"], "bad", policy={"retention": {"purge_after_days": bad}})
+            assert r.status_code == 422 and r.json()["errors"][0]["field"] == "policy.retention.purge_after_days"
+        t0 = utcnow()
+        _publish_v2(service, mid, [1], at=t0)
+        _publish_v2(service, now, [1], at=t0)
+
+        swept = retention.sweep(service.db, service.store, now=t0 + dt.timedelta(seconds=1))
+        assert [(p["version"], p["trigger"]) for p in swept] == [(1, "retention")]
+        assert c.get(f"/v1/models/{now}/versions/1").json()["status"] == "purged"
+        assert "retention.purge_after_days = 0 ran out" in c.get(f"/v1/models/{now}/versions/1").json()["purge_reason"]
+        assert c.get(f"/v1/models/{mid}/versions/1").json()["status"] == "ready"
+        assert retention.sweep(service.db, service.store, now=t0 + dt.timedelta(days=29, hours=23)) == []
+        (p,) = retention.sweep(service.db, service.store, now=t0 + dt.timedelta(days=30, seconds=1))
+        assert p["version"] == 1 and c.get(f"/v1/models/{mid}/versions/1").json()["status"] == "purged"
+        _problem(c.get(f"/v1/models/{mid}/versions/1/checkpoint"), 410, "version-purged")
+        assert retention.sweep(service.db, service.store, now=t0 + dt.timedelta(days=60)) == []
+        actors = {e["actor"] for e in c.get("/v1/audit-log", params={"max_results": 1000}).json()["items"]
+                  if e["action"] == "version.purged"}
+        assert actors == {"worker"}

@@ -1,0 +1,84 @@
+"""Retention with the real pipeline (issue 11, item 3): a job publishes version 2, version 1 holds
+the erased samples until its retention runs out, the worker's sweeper purges it (its weights and
+proxy cache leave the store), and the next job starts from version 2, never from a purged version."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import select, update
+
+from service.core.models import Job, Model, ModelAlias, ModelVersion, ProxyCacheEntry, utcnow
+from service.core.repo import retention
+from tests.worker.test_job_pipeline import NEGGRAD, Setup, random_rows
+from worker import pipeline
+from worker.pipeline.loading import base_version
+
+
+@pytest.fixture
+def setup(service, user_files) -> Setup:
+    return Setup(service, user_files)
+
+
+def _proxy_blobs(s: Setup, version: int) -> set[str]:
+    with s.db.session() as sess:
+        return set(sess.scalars(select(ProxyCacheEntry.sha256).join(
+            ModelVersion, ModelVersion.id == ProxyCacheEntry.model_version_id).where(
+            ModelVersion.model_id == s.model_id, ModelVersion.version == version)))
+
+
+def test_the_sweeper_purges_a_superseded_version_and_the_next_job_starts_after_it(setup, monkeypatch):
+    from worker import tasks
+
+    s = setup
+    monkeypatch.setattr(tasks, "worker_context", lambda: s.ctx)
+    rows = random_rows(s.n_train, 12, seed=3)
+    assert pipeline.run_job(s.ctx, s.job([s.request(rows)], NEGGRAD)) == "succeeded"
+    v1, v2 = s.versions()
+    own = _proxy_blobs(s, 1)
+    assert own and s.ctx.store.exists(v1.checkpoint_sha256)
+
+    # the default retention: 30 days after version 2; nothing is due yet
+    assert tasks.sweep()["purged"] == 0
+    with s.db.session() as sess:
+        (h,) = retention.holdings(sess, sess.get(Model, s.model_id))
+    assert (h.version.version, h.erased_in, h.n_erased) == (1, [2], 12)
+    assert h.due_at - h.since == dt.timedelta(days=30)
+    with s.service.client() as c:
+        st = c.get(f"/v1/models/{s.model_id}/samples/{s.forgotten()[0].sample_id}").json()
+        assert st["holding"] == [{"version": 1, "status": "ready", "purge_due_at": st["holding"][0]["purge_due_at"]}]
+        assert dt.datetime.fromisoformat(st["holding"][0]["purge_due_at"]) > utcnow() + dt.timedelta(days=29)
+
+    # purge_after_days = 0: the sweeper purges version 1 now
+    with s.db.transaction() as sess:
+        policy = {**sess.get(Model, s.model_id).policy, "retention": {"purge_after_days": 0}}
+        sess.execute(update(Model).where(Model.id == s.model_id).values(policy=policy))
+    assert tasks.sweep()["purged"] == 1
+    v1, v2 = s.versions()
+    assert (v1.status, v2.status) == ("purged", "ready") and v1.purged_at is not None
+    assert not s.ctx.store.exists(v1.checkpoint_sha256) and _proxy_blobs(s, 1) == set()
+    assert not any(s.ctx.store.exists(b) for b in own - _proxy_blobs(s, 2))
+    assert s.aliases() == {"latest": 2, "production": 2}
+    with s.service.client() as c:
+        r = c.get(f"/v1/models/{s.model_id}/versions/1/checkpoint")
+        assert r.status_code == 410 and r.json()["type"] == "urn:unlearnd:problem:version-purged"
+    assert "version.purged" in s.actions()
+
+    # a base is never a purged version, even if 'latest' named one
+    with s.db.session() as sess:
+        sess.get(ModelAlias, (s.model_id, "latest")).version = 1
+        job = Job(tenant_id=s.tenant_id, model_id=s.model_id, status="running", policy={})
+        assert base_version(sess, job, sess.get(Model, s.model_id)).version == 2
+        sess.rollback()
+
+    # the next job starts from version 2; once it published, the worker purges version 2 at once
+    more = random_rows(s.n_train, 8, seed=4, exclude=rows)
+    job2 = s.job([s.request(more)], NEGGRAD)
+    assert pipeline.run_job(s.ctx, job2) == "succeeded"
+    j = s.get(Job, job2)
+    assert (j.base_version, j.result_version) == (2, 3)
+    tasks._purge_due(s.ctx, job2)
+    assert [v.status for v in s.versions()] == ["purged", "purged", "ready"]
+    assert s.aliases()["latest"] == 3
+    assert tasks.sweep()["purged"] == 0
