@@ -144,8 +144,10 @@ def test_the_sweeper_purges_what_is_due(service, user_files):
         _publish_v2(service, mid, [1], at=t0)
         _publish_v2(service, now, [1], at=t0)
 
+        weights = c.get(f"/v1/models/{mid}/versions/1").json()["checkpoint"]["sha256"]  # both models' version 1
         swept = retention.sweep(service.db, service.store, now=t0 + dt.timedelta(seconds=1))
         assert [(p["version"], p["trigger"]) for p in swept] == [(1, "retention")]
+        assert service.store.exists(weights)  # model 'cnn' still uses them
         assert c.get(f"/v1/models/{now}/versions/1").json()["status"] == "purged"
         assert "retention.purge_after_days = 0 ran out" in c.get(f"/v1/models/{now}/versions/1").json()["purge_reason"]
         assert c.get(f"/v1/models/{mid}/versions/1").json()["status"] == "ready"
@@ -153,7 +155,11 @@ def test_the_sweeper_purges_what_is_due(service, user_files):
         (p,) = retention.sweep(service.db, service.store, now=t0 + dt.timedelta(days=30, seconds=1))
         assert p["version"] == 1 and c.get(f"/v1/models/{mid}/versions/1").json()["status"] == "purged"
         _problem(c.get(f"/v1/models/{mid}/versions/1/checkpoint"), 410, "version-purged")
+        assert not service.store.exists(weights)
         assert retention.sweep(service.db, service.store, now=t0 + dt.timedelta(days=60)) == []
+        # a process stopped between a purge's commit and its pruning: the next sweep removes the blob
+        assert service.store.put_file(user_files.weights) == weights
+        assert retention.sweep(service.db, service.store) == [] and not service.store.exists(weights)
         actors = {e["actor"] for e in c.get("/v1/audit-log", params={"max_results": 1000}).json()["items"]
                   if e["action"] == "version.purged"}
         assert actors == {"worker"}
