@@ -89,6 +89,15 @@ def db_url(request, tmp_path):
             yield url
 
 
+@pytest.fixture
+def migrated_db(db_url):
+    """A Database on a fresh schema made by the migrations (SQLite and PostgreSQL)."""
+    upgrade(db_url)
+    database = Database(db_url)
+    yield database
+    database.dispose()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

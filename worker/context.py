@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from functools import cache, cached_property
 
 from service.core.artifacts import LocalArtifactStore
+from service.core.celery_app import DELIVER_WEBHOOKS
 from service.core.db import Database
 from service.core.dispatch import Dispatcher
+from service.core.repo import webhooks
 from service.core.settings import Settings
 from service.core.signing import Signer, load_signer
 
@@ -33,4 +35,6 @@ class WorkerContext:
 def worker_context() -> WorkerContext:
     settings = Settings()
     settings.ensure_dirs()
-    return WorkerContext(settings, Database(settings.db_url), LocalArtifactStore(settings.artifacts))
+    ctx = WorkerContext(settings, Database(settings.db_url), LocalArtifactStore(settings.artifacts))
+    webhooks.wake_after_commit(ctx.db, lambda: ctx.dispatcher.send(DELIVER_WEBHOOKS))  # messages go out now
+    return ctx

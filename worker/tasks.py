@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from service.core import batching
 from service.core.celery_app import (
+    DELIVER_WEBHOOKS,
     REGISTER_VERSION,
     RUN_CALIBRATION,
     RUN_JOB,
@@ -31,6 +32,7 @@ from service.core.statuses import JobStatus, VersionStatus
 from .context import worker_context
 from .pipeline.progress import SHUTDOWN
 from .registration import validate_version
+from .webhooks import deliver
 
 log = logging.getLogger("unlearnd.worker")
 app = make_celery(Settings())
@@ -154,3 +156,15 @@ def sequence() -> dict:
         log.info("sequencer: %d entr(ies) in %d tree head(s), %d certificate(s)", done.entries,
                  len(done.tree_heads), done.certificates)
     return done.to_dict()
+
+
+@app.task(name=DELIVER_WEBHOOKS)
+def deliver_webhooks() -> dict:
+    """Send the due webhook messages of the outbox (beat, every ``webhook_interval_s``; also sent
+    when a transaction that wrote messages commits): each is signed, retried with backoff, and
+    given up after ``webhook_max_attempts`` (worker/webhooks.py)."""
+    ctx = worker_context()
+    done = deliver(ctx.db, ctx.settings)
+    if done["sent"]:
+        log.info("webhooks: %d sent, %d delivered, %d given up", done["sent"], done["delivered"], done["failed"])
+    return done

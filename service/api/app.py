@@ -20,13 +20,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.api import openapi
 from service.api.deps import Context
 from service.api.problems import Problem, from_domain, install, problem_response
-from service.api.routes import audit, datasets, deletions, health, models
+from service.api.routes import audit, datasets, deletions, health, models, webhooks
 from service.api.telemetry import Metrics, MetricsMiddleware
 from service.api.uploads import MAX_JSON_DEPTH, check_json_text, json_depth
 from service.core.artifacts import LocalArtifactStore, TooLarge
+from service.core.celery_app import DELIVER_WEBHOOKS
 from service.core.db import Database
 from service.core.dispatch import Dispatcher
 from service.core.errors import DomainError, invalid
+from service.core.repo import webhooks as webhook_repo
 from service.core.settings import Settings
 from worker.engine.datafile import CONTROL_CHARACTERS
 
@@ -143,6 +145,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings.ensure_dirs()
     ctx = Context(settings=settings, db=Database(settings.db_url), store=LocalArtifactStore(settings.artifacts),
                   dispatcher=Dispatcher(settings), metrics=Metrics())
+    # a canceled job or a test message: its webhook messages go out now, not at the next beat
+    webhook_repo.wake_after_commit(ctx.db, lambda: ctx.dispatcher.send(DELIVER_WEBHOOKS))
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
@@ -155,7 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "Errors are application/problem+json (RFC 9457)."))
     app.state.ctx = ctx
     install(app)
-    for router in (health.router, datasets.router, models.router, deletions.router, audit.router):
+    for router in (health.router, datasets.router, models.router, deletions.router, audit.router, webhooks.router):
         app.include_router(router)
     openapi.install(app, settings.max_page_size)
     app.add_middleware(NoControlCharacters)

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from service.core.statuses import JobStatus, RequestStatus, VersionStatus
+from service.core.statuses import DeliveryStatus, JobStatus, RequestStatus, VersionStatus
 
 
 class _Out(BaseModel):
@@ -252,3 +252,50 @@ class HealthOut(_Out):
 class ReadyOut(_Out):
     status: str
     checks: dict[str, str]
+
+
+# --------------------------------------------------------------------------- webhooks
+
+
+class WebhookLinks(_Out):
+    self: str
+    deliveries: str
+
+
+class WebhookOut(_Out):
+    id: int
+    url: str
+    events: list[str]
+    description: str | None
+    created_at: str
+    links: WebhookLinks
+
+
+class WebhookCreatedOut(WebhookOut):
+    secret: str  # shown in the answer to POST /v1/webhooks only
+
+
+class WebhookPage(_Out):
+    items: list[WebhookOut]
+    next_page_token: str | None
+
+
+class WebhookDeliveryOut(_Out):
+    id: int
+    webhook_id: int
+    message_id: str  # the webhook-id header of every attempt
+    event: str
+    status: DeliveryStatus
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    last_attempt_at: str | None
+    next_attempt_at: str | None
+    created_at: str
+    delivered_at: str | None
+    payload: dict[str, Any]
+
+
+class WebhookDeliveryPage(_Out):
+    items: list[WebhookDeliveryOut]
+    next_page_token: str | None

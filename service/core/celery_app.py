@@ -1,7 +1,7 @@
 """The Celery application: configuration only, no torch (the API imports it to send tasks by name).
 
 Queues: ``gpu`` for heavy work (registration checks, unlearning jobs, calibrations) and ``default`` for
-bookkeeping (the sweeper, the transparency log's sequencer). Long tasks are acknowledged late with
+bookkeeping (the sweeper, the transparency log's sequencer, webhook deliveries). Long tasks are acknowledged late with
 a prefetch of one, so a worker killed mid-task leaves its message to be redelivered; the database
 stays the system of record and the sweeper re-sends wake-ups that were lost anyway. CUDA is not
 fork-safe: workers run the solo (or threads) pool, one process per GPU.
@@ -19,8 +19,10 @@ RUN_JOB = "unlearnd.run_job"
 RUN_CALIBRATION = "unlearnd.run_calibration"
 SWEEP = "unlearnd.sweep"
 SEQUENCE = "unlearnd.sequence"  # the transparency log's sequencer (service/core/repo/transparency.py)
+DELIVER_WEBHOOKS = "unlearnd.deliver_webhooks"  # the webhook outbox (worker/webhooks.py)
 QUEUES = ("gpu", "default")
-TASK_QUEUES = {REGISTER_VERSION: "gpu", RUN_JOB: "gpu", RUN_CALIBRATION: "gpu", SWEEP: "default", SEQUENCE: "default"}
+TASK_QUEUES = {REGISTER_VERSION: "gpu", RUN_JOB: "gpu", RUN_CALIBRATION: "gpu", SWEEP: "default", SEQUENCE: "default",
+               DELIVER_WEBHOOKS: "default"}
 JOB_TASKS = {"deletion": RUN_JOB, "calibration": RUN_CALIBRATION}  # jobs.kind → the task that runs it
 
 
@@ -43,10 +45,12 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options=_transport_options(settings.broker),
         worker_hijack_root_logger=False,
-        # a sequencer run that waited longer than its interval is dropped: the next one does its work
+        # a sequencer or webhook run that waited longer than its interval is dropped: the next one does its work
         beat_schedule={"sweep": {"task": SWEEP, "schedule": settings.sweep_interval_s},
                        "sequence": {"task": SEQUENCE, "schedule": settings.sequence_interval_s,
-                                    "options": {"expires": settings.sequence_interval_s}}},
+                                    "options": {"expires": settings.sequence_interval_s}},
+                       "webhooks": {"task": DELIVER_WEBHOOKS, "schedule": settings.webhook_interval_s,
+                                    "options": {"expires": settings.webhook_interval_s}}},
         timezone="UTC",
     )
     return app

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from service.core.statuses import JobStatus, RequestStatus, VersionStatus
+from service.core.statuses import DeliveryStatus, JobStatus, RequestStatus, VersionStatus
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -380,3 +380,45 @@ class ErasureCertificate(Base):
     entry_id: Mapped[int] = mapped_column(ForeignKey("audit_log.id"), unique=True)
     certificate: Mapped[dict[str, Any] | None]
     issued_at: Mapped[dt.datetime | None] = mapped_column(index=True)
+
+
+class WebhookEndpoint(Base):
+    """Where a tenant wants its events sent (service/core/repo/webhooks.py): a URL, the secret that
+    signs each message (kept as given: the worker needs it to sign), and the event types."""
+
+    __tablename__ = "webhook_endpoints"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(128))
+    event_types: Mapped[list[Any]]
+    description: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """The outbox and the delivery log: one message to one endpoint, written in the transaction of
+    the event it reports. ``message_id`` is the ``webhook-id`` of every attempt; ``body`` the exact
+    bytes sent each time. ``pending`` until a 2xx (``delivered``) or ``max_attempts`` failures
+    (``failed``); ``next_attempt_at`` is when the worker tries next."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True)
+    message_id: Mapped[str] = mapped_column(String(64), unique=True)
+    event_type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING.value)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[dt.datetime | None]
+    last_attempt_at: Mapped[dt.datetime | None]
+    last_status_code: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[dt.datetime | None]
+
+
+# a client holds endpoint ids: a deleted endpoint's id is never given to another (SQLite)
+event.listen(WebhookEndpoint, "before_insert", _above_retired)

@@ -54,6 +54,17 @@ class Settings(BaseSettings):
     # integrates into one signed tree head (service/core/repo/transparency.py).
     sequence_interval_s: float = 2.0
     sequence_batch: int = 10_000
+    # Webhooks (service/core/repo/webhooks.py, worker/webhooks.py): beat sends the delivery task every
+    # webhook_interval_s (and a transaction that wrote messages sends it when it commits); an attempt
+    # waits webhook_timeout_s for each read; a failed one is retried after webhook_retry_base_s,
+    # doubling up to webhook_retry_max_s, and given up after webhook_max_attempts attempts.
+    webhook_interval_s: float = 5.0
+    webhook_timeout_s: float = 10.0
+    webhook_retry_base_s: float = 10.0
+    webhook_retry_max_s: float = 3600.0
+    webhook_max_attempts: int = 12
+    webhook_batch: int = 100  # messages claimed by one delivery run
+    webhook_concurrency: int = 8  # attempts in flight at once in a run
     # Jobs: a running job's worker touches heartbeat_at every job_heartbeat_s; a job whose heartbeat
     # is older than job_stale_after_s (its worker was killed) is taken over by the next delivery.
     job_heartbeat_s: float = 5.0

@@ -49,4 +49,14 @@ class VersionStatus(StrEnum):
     TERMINAL = nonmember((READY, INVALID, PURGED))
 
 
-__all__ = ["JobStatus", "RequestStatus", "VersionStatus"]
+class DeliveryStatus(StrEnum):
+    """A webhook message to one endpoint (service/core/repo/webhooks.py)."""
+
+    PENDING = "pending"  # waits for its next attempt
+    DELIVERED = "delivered"  # the endpoint answered 2xx
+    FAILED = "failed"  # given up after max_attempts attempts
+
+    TERMINAL = nonmember((DELIVERED, FAILED))
+
+
+__all__ = ["DeliveryStatus", "JobStatus", "RequestStatus", "VersionStatus"]

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.core.models import AuditEntry, LogLeaf, LogPending, utcnow
+from service.core.repo import webhooks
 
 
 def record(session: Session, tenant_id: int, actor: str, action: str, resource: str,
@@ -28,6 +29,7 @@ def record(session: Session, tenant_id: int, actor: str, action: str, resource: 
     session.add(entry)
     session.flush()
     session.add(LogPending(entry_id=entry.id, tenant_id=tenant_id))
+    webhooks.emit_for_entry(session, entry)  # the event's webhook messages, in the same transaction
     return entry
 
 

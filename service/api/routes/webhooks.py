@@ -1,0 +1,88 @@
+"""Webhook endpoints of the tenant and their delivery log (docs/api.md#webhooks)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.api.deps import Auth, Ctx
+from service.api.pagination import paginate, parse_page
+from service.api.schemas import WebhookCreatedOut, WebhookDeliveryOut, WebhookDeliveryPage, WebhookOut, WebhookPage
+from service.core import webhooks as standard
+from service.core.models import WebhookDelivery, WebhookEndpoint
+from service.core.repo import webhooks
+from service.core.statuses import DeliveryStatus
+
+router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+
+# What the schema can say of a URL (service/core/webhooks.py check_url says the rest: a port that is
+# a number, no user name, password or fragment)
+URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#@]+([/?][^\s#]*)?$"
+EventType = Literal[standard.EVENT_TYPES]  # type: ignore[valid-type]
+
+
+class WebhookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=standard.MAX_URL_LENGTH, pattern=URL_PATTERN,
+                     description="an absolute http:// or https:// URL, without user name, password or fragment")
+    events: list[EventType] = Field(min_length=1, max_length=len(standard.EVENT_TYPES),
+                                    description="the event types to send")
+    secret: str | None = Field(None, min_length=1, max_length=128, pattern=r"^whsec_[A-Za-z0-9+/]+={0,2}$",
+                               description="whsec_ and the base64 of 24 to 64 random bytes; "
+                                           "left out: the service makes one and shows it once")
+    description: str | None = Field(None, max_length=200)
+
+
+@router.post("", status_code=201, response_model=WebhookCreatedOut,
+             summary="Register a webhook endpoint (its secret is shown in this answer only)")
+def create_webhook(ctx: Ctx, caller: Auth, body: WebhookIn):
+    with ctx.db.transaction() as session:
+        row = webhooks.create(session, caller, url=body.url, event_types=list(body.events), secret=body.secret,
+                              description=body.description)
+        out = webhooks.render(row, with_secret=True)
+    return JSONResponse(out, status_code=201, headers={"Location": out["links"]["self"]})
+
+
+@router.get("", response_model=WebhookPage, summary="List webhook endpoints")
+def list_webhooks(ctx: Ctx, caller: Auth, max_results: Annotated[int | None, Query()] = None,
+                  page_token: str | None = None):
+    page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
+    with ctx.db.session() as session:
+        return paginate(session, webhooks.query(caller), WebhookEndpoint.id, page, webhooks.render)
+
+
+@router.get("/{webhook_id}", response_model=WebhookOut, summary="Get a webhook endpoint")
+def get_webhook(ctx: Ctx, caller: Auth, webhook_id: int):
+    with ctx.db.session() as session:
+        return webhooks.render(webhooks.get(session, caller, webhook_id))
+
+
+@router.delete("/{webhook_id}", status_code=204,
+               summary="Remove a webhook endpoint with its delivery log (messages not sent yet are dropped)")
+def delete_webhook(ctx: Ctx, caller: Auth, webhook_id: int):
+    with ctx.db.transaction() as session:
+        webhooks.delete(session, caller, webhook_id)
+    return Response(status_code=204)
+
+
+@router.get("/{webhook_id}/deliveries", response_model=WebhookDeliveryPage,
+            summary="The endpoint's delivery log, oldest first: event, status, attempts, last answer, next attempt")
+def list_deliveries(ctx: Ctx, caller: Auth, webhook_id: int, status: DeliveryStatus | None = None,
+                    max_results: Annotated[int | None, Query()] = None, page_token: str | None = None):
+    page = parse_page(page_token, max_results, ctx.settings.page_size, ctx.settings.max_page_size)
+    with ctx.db.session() as session:
+        webhooks.get(session, caller, webhook_id)
+        return paginate(session, webhooks.deliveries(caller, webhook_id, status), WebhookDelivery.id,
+                        page, webhooks.render_delivery)
+
+
+@router.post("/{webhook_id}/test", status_code=202, response_model=WebhookDeliveryOut,
+             summary="Send a webhook.test message to the endpoint (delivered like any other)")
+def test_webhook(ctx: Ctx, caller: Auth, webhook_id: int):
+    with ctx.db.transaction() as session:
+        out = webhooks.render_delivery(webhooks.send_test(session, caller, webhook_id))
+    return JSONResponse(out, status_code=202)

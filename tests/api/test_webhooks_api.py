@@ -1,0 +1,71 @@
+"""The webhook endpoints over HTTP: registration (the secret shown once, or the caller's), URLs
+refused as problem+json naming ``url``, tenancy, the delivery log and the test message, removal."""
+
+from __future__ import annotations
+
+import base64
+
+from tests.servicekit import Service
+
+
+def test_register_list_test_and_remove_a_webhook(service: Service):
+    with service.client() as c, service.client("other") as other:
+        r = c.post("/v1/webhooks", json={"url": "https://hooks.example.com/unlearnd",
+                                         "events": ["version.published", "job.finished", "job.finished"],
+                                         "description": "ours"})
+        assert r.status_code == 201, r.text
+        hook = r.json()
+        assert r.headers["location"] == f"/v1/webhooks/{hook['id']}"
+        assert hook["secret"].startswith("whsec_") and len(base64.b64decode(hook["secret"][6:])) == 32
+        assert hook["events"] == ["version.published", "job.finished"]
+        shown = c.get(f"/v1/webhooks/{hook['id']}").json()
+        assert "secret" not in shown and shown["url"] == hook["url"] and shown["description"] == "ours"
+        assert [h["id"] for h in c.get("/v1/webhooks").json()["items"]] == [hook["id"]]
+        assert "secret" not in c.get("/v1/webhooks").json()["items"][0]
+
+        # another tenant sees none of it
+        assert other.get("/v1/webhooks").json()["items"] == []
+        for answer in (other.get(f"/v1/webhooks/{hook['id']}"), other.get(f"/v1/webhooks/{hook['id']}/deliveries"),
+                       other.post(f"/v1/webhooks/{hook['id']}/test"), other.delete(f"/v1/webhooks/{hook['id']}")):
+            assert answer.status_code == 404, answer.text
+
+        sent = c.post(f"/v1/webhooks/{hook['id']}/test")
+        assert sent.status_code == 202, sent.text
+        message = sent.json()
+        assert (message["event"], message["status"], message["attempts"]) == ("webhook.test", "pending", 0)
+        assert message["message_id"].startswith("msg_") and message["next_attempt_at"]
+        assert message["payload"]["type"] == "webhook.test" and message["payload"]["data"]["webhook_id"] == hook["id"]
+        log = c.get(f"/v1/webhooks/{hook['id']}/deliveries").json()
+        assert [d["id"] for d in log["items"]] == [message["id"]] and log["next_page_token"] is None
+        assert c.get(f"/v1/webhooks/{hook['id']}/deliveries?status=delivered").json()["items"] == []
+
+        assert c.delete(f"/v1/webhooks/{hook['id']}").status_code == 204
+        assert c.get(f"/v1/webhooks/{hook['id']}").status_code == 404
+        assert c.get("/v1/webhooks").json()["items"] == []
+
+
+def test_a_secret_of_the_caller_is_taken(service: Service):
+    secret = "whsec_" + base64.b64encode(b"s" * 24).decode()
+    with service.client() as c:
+        r = c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/h", "events": ["version.purged"],
+                                         "secret": secret})
+        assert r.status_code == 201, r.text
+        assert r.json()["secret"] == secret
+
+
+def test_bad_webhooks_are_refused_naming_the_field(service: Service):
+    with service.client() as c:
+        for url in ("ftp://example.com/", "javascript:alert(1)", "http://", "http://u:p@example.com/", "example.com"):
+            r = c.post("/v1/webhooks", json={"url": url, "events": ["job.finished"]})
+            assert r.status_code == 422, (url, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert [e["field"] for e in r.json()["errors"]] == ["url"], r.json()
+        for body, field in (({"url": "http://a.example/", "events": ["model.deleted"]}, "events"),
+                            ({"url": "http://a.example/", "events": []}, "events"),
+                            ({"url": "http://a.example/", "events": ["job.finished"], "secret": "whsec_c2hvcnQ="},
+                             "secret"),
+                            ({"url": "http://a.example/", "events": ["job.finished"], "extra": 1}, "extra")):
+            r = c.post("/v1/webhooks", json=body)
+            assert r.status_code == 422, (body, r.text)
+            assert field in r.json()["errors"][0]["field"], r.json()
+        assert c.get("/v1/webhooks").json()["items"] == []

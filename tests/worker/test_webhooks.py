@@ -1,0 +1,340 @@
+"""Webhooks: messages written in the transaction of their event (the outbox), sent by the worker
+to a real HTTP receiver on loopback that checks each signature itself (HMAC-SHA256 from the
+standard library, as the Standard Webhooks specification defines it, not service/core/webhooks.py),
+retried with backoff while the receiver fails (500, then a timeout) with the same webhook-id until
+it answers 2xx, given up after the last attempt; and the API's endpoints and delivery log."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from sqlalchemy import select, update
+
+from service.core import webhooks as standard
+from service.core.auth import Caller
+from service.core.db import Database
+from service.core.errors import Invalid
+from service.core.models import Tenant, WebhookDelivery, utcnow
+from service.core.repo import audit, webhooks
+from service.core.settings import Settings
+from worker.webhooks import deliver
+
+# --------------------------------------------------------------------------- a receiver on loopback
+
+
+def verify(secret: str, headers, body: bytes) -> bool:
+    """The receiver's check, written from the specification."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return any(hmac.compare_digest(f"v1,{expected}", s) for s in headers["webhook-signature"].split())
+
+
+class Receiver:
+    """Answers each POST as the next step of ``script`` says (a status code, or 'hang' to answer
+    after the sender's timeout), 200 once the script is used up; records what it got."""
+
+    def __init__(self, secret: str, script: list):
+        self.secret, self.script, self.got = secret, list(script), []
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                step = receiver.script.pop(0) if receiver.script else 200
+                receiver.got.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body,
+                                     "valid": verify(receiver.secret, self.headers, body), "answer": step})
+                if step == "hang":
+                    receiver.release.wait(10)
+                    return
+                self.send_response(step)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = False  # server_close joins the handlers
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+
+@contextmanager
+def receiving(secret: str, script: list):
+    r = Receiver(secret, script)
+    r.thread.start()
+    try:
+        yield r
+    finally:
+        r.release.set()
+        r.server.shutdown()
+        r.server.server_close()
+        r.thread.join(10)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def db(migrated_db):
+    return migrated_db
+
+
+def tenant(db: Database, name: str) -> Caller:
+    with db.transaction() as s:
+        row = Tenant(name=name)
+        s.add(row)
+        s.flush()
+        return Caller(tenant_id=row.id, tenant=name, key_prefix="test")
+
+
+def endpoint(db: Database, caller: Caller, url: str, events=("version.published",), secret=None):
+    with db.transaction() as s:
+        row = webhooks.create(s, caller, url=url, event_types=list(events), secret=secret, description=None)
+        return row.id, row.secret
+
+
+def publish(db: Database, caller: Caller, version: int = 2) -> None:
+    with db.transaction() as s:
+        audit.record(s, caller.tenant_id, "worker", "version.published", f"model:7/version:{version}",
+                     {"job_id": 3, "base_version": version - 1, "new_version": version})
+
+
+def rows(db: Database) -> list[WebhookDelivery]:
+    with db.session() as s:
+        return list(s.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)))
+
+
+def settings(**kw) -> Settings:
+    return Settings(**{"webhook_timeout_s": 0.5, "webhook_retry_base_s": 10.0, "webhook_retry_max_s": 3600.0,
+                       "webhook_max_attempts": 5, **kw})
+
+
+def due_now(db: Database) -> None:
+    """Time passes: every pending message is due."""
+    with db.transaction() as s:
+        s.execute(update(WebhookDelivery).where(WebhookDelivery.status == "pending")
+                  .values(next_attempt_at=utcnow() - dt.timedelta(seconds=1)))
+
+
+# --------------------------------------------------------------------------- signing and validation
+
+
+def test_signature_is_the_specifications():
+    # the reference vector of the Standard Webhooks libraries' tests
+    secret, msg_id, ts, body = ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
+                                b'{"test": 2432232314}')
+    assert standard.sign(secret, msg_id, ts, body) == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    new = standard.new_secret()
+    assert new.startswith("whsec_") and len(base64.b64decode(new[6:])) == 32
+    assert verify(new, {"webhook-id": "msg_1", "webhook-timestamp": "5",
+                        "webhook-signature": standard.sign(new, "msg_1", 5, b"{}")}, b"{}")
+    for bad in ("secret", "whsec_", "whsec_!!!!", "whsec_" + base64.b64encode(b"x" * 8).decode(),
+                "whsec_" + base64.b64encode(b"x" * 65).decode()):
+        with pytest.raises(Invalid) as e:
+            standard.secret_key(bad)
+        assert e.value.field == "secret"
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "javascript:alert(1)", "file:///etc/passwd", "http://",
+                                 "example.com/hook", "http://user:pw@example.com/", "http://example.com/#f",
+                                 "http://example.com:99999/", "http://exa mple.com/", " http://example.com/"])
+def test_only_plain_http_and_https_urls(url):
+    with pytest.raises(Invalid) as e:
+        standard.check_url(url)
+    assert e.value.field == "url"
+
+
+def test_http_and_https_urls_are_taken():
+    for url in ("http://127.0.0.1:8080/hook", "https://hooks.example.com/unlearnd?x=1", "HTTPS://[::1]/h"):
+        assert standard.check_url(url) == url
+
+
+# --------------------------------------------------------------------------- the outbox
+
+
+def test_messages_are_written_in_the_events_transaction(db):
+    acme, other = tenant(db, "acme"), tenant(db, "other")
+    wanted, _ = endpoint(db, acme, "http://127.0.0.1:9/a", ("version.published", "job.finished"))
+    endpoint(db, acme, "http://127.0.0.1:9/b", ("deletion_request.completed",))  # not subscribed
+    endpoint(db, other, "http://127.0.0.1:9/c", ("version.published",))  # another tenant
+    with pytest.raises(RuntimeError), db.transaction() as s:  # rolled back: nothing is sent
+        audit.record(s, acme.tenant_id, "worker", "version.published", "model:7/version:2", {"job_id": 3})
+        raise RuntimeError("the publication failed")
+    assert rows(db) == []
+    publish(db, acme)
+    with db.transaction() as s:  # entries that report no event write nothing
+        audit.record(s, acme.tenant_id, "api", "deletion_request.received", "deletion_request:4", {})
+    (row,) = rows(db)
+    assert (row.endpoint_id, row.tenant_id, row.event_type, row.status, row.attempts) == (
+        wanted, acme.tenant_id, "version.published", "pending", 0)
+    message = json.loads(row.body)
+    assert message["type"] == "version.published" and message["timestamp"].endswith("Z")
+    assert message["data"]["model_id"] == 7 and message["data"]["version"] == 2 and message["data"]["job_id"] == 3
+    assert row.message_id.startswith("msg_")
+
+
+def test_a_failed_job_reports_itself_and_each_failed_request(db):
+    acme = tenant(db, "acme")
+    endpoint(db, acme, "http://127.0.0.1:9/a", ("job.finished", "deletion_request.failed"))
+    with db.transaction() as s:
+        audit.record(s, acme.tenant_id, "worker", "job.failed", "job:12", {
+            "model_id": 7, "error": {"type": "RuntimeError", "message": "boom", "stage": "unlearning"},
+            "requests_failed": [21, 22], "requests_requeued": [23]})
+    got = [(r.event_type, json.loads(r.body)["data"]) for r in rows(db)]
+    assert [t for t, _ in got] == ["job.finished", "deletion_request.failed", "deletion_request.failed"]
+    assert got[0][1]["status"] == "failed" and got[0][1]["job_id"] == 12 and got[0][1]["model_id"] == 7
+    assert [d["request_id"] for _, d in got[1:]] == [21, 22]
+    assert got[1][1]["error"]["message"] == "boom" and got[1][1]["job_id"] == 12
+
+
+def test_a_commit_that_wrote_messages_sends_the_delivery_task(db):
+    acme = tenant(db, "acme")
+    endpoint(db, acme, "http://127.0.0.1:9/a")
+    woken = []
+    webhooks.wake_after_commit(db, lambda: woken.append(1))
+    with pytest.raises(RuntimeError), db.transaction() as s:
+        audit.record(s, acme.tenant_id, "worker", "version.published", "model:7/version:2", {})
+        raise RuntimeError("rolled back")
+    with db.transaction() as s:  # reports no event
+        audit.record(s, acme.tenant_id, "worker", "job.created", "job:1", {})
+    assert woken == []
+    publish(db, acme)
+    assert woken == [1]
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+def test_a_failing_receiver_gets_the_same_message_until_it_answers(db):
+    acme = tenant(db, "acme")
+    secret = standard.new_secret()
+    with receiving(secret, [500, "hang", 204]) as receiver:
+        endpoint(db, acme, receiver.url, secret=secret)
+        publish(db, acme)
+        s = settings()
+        before = utcnow()
+        assert deliver(db, s) == {"sent": 1, "delivered": 0, "failed": 0}
+        (row,) = rows(db)
+        assert (row.status, row.attempts, row.last_status_code) == ("pending", 1, 500)
+        wait = (_aware(row.next_attempt_at) - before).total_seconds()
+        assert 10 <= wait < 12  # the first backoff
+        assert deliver(db, s)["sent"] == 0  # not due yet
+        due_now(db)
+        deliver(db, s)  # the receiver hangs past the timeout
+        (row,) = rows(db)
+        assert (row.status, row.attempts, row.last_status_code) == ("pending", 2, None)
+        assert "timed out" in row.last_error
+        assert 20 <= (row.next_attempt_at - row.last_attempt_at).total_seconds() < 22  # doubled
+        due_now(db)
+        assert deliver(db, s) == {"sent": 1, "delivered": 1, "failed": 0}
+        due_now(db)
+        assert deliver(db, s)["sent"] == 0  # delivered: never again
+    (row,) = rows(db)
+    assert (row.status, row.attempts, row.last_status_code, row.last_error) == ("delivered", 3, 204, None)
+    assert row.delivered_at is not None and row.next_attempt_at is None
+    assert [g["answer"] for g in receiver.got] == [500, "hang", 204]
+    assert all(g["valid"] for g in receiver.got)
+    assert {g["headers"]["webhook-id"] for g in receiver.got} == {row.message_id}
+    assert {g["body"] for g in receiver.got} == {row.body.encode()}
+    assert receiver.got[0]["headers"]["content-type"] == "application/json"
+
+
+def test_a_receiver_that_never_recovers_is_given_up(db):
+    acme = tenant(db, "acme")
+    with receiving("whsec_" + base64.b64encode(b"k" * 24).decode(), [500] * 10) as receiver:
+        _, secret = endpoint(db, acme, receiver.url, secret=receiver.secret)
+        publish(db, acme)
+        s = settings(webhook_max_attempts=3)
+        outcomes = []
+        for _ in range(5):
+            outcomes.append(deliver(db, s))
+            due_now(db)
+    assert outcomes[2] == {"sent": 1, "delivered": 0, "failed": 1}
+    assert [o["sent"] for o in outcomes] == [1, 1, 1, 0, 0]
+    (row,) = rows(db)
+    assert (row.status, row.attempts, row.last_status_code, row.next_attempt_at) == ("failed", 3, 500, None)
+    assert len(receiver.got) == 3 and all(g["valid"] for g in receiver.got)
+
+
+def test_a_refused_connection_or_a_redirect_is_a_failed_attempt(db):
+    acme = tenant(db, "acme")
+    with receiving(standard.new_secret(), [302]) as receiver:
+        endpoint(db, acme, receiver.url, secret=receiver.secret)
+        endpoint(db, acme, "http://127.0.0.1:9/nothing-listens-here")
+        publish(db, acme)
+        deliver(db, settings())
+    redirected, refused = rows(db)
+    assert (redirected.status, redirected.last_status_code) == ("pending", 302)
+    assert (refused.status, refused.last_status_code) == ("pending", None) and refused.last_error
+    assert redirected.message_id != refused.message_id
+
+
+def test_a_message_claimed_twice_is_recorded_once(db):
+    """A worker that took longer than its lease: the message was claimed again meanwhile, and the
+    late result does not overwrite the newer attempt's."""
+    acme = tenant(db, "acme")
+    endpoint(db, acme, "http://127.0.0.1:9/a")
+    publish(db, acme)
+    (first,) = webhooks.claim(db, utcnow(), 10, 0.0)
+    (second,) = webhooks.claim(db, utcnow() + dt.timedelta(seconds=1), 10, 60.0)
+    assert second.attempt == first.attempt + 1 and second.message_id == first.message_id
+    with db.transaction() as s:
+        assert webhooks.record_attempt(s, first, 200, None, utcnow(), max_attempts=5, retry_base_s=1,
+                                       retry_max_s=1) is None
+        assert webhooks.record_attempt(s, second, 200, None, utcnow(), max_attempts=5, retry_base_s=1,
+                                       retry_max_s=1) == "delivered"
+
+
+def test_backoff_doubles_up_to_its_cap():
+    assert [webhooks.backoff(n, 10, 100) for n in range(1, 7)] == [10, 20, 40, 80, 100, 100]
+    assert webhooks.backoff(10_000, 10, 3600) == 3600
+
+
+def _aware(ts: dt.datetime) -> dt.datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
+
+
+# --------------------------------------------------------------------------- through the real pipeline
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_job_reports_its_events_and_they_arrive_signed(service, user_files):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from service.core.repo import transparency
+    from service.core.signing import Signer
+    from tests.worker.test_job_pipeline import NEGGRAD, Setup, random_rows
+    from worker import pipeline
+
+    s = Setup(service, user_files)
+    caller = Caller(tenant_id=s.tenant_id, tenant="acme", key_prefix="test")
+    secret = standard.new_secret()
+    with receiving(secret, []) as receiver:
+        hook, _ = endpoint(s.db, caller, receiver.url, standard.EVENT_TYPES, secret)
+        request = s.request(random_rows(s.n_train, 4, seed=11))
+        job = s.job([request], NEGGRAD)
+        assert pipeline.run_job(s.ctx, job) == "succeeded"
+        assert [r.event_type for r in rows(s.db)] == ["version.published", "job.finished"]
+        transparency.sequence(s.db, Signer(Ed25519PrivateKey.generate()))  # records the completion: its message follows
+        assert deliver(s.db, settings()) == {"sent": 3, "delivered": 3, "failed": 0}
+    got = {json.loads(g["body"])["type"]: json.loads(g["body"])["data"] for g in receiver.got}
+    assert all(g["valid"] for g in receiver.got) and len(receiver.got) == 3
+    assert got["version.published"]["model_id"] == s.model_id and got["version.published"]["version"] == 2
+    assert got["version.published"]["job_id"] == job
+    assert (got["job.finished"]["job_id"], got["job.finished"]["status"], got["job.finished"]["kind"]) == (
+        job, "succeeded", "deletion")
+    completed = got["deletion_request.completed"]
+    assert (completed["request_id"], completed["model_id"]) == (request, s.model_id)
+    assert completed["subject_hash"] and completed["sample_ids_sha256"]
+    assert {r.endpoint_id for r in rows(s.db)} == {hook}
