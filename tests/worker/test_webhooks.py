@@ -338,3 +338,24 @@ def test_a_job_reports_its_events_and_they_arrive_signed(service, user_files):
     assert (completed["request_id"], completed["model_id"]) == (request, s.model_id)
     assert completed["subject_hash"] and completed["sample_ids_sha256"]
     assert {r.endpoint_id for r in rows(s.db)} == {hook}
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_worker_sends_a_message_as_soon_as_its_transaction_commits(tmp_path, db_url):
+    """A real worker whose beat would not run the delivery task for an hour: the message goes out
+    because the API's commit sent the task."""
+    from tests.servicekit import make_settings, running_service, wait_for, worker_process
+
+    settings = make_settings(tmp_path, db_url)
+    secret = standard.new_secret()
+    with (receiving(secret, []) as receiver, running_service(settings) as service,
+          worker_process(settings, tmp_path / "worker.log", beat=True, UNLEARND_WEBHOOK_INTERVAL_S="3600"),
+          service.client() as c):
+        hook = c.post("/v1/webhooks", json={"url": receiver.url, "events": ["job.finished"], "secret": secret}).json()
+        queued = c.post(f"/v1/webhooks/{hook['id']}/test").json()
+        log = wait_for(lambda: [d for d in c.get(f"/v1/webhooks/{hook['id']}/deliveries").json()["items"]
+                                if d["status"] == "delivered"], timeout=30, what="the test message delivered")
+    assert [d["message_id"] for d in log] == [queued["message_id"]] and log[0]["attempts"] == 1
+    (got,) = receiver.got
+    assert got["valid"] and got["headers"]["webhook-id"] == queued["message_id"]
+    assert json.loads(got["body"])["type"] == "webhook.test"
