@@ -43,13 +43,14 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 }
 
 # State conflicts (409) by operation: names taken, a model not ready, an Idempotency-Key in flight,
-# a job already finished or a calibration already running, an alias on a version that is not ready.
+# a job already finished or a calibration already running, an alias on a version that is not ready,
+# a tenant's webhook endpoints at their limit.
 CONFLICTS = {
     ("post", "/v1/datasets"), ("post", "/v1/models"), ("post", "/v1/models/{model_id}/deletion-requests"),
     ("post", "/v1/models/{model_id}/calibrations"), ("post", "/v1/jobs/{job_id}/cancel"),
     ("put", "/v1/models/{model_id}/aliases/{alias}"), ("get", "/v1/jobs/{job_id}/report"),
     ("get", "/v1/jobs/{job_id}/report.html"), ("delete", "/v1/models/{model_id}"),
-    ("delete", "/v1/datasets/{dataset_id}"),
+    ("delete", "/v1/datasets/{dataset_id}"), ("post", "/v1/webhooks"),
 }
 
 

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = 12
     webhook_batch: int = 100  # messages claimed by one delivery run
     webhook_concurrency: int = 8  # attempts in flight at once in a run
+    max_webhooks: int = 20  # endpoints per tenant: each event becomes one message per endpoint
     # Jobs: a running job's worker touches heartbeat_at every job_heartbeat_s; a job whose heartbeat
     # is older than job_stale_after_s (its worker was killed) is taken over by the next delivery.
     job_heartbeat_s: float = 5.0

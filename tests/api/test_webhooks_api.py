@@ -88,3 +88,20 @@ def test_a_purge_reports_version_purged(service: Service, user_files):
     assert (message["event"], message["status"]) == ("version.purged", "pending")
     data = message["payload"]["data"]
     assert (data["model_id"], data["version"]) == (mid, 1) and data["audit_entry_id"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_tenant_has_at_most_max_webhooks_endpoints(service: Service):
+    limit = service.settings.max_webhooks
+    with service.client() as c, service.client("other") as other:
+        for i in range(limit):
+            assert c.post("/v1/webhooks", json={"url": f"http://127.0.0.1:9/{i}", "events": ["job.finished"]}
+                          ).status_code == 201
+        r = c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/more", "events": ["job.finished"]})
+        assert r.status_code == 409 and r.json()["type"].endswith("too-many-webhooks"), r.text
+        assert other.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/o", "events": ["job.finished"]}
+                          ).status_code == 201  # another tenant's count is its own
+        first = c.get("/v1/webhooks?max_results=1").json()["items"][0]["id"]
+        assert c.delete(f"/v1/webhooks/{first}").status_code == 204
+        assert c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/more", "events": ["job.finished"]}
+                      ).status_code == 201

@@ -100,7 +100,8 @@ def tenant(db: Database, name: str) -> Caller:
 
 def endpoint(db: Database, caller: Caller, url: str, events=("version.published",), secret=None):
     with db.transaction() as s:
-        row = webhooks.create(s, caller, url=url, event_types=list(events), secret=secret, description=None)
+        row = webhooks.create(s, caller, url=url, event_types=list(events), secret=secret, description=None,
+                              limit=20)
         return row.id, row.secret
 
 

@@ -42,7 +42,7 @@ class WebhookIn(BaseModel):
 def create_webhook(ctx: Ctx, caller: Auth, body: WebhookIn):
     with ctx.db.transaction() as session:
         row = webhooks.create(session, caller, url=body.url, event_types=list(body.events), secret=body.secret,
-                              description=body.description)
+                              description=body.description, limit=ctx.settings.max_webhooks)
         out = webhooks.render(row, with_secret=True)
     return JSONResponse(out, status_code=201, headers={"Location": out["links"]["self"]})
 

@@ -15,13 +15,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from service.core import webhooks
 from service.core.auth import Caller
 from service.core.db import Database, is_postgres
-from service.core.errors import invalid, not_found
+from service.core.errors import Conflict, invalid, not_found
 from service.core.models import AuditEntry, Job, WebhookDelivery, WebhookEndpoint, utcnow
 from service.core.repo import datasets
 from service.core.repo.common import iso, retire
@@ -39,13 +39,18 @@ RESOURCE_FIELDS = {"model": "model_id", "version": "version", "job": "job_id", "
 # --- endpoints -------------------------------------------------------------------------------------
 
 def create(session: Session, caller: Caller, *, url: str, event_types: list[str], secret: str | None,
-           description: str | None) -> WebhookEndpoint:
+           description: str | None, limit: int) -> WebhookEndpoint:
+    """A new endpoint; at most ``limit`` per tenant (409 ``too-many-webhooks``)."""
     webhooks.check_url(url)
     unknown = [e for e in event_types if e not in webhooks.EVENT_TYPES]
     if unknown or not event_types:
         raise invalid("events", f"must name one or more of {', '.join(webhooks.EVENT_TYPES)}")
     if secret is not None:
         webhooks.secret_key(secret)
+    if session.scalar(select(func.count()).select_from(WebhookEndpoint)
+                      .where(WebhookEndpoint.tenant_id == caller.tenant_id)) >= limit:
+        raise Conflict(f"the tenant has {limit} webhook endpoints, the most it may have: remove one first",
+                       title="Too many webhooks", kind="too-many-webhooks")
     row = WebhookEndpoint(tenant_id=caller.tenant_id, url=url, secret=secret or webhooks.new_secret(),
                           event_types=list(dict.fromkeys(event_types)), description=description, created_at=utcnow())
     session.add(row)
