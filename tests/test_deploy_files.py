@@ -191,6 +191,15 @@ def test_worker_reserves_a_gpu(services):
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
 
+def test_every_worker_signs_with_the_same_key_and_short_tasks_have_a_cpu_worker(services):
+    """Tree heads and certificates need one signing key across workers (the shared state volume),
+    and the sequencer and webhook deliveries a worker that is not busy with a GPU job."""
+    for name in ("worker", "worker-cpu"):
+        assert volume_targets(services[name])["state"] == env(services[name])["UNLEARND_DATA_DIR"] == "/data", name
+    (cpu,) = (check_with_cli(a, "worker-cpu") for a in service_invocations(services, "worker-cpu"))
+    assert cpu.queues == "default" and "deploy" not in services["worker-cpu"]
+
+
 def test_compose_builds_with_a_dockerfile_arg(services):
     args = dockerfile_args()
     for name in ("api", "worker", "beat"):
@@ -200,7 +209,7 @@ def test_compose_builds_with_a_dockerfile_arg(services):
 
 
 def test_compose_commands_are_real_cli_commands(services):
-    expected = {"api": ["migrate", "api"], "worker": ["worker"], "beat": ["beat"]}
+    expected = {"api": ["migrate", "api"], "worker": ["worker"], "worker-cpu": ["worker"], "beat": ["beat"]}
     for name, subcommands in expected.items():
         invocations = service_invocations(services, name)
         assert [inv[0] for inv in invocations] == subcommands, (name, invocations)
