@@ -46,7 +46,7 @@ class Context:
             self.upload_slots.release()
 
 
-def context(request: Request) -> Context:
+async def context(request: Request) -> Context:  # async: FastAPI runs a plain def in a worker thread
     return request.app.state.ctx
 
 

@@ -65,12 +65,12 @@ def authenticate(session: Session, authorization: str | None) -> Caller:
     parts = key.split("_")
     if len(parts) < 3 or parts[0] != KEY_PREFIX:
         raise _unauthorized("Authorization: the API key is not valid")
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
+    row, tenant_name = session.execute(select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+                                       .where(ApiKey.prefix == parts[1])).one_or_none() or (None, None)
     if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, hash_key(key)):
         raise _unauthorized("Authorization: the API key is not valid")
-    tenant = session.get(Tenant, row.tenant_id)
     now = utcnow()
     last = row.last_used_at
     if last is None or (now - (last if last.tzinfo else last.replace(tzinfo=now.tzinfo))).total_seconds() > 300:
         row.last_used_at = now  # coarse, so that reads do not all write
-    return Caller(tenant_id=row.tenant_id, tenant=tenant.name, key_prefix=row.prefix)
+    return Caller(tenant_id=row.tenant_id, tenant=tenant_name, key_prefix=row.prefix)

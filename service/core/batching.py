@@ -93,18 +93,29 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
 
 def maybe_due(session: Session, model_id: int, now: dt.datetime | None = None) -> bool:
     """A cheap, lock-free look: could a batch be due now? (``claim`` decides under the lock.) Keeps
-    the per-model lock off the hot path of accepting requests."""
+    the per-model lock off the hot path of accepting requests. The model's received requests are
+    counted first on their index alone, whether or not they have new samples: their number and age
+    bound those of the requests that do, so only a batch that may be due costs the exact count."""
     now = now or utcnow()
-    policy, flush_requested = session.execute(select(Model.policy, Model.flush_requested_at)
-                                              .where(Model.id == model_id)).one_or_none() or ({}, None)
+    received = (DeletionRequest.model_id == model_id, DeletionRequest.status == RequestStatus.RECEIVED)
+    of_model = select(Model).where(Model.id == model_id)
+    policy, flush_requested, n, oldest = session.execute(select(
+        of_model.with_only_columns(Model.policy).scalar_subquery(),
+        of_model.with_only_columns(Model.flush_requested_at).scalar_subquery(),
+        func.count(), func.min(DeletionRequest.created_at)).where(*received)).one()
     batching = batching_of(policy)
-    n, oldest = session.execute(select(func.count(), func.min(DeletionRequest.created_at)).where(
-        DeletionRequest.model_id == model_id, DeletionRequest.status == RequestStatus.RECEIVED,
-        has_new_samples())).one()
-    if not n:
+
+    def due(n: int, oldest: dt.datetime | None) -> bool:
+        if not n:
+            return False
+        waited = (now - _aware(oldest)).total_seconds()
+        return flush_requested is not None or n >= batching.max_requests or waited >= batching.max_wait_s
+
+    if not due(n, oldest):
         return False
-    waited = (now - _aware(oldest)).total_seconds()
-    return flush_requested is not None or n >= batching.max_requests or waited >= batching.max_wait_s
+    n, oldest = session.execute(select(func.count(), func.min(DeletionRequest.created_at)).where(
+        *received, has_new_samples())).one()
+    return due(n, oldest)
 
 
 def models_with_pending(session: Session) -> list[int]:

@@ -53,7 +53,7 @@ def create_deletion_request(ctx: Ctx, caller: Auth, model_id: int, body: Deletio
         raise bad_field("Idempotency-Key", "must not be empty", status=400)
     replayed = False
     with ctx.db.transaction() as session:
-        model = models.get(session, caller, model_id)
+        model = models.get(session, caller, model_id, dataset=False)
         existing = None
         if idempotency_key:
             deletions.lock_idempotency_key(session, caller, idempotency_key)

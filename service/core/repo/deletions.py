@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import json
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, literal, select, text, union_all
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -37,6 +37,7 @@ REASONS = ("erasure", "mislabeled", "poisoned", "other")
 MAX_SAMPLES_PER_REQUEST = 100_000
 ERASURE_DEADLINE = dt.timedelta(days=30)  # GDPR Art. 12(3): one month
 LOOKUP_CHUNK = 5000
+_SHOWN = "unlearnd.deletions.shown"  # session.info: request id -> (new samples, linked requests) of a created one
 
 
 def subject_hash(tenant_id: int, subject_ref: str) -> str:
@@ -105,12 +106,7 @@ def create(session: Session, caller: Caller, model: Model, *, sample_ids: list[s
                       f"set, e.g. {unknown[:5]}", title="Unknown samples", kind="unknown-samples", field="sample_ids",
                       unknown_sample_ids=unknown[:1000])
     wanted = [rows[s] for s in unique]
-    forgotten = _linked(session, select(ForgottenSample.row, ForgottenSample.request_id).where(
-        ForgottenSample.model_id == model.id), ForgottenSample.row, wanted)
-    pending = _linked(session, select(DeletionRequestSample.row, DeletionRequestSample.request_id).join(
-        DeletionRequest, DeletionRequest.id == DeletionRequestSample.request_id).where(
-        DeletionRequest.model_id == model.id, DeletionRequest.status.in_(RequestStatus.ACTIVE),
-        DeletionRequestSample.linked_request_id.is_(None)), DeletionRequestSample.row, wanted)
+    forgotten, pending = _linked(session, model.id, wanted)
     now = utcnow()
     req = DeletionRequest(tenant_id=caller.tenant_id, model_id=model.id, status=RequestStatus.RECEIVED,
                           reason=reason,
@@ -125,6 +121,10 @@ def create(session: Session, caller: Caller, model: Model, *, sample_ids: list[s
                       "retry to get its answer", title="Request in flight", kind="idempotency-key-in-flight",
                        field="Idempotency-Key") from None
     links = {r: forgotten.get(r) or pending.get(r) for r in wanted}
+    linked_to = sorted({v for v in links.values() if v is not None})
+    n_new = sum(1 for r in wanted if links[r] is None)
+    # what render shows of it, known here: it need not be read back (see render_page)
+    session.info.setdefault(_SHOWN, {})[req.id] = (n_new, linked_to)
     session.execute(DeletionRequestSample.__table__.insert(), [
         {"request_id": req.id, "row": rows[s], "sample_id": s, "linked_request_id": links[rows[s]]} for s in unique])
     if all(r in forgotten for r in wanted):
@@ -133,17 +133,27 @@ def create(session: Session, caller: Caller, model: Model, *, sample_ids: list[s
         req.status, req.result_version, req.completed_at = RequestStatus.COMPLETED, version, now
     audit.record(session, caller.tenant_id, caller.actor, "deletion_request.received", f"deletion_request:{req.id}",
                  {"model_id": model.id, "reason": reason, "subject_hash": req.subject_hash, "n_samples": len(unique),
-                  "n_new": sum(1 for r in wanted if links[r] is None),
-                  "linked_to": sorted({v for v in links.values() if v is not None})})
+                  "n_new": n_new, "linked_to": linked_to})
     return req
 
 
-def _linked(session: Session, query, row_column, rows: list[int]) -> dict[int, int]:
-    out: dict[int, int] = {}
+def _linked(session: Session, model_id: int, rows: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+    """The rows already forgotten by the model, and those named by a request still pending (not
+    linked itself), each with that request: one query per chunk of rows."""
+    forgotten: dict[int, int] = {}
+    pending: dict[int, int] = {}
     for start in range(0, len(rows), LOOKUP_CHUNK):
-        for row, request_id in session.execute(query.where(row_column.in_(rows[start:start + LOOKUP_CHUNK]))):
-            out.setdefault(row, request_id)
-    return out
+        chunk = rows[start:start + LOOKUP_CHUNK]
+        q = union_all(
+            select(literal(True).label("gone"), ForgottenSample.row, ForgottenSample.request_id).where(
+                ForgottenSample.model_id == model_id, ForgottenSample.row.in_(chunk)),
+            select(literal(False), DeletionRequestSample.row, DeletionRequestSample.request_id).join(
+                DeletionRequest, DeletionRequest.id == DeletionRequestSample.request_id).where(
+                DeletionRequest.model_id == model_id, DeletionRequest.status.in_(RequestStatus.ACTIVE),
+                DeletionRequestSample.linked_request_id.is_(None), DeletionRequestSample.row.in_(chunk)))
+        for gone, row, request_id in session.execute(q):
+            (forgotten if gone else pending).setdefault(row, request_id)
+    return forgotten, pending
 
 
 def query(caller: Caller, model_id: int | None = None, status: RequestStatus | None = None):
@@ -158,12 +168,14 @@ def render(session: Session, r: DeletionRequest) -> dict:
 
 
 def render_page(session: Session, page: list[DeletionRequest]) -> list[dict]:
-    """The requests as shown, with their samples' counts and links read in two queries for the page."""
-    ids = [r.id for r in page]
-    n_new: dict[int, int] = {}
-    linked: dict[int, list[int]] = {i: [] for i in ids}
+    """The requests as shown, with their samples' counts and links read in two queries for the page
+    (none for a request created in this session: ``create`` noted them)."""
+    shown = session.info.get(_SHOWN, {})
+    ids = [r.id for r in page if r.id not in shown]
+    n_new: dict[int, int] = {i: shown[i][0] for i in (r.id for r in page) if i in shown}
+    linked: dict[int, list[int]] = {i: [] for i in ids} | {i: list(shown[i][1]) for i in n_new}
     if ids:
-        n_new = dict(session.execute(
+        n_new.update(session.execute(
             select(DeletionRequestSample.request_id, func.count()).where(
                 DeletionRequestSample.request_id.in_(ids), DeletionRequestSample.linked_request_id.is_(None))
             .group_by(DeletionRequestSample.request_id)).all())

@@ -7,7 +7,7 @@ import re
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from service.core.auth import Caller
 from service.core.errors import Conflict, Gone, conflict, invalid, not_found
@@ -31,8 +31,10 @@ ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 SYSTEM_ALIASES = ("latest",)  # moved by the service to the newest ready version
 
 
-def get(session: Session, caller: Caller, model_id: int, *, lock: bool = False) -> Model:
+def get(session: Session, caller: Caller, model_id: int, *, lock: bool = False, dataset: bool = True) -> Model:
+    """The caller's model, with its dataset (``dataset=False``: loaded only if read)."""
     q = select(Model).where(Model.id == model_id, Model.tenant_id == caller.tenant_id)
+    q = q if dataset else q.options(lazyload(Model.dataset))
     row = session.scalar(q.with_for_update(of=Model) if lock else q) if 0 < model_id <= MAX_ID else None
     if row is None:
         raise not_found(f"model {model_id}")
