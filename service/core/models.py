@@ -246,6 +246,7 @@ class DeletionRequestSample(Base):
     covers it (pending or forgotten), so it is not unlearned twice."""
 
     __tablename__ = "deletion_request_samples"
+    __table_args__ = (Index("ix_deletion_request_samples_row", "row"),)  # dedupe of new requests by row
     request_id: Mapped[int] = mapped_column(ForeignKey("deletion_requests.id", ondelete="CASCADE"),
                                             primary_key=True)
     row: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
