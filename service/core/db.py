@@ -14,6 +14,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+POOL_SIZE = 10  # connections kept open per process (SQLAlchemy's default: 5, and 10 more opened and closed on demand)
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -36,7 +37,9 @@ def make_engine(url: str, **kwargs) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # A connection per request in flight (routes run in a thread pool): below POOL_SIZE requests at
+    # once, none is closed on return only to be opened again by the next request.
+    return create_engine(url, **{"pool_pre_ping": True, "pool_size": POOL_SIZE, "max_overflow": POOL_SIZE} | kwargs)
 
 
 def is_postgres(engine_or_session) -> bool:
