@@ -183,7 +183,7 @@ def cmd_api(args) -> int:
 
     _settings(args)
     uvicorn.run("service.api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level="info")
+                log_level="info", http="service.api.server:H11NoDelay")
     return 0
 
 
