@@ -1,18 +1,27 @@
-"""Service benchmark: how fast the API accepts deletion requests, and what batching buys.
+"""Service benchmark: how fast the API accepts deletion requests, against the floor of its stack,
+and what batching buys.
 
-    python -m bench.service [--requests 2000] [--concurrency 8] [--n 8] [--repeats 3] [--out bench/results]
+    python -m bench.service [--requests 1000] [--concurrency 8] [--processes 1 2] [--n 8] [--repeats 3]
+                            [--out bench/results] [--json]
 
-1. Acceptance: deletion requests (one sample each) POSTed by ``--concurrency`` client threads to
-   ``unlearnd api`` (a real uvicorn process) on PostgreSQL with Redis as the broker. The model's
-   batching window is set so that no job starts meanwhile: this measures the API and the
-   database (each request is validated, deduplicated and committed before the 202). Reports
-   requests per second and p50 / p99 latency, per repeat and as median with a 95% interval.
+1. Acceptance against the floor: deletion requests (one sample each) POSTed by ``--concurrency``
+   client threads (keep-alive, one connection each) to ``unlearnd api --workers P`` (real uvicorn
+   processes) on PostgreSQL with Redis as the broker, and in the same run, by the same client, to
+   the floor app (``bench/floor_app.py``: the same stack, FastAPI, pydantic, SQLAlchemy 2, psycopg,
+   PostgreSQL, uvicorn with P workers, that only validates, INSERTs the request and its samples,
+   COMMITs and answers 202). Each repeat registers a fresh model (batching window long enough that
+   no job starts: this measures the API and the database) and runs both apps one after the other,
+   the order alternating between repeats so that drift in a shared machine's load cancels out.
+   Reports, for each P, requests per second and p50 / p99 latency of both, their ratio, requests
+   lost (answered 202 but not in the database), per repeat and as median with a 95% interval.
 2. Batching: with a real worker, N deletion requests answered by one batched job
    (``max_requests = N``) against the same N requests arriving one after the other, each answered
    by a job of its own (``max_requests = 1``; the next request is sent when the previous one is
    completed): wall time from the first POST until every request is completed. (Requests that
    arrive while a job runs are claimed together when it ends: a batch takes every pending request.)
 
+``--json`` prints one row per P with the keys ``processes``, ``accept_rps``, ``accept_p99_ms``,
+``floor_rps``, ``floor_p99_ms``, ``ratio`` (medians over the repeats) and their intervals.
 Needs PostgreSQL (127.0.0.1:5432, trust) and Redis (127.0.0.1:6379), as the tests do. Not run in CI.
 """
 
@@ -63,8 +72,9 @@ def fresh_database():
 
 
 @contextlib.contextmanager
-def processes(db_url: str, workdir: Path, worker: bool):
-    """``unlearnd migrate``, ``unlearnd api`` and optionally ``unlearnd worker --beat``."""
+def processes(db_url: str, workdir: Path, worker: bool, api_workers: int = 1, floor: bool = False):
+    """``unlearnd migrate``, ``unlearnd api --workers api_workers``, optionally ``unlearnd worker --beat``
+    and the floor app (``bench/floor_app.py``, as many workers, on the same database)."""
     import redis
 
     redis.Redis.from_url(REDIS).flushdb()
@@ -75,26 +85,31 @@ def processes(db_url: str, workdir: Path, worker: bool):
     cli = [sys.executable, "-m", "service.cli"]
     workdir.mkdir(parents=True, exist_ok=True)
     subprocess.run([*cli, "migrate"], env=env, check=True, capture_output=True)
-    port = _port()
-    commands = {"api": [*cli, "api", "--port", str(port)]}
+    port, floor_port = _port(), _port()
+    commands = {"api": [*cli, "api", "--port", str(port), "--workers", str(api_workers)]}
     if worker:
         commands["worker"] = [*cli, "worker", "--beat", "--loglevel", "warning"]
+    if floor:
+        commands["floor"] = [sys.executable, "-m", "bench.floor_app", "--port", str(floor_port),
+                             "--workers", str(api_workers)]
     procs = []
     for name, cmd in commands.items():
         with open(workdir / f"{name}.log", "wb") as log:
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start; see {workdir / 'api.log'}")
-            time.sleep(0.2)
+        for name, ready in (("api", f"{url}/readyz"), ("floor", f"http://127.0.0.1:{floor_port}/openapi.json")):
+            deadline = time.monotonic() + 60
+            while name in commands:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(ready, timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start; see {workdir / f'{name}.log'}")
+                time.sleep(0.2)
         key_out = subprocess.run([*cli, "keys", "create", "--tenant", "bench"], env=env, check=True,
                                  capture_output=True, text=True)
+        env["FLOOR_URL"] = f"http://127.0.0.1:{floor_port}"
         yield url, key_out.stdout.strip(), env
     finally:
         for p in procs:
@@ -139,42 +154,79 @@ def _register(c: httpx.Client, files: dict, name: str, policy: dict, db_url: str
     return m["id"]
 
 
-def acceptance(files: dict, n_requests: int, concurrency: int, seed: int, workdir: Path) -> dict:
-    with fresh_database() as db_url, processes(db_url, workdir, worker=False) as (url, key, _):
-        headers = {"Authorization": f"Bearer {key}"}
-        with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
-            mid = _register(c, files, f"accept-{seed}", {"batching": {"max_requests": 10**5, "max_wait_s": 86400}},
-                            db_url)
-        ids = files["ids"]
-        rng = random.Random(seed)
-        bodies = [{"sample_ids": [rng.choice(ids)], "reason": "erasure", "subject_ref": f"s{i}"}
-                  for i in range(n_requests)]
-        latencies: list[float] = []
-        lock = threading.Lock()
-        local = threading.local()
+def burst(url: str, path: str, headers: dict, bodies: list[dict], concurrency: int) -> dict:
+    """POST ``bodies`` from ``concurrency`` threads, each with its own keep-alive connection (20 of
+    them first, one thread, to warm up): requests per second, latencies, the ids answered 202."""
+    latencies: list[float] = []
+    accepted: list[int] = []
+    lock = threading.Lock()
+    local = threading.local()
+    clients: list[httpx.Client] = []
 
-        def post(body: dict) -> int:
-            client = getattr(local, "client", None)
-            if client is None:
-                client = local.client = httpx.Client(base_url=url, headers=headers, timeout=60)
-            t0 = time.perf_counter()
-            r = client.post(f"/v1/models/{mid}/deletion-requests", json=body)
-            dt = time.perf_counter() - t0
+    def post(body: dict) -> int:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = httpx.Client(base_url=url, headers=headers, timeout=60)
             with lock:
-                latencies.append(dt)
-            return r.status_code
-
-        for body in bodies[:20]:  # warm up connections and caches
-            post(body)
-        latencies.clear()
+                clients.append(client)
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            codes = list(pool.map(post, bodies[20:]))
-        wall = time.perf_counter() - t0
+        r = client.post(path, json=body)
+        dt = time.perf_counter() - t0
+        with lock:
+            latencies.append(dt)
+            if r.status_code == 202:
+                accepted.append(r.json()["id"])
+        return r.status_code
+
+    for body in bodies[:20]:
+        post(body)
+    latencies.clear()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        codes = list(pool.map(post, bodies[20:]))
+    wall = time.perf_counter() - t0
+    for client in clients:
+        client.close()
     lat = np.array(latencies) * 1000
-    return {"seed": seed, "requests": len(codes), "accepted": sum(c == 202 for c in codes), "seconds": wall,
+    return {"requests": len(codes), "accepted": sum(c == 202 for c in codes), "seconds": wall,
             "per_second": len(codes) / wall, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99))}
+            "p99_ms": float(np.percentile(lat, 99)), "ids": accepted}
+
+
+def _lost(db_url: str, table: str, ids: list[int]) -> int:
+    """Requests answered 202 whose row is not in the database."""
+    import psycopg
+
+    with psycopg.connect(db_url.replace("+psycopg", "")) as conn:
+        found = conn.execute(f"SELECT count(*) FROM {table} WHERE id = ANY(%s)", (ids,)).fetchone()[0]
+    return len(set(ids)) - found
+
+
+def acceptance(files: dict, n_requests: int, concurrency: int, api_workers: int, repeats: int,
+               workdir: Path) -> list[dict]:
+    """``repeats`` rounds of our accept path and the floor app's, alternating which goes first."""
+    out = []
+    with fresh_database() as db_url, processes(db_url, workdir, worker=False, api_workers=api_workers,
+                                               floor=True) as (url, key, env):
+        headers = {"Authorization": f"Bearer {key}"}
+        for seed in range(repeats):
+            with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
+                mid = _register(c, files, f"accept-{api_workers}-{seed}",
+                                {"batching": {"max_requests": 10**5, "max_wait_s": 86400}}, db_url)
+            rng = random.Random(seed)
+            bodies = [{"sample_ids": [rng.choice(files["ids"])], "reason": "erasure", "subject_ref": f"s{i}"}
+                      for i in range(n_requests + 20)]
+            row = {"processes": api_workers, "seed": seed, "first": "accept" if seed % 2 == 0 else "floor"}
+            runs = {"accept": (url, f"/v1/models/{mid}/deletion-requests", headers, "deletion_requests"),
+                    "floor": (env["FLOOR_URL"], f"/v1/models/{mid}/deletion-requests", {}, "floor_requests")}
+            for name in (("accept", "floor") if seed % 2 == 0 else ("floor", "accept")):
+                base, path, hdrs, table = runs[name]
+                r = burst(base, path, hdrs, bodies, concurrency)
+                r["lost"] = _lost(db_url, table, r.pop("ids"))
+                row[name] = r
+            row["ratio"] = row["accept"]["per_second"] / row["floor"]["per_second"]
+            out.append(row)
+    return out
 
 
 def batching(files: dict, n: int, seed: int, workdir: Path) -> dict:
@@ -227,14 +279,36 @@ def median_ci(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), mean - half, mean + half
 
 
+ROW_KEYS = (("accept_rps", "accept", "per_second"), ("accept_p50_ms", "accept", "p50_ms"),
+            ("accept_p99_ms", "accept", "p99_ms"), ("floor_rps", "floor", "per_second"),
+            ("floor_p50_ms", "floor", "p50_ms"), ("floor_p99_ms", "floor", "p99_ms"))
+
+
+def summarize(rounds: list[dict], processes: int) -> dict:
+    """One row for ``processes``: medians over the repeats, with 95% intervals (``*_ci``)."""
+    mine = [r for r in rounds if r["processes"] == processes]
+    row: dict = {"processes": processes, "repeats": len(mine)}
+    for key, app, measure in ROW_KEYS:
+        m, lo, hi = median_ci([r[app][measure] for r in mine])
+        row[key], row[f"{key}_ci"] = m, [lo, hi]
+    m, lo, hi = median_ci([r["ratio"] for r in mine])
+    row["ratio"], row["ratio_ci"] = m, [lo, hi]
+    row["accept_lost"] = sum(r["accept"]["lost"] for r in mine)
+    row["floor_lost"] = sum(r["floor"]["lost"] for r in mine)
+    row["accept_non_202"] = sum(r["accept"]["requests"] - r["accept"]["accepted"] for r in mine)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--requests", type=int, default=1000, help="requests per app per repeat (after 20 warm-up)")
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="API (and floor) worker processes")
     ap.add_argument("--n", type=int, default=8, help="requests in the batching comparison")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-batching", action="store_true")
     ap.add_argument("--skip-acceptance", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the acceptance rows as JSON")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -242,12 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         files = _files(tmp)
         accept = [] if args.skip_acceptance else [
-            acceptance(files, args.requests, args.concurrency, seed, tmp / f"a{seed}") for seed in range(args.repeats)]
+            r for p in args.processes for r in acceptance(files, args.requests, args.concurrency, p, args.repeats,
+                                                          tmp / f"a{p}")]
         batches = [] if args.skip_batching else [batching(files, args.n, seed, tmp / f"b{seed}")
                                                  for seed in range(args.repeats)]
-    summary = {}
-    if accept:
-        summary["acceptance"] = {k: median_ci([a[k] for a in accept]) for k in ("per_second", "p50_ms", "p99_ms")}
+    rows = [summarize(accept, p) for p in args.processes] if accept else []
+    summary: dict = {"acceptance": rows}
     if batches:
         summary["batching"] = {"batched_s": median_ci([b["batched"]["seconds"] for b in batches]),
                                "single_s": median_ci([b["single"]["seconds"] for b in batches]),
@@ -255,12 +329,18 @@ def main(argv: list[str] | None = None) -> int:
     result = {"config": vars(args) | {"out": str(args.out)}, "machine": {"cpus": os.cpu_count()},
               "acceptance": accept, "batching": batches, "summary": summary}
     (args.out / "service.json").write_text(json.dumps(result, indent=2))
-    lines = ["| measure | median | 95% CI of the mean |", "|---|---|---|"]
-    for k, label in (("per_second", "accepted requests / s"), ("p50_ms", "p50 latency (ms)"),
-                     ("p99_ms", "p99 latency (ms)")) if accept else ():
-        m, lo, hi = summary["acceptance"][k]
-        lines.append(f"| {label} | {m:.1f} | {lo:.1f} – {hi:.1f} |")
+    lines = []
+    if rows:
+        lines += ["| API processes | accepted / s | p99 (ms) | floor / s | floor p99 (ms) | ratio | lost |",
+                  "|---:|---|---|---|---|---|---:|"]
+        for r in rows:
+            def cell(k, f="{:.1f}", r=r):
+                lo, hi = r[f"{k}_ci"]
+                return f"{f.format(r[k])} ({f.format(lo)} – {f.format(hi)})"
+            lines.append(f"| {r['processes']} | {cell('accept_rps')} | {cell('accept_p99_ms')} | {cell('floor_rps')} | "
+                         f"{cell('floor_p99_ms')} | {cell('ratio', '{:.2f}')} | {r['accept_lost']} |")
     if batches:
+        lines += ["", "| measure | median | 95% CI of the mean |", "|---|---|---|"]
         for k, label in (("batched_s", f"{args.n} requests, one batched job (s)"),
                          ("single_s", f"{args.n} requests, {args.n} single jobs (s)"),
                          ("speedup", "speedup of batching (×)")):
@@ -268,9 +348,12 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {label} | {m:.2f} | {lo:.2f} – {hi:.2f} |")
     table = "\n".join(lines)
     (args.out / "service.md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {args.out / 'service.json'} and service.md ({args.repeats} repeats, seeds 0..{args.repeats - 1}; "
-          f"{args.requests} requests at concurrency {args.concurrency})")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table)
+        print(f"\nwrote {args.out / 'service.json'} and service.md ({args.repeats} repeats, seeds "
+              f"0..{args.repeats - 1}; {args.requests} requests per app at concurrency {args.concurrency})")
     return 0
 
 
