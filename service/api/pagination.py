@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
@@ -39,12 +40,7 @@ def parse_page(page_token: str | None, max_results: int | None, default: int, ca
 
 
 def token(after: int) -> str:
-    digits = ""
-    while True:
-        after, rest = divmod(after, 36)
-        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[rest] + digits
-        if not after:
-            return digits
+    return np.base_repr(after, 36).lower()
 
 
 def paginate(session: Session, query: Select, key_column, page: Page, render=None, *, render_page=None) -> dict:

@@ -117,11 +117,8 @@ def signed_by(key: Ed25519PrivateKey, doc: dict) -> bool:
 
 
 @pytest.fixture
-def db(db_url):
-    upgrade(db_url)
-    database = Database(db_url)
-    yield database
-    database.dispose()
+def db(migrated_db):
+    return migrated_db
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import ConfigError
+from .recipe import OPTIMIZERS as RECIPE_OPTIMIZERS
+from .recipe import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,7 @@ Spec = Number | OneOf
 MAX_STEPS = 1_000_000
 MAX_EPOCHS = 1000
 MAX_BATCH = 1_000_000
-OPTIMIZERS = (None, "sgd", "adam")
-SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = (None, *RECIPE_OPTIMIZERS)  # None: the original's, from its recipe
 LABEL_MODES = ("any", "wrong")
 
 
