@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import Connection, bindparam, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from service.core.db import is_postgres
@@ -91,18 +91,28 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
     return job
 
 
-def maybe_due(session: Session, model_id: int, now: dt.datetime | None = None) -> bool:
+def _due_queries():
+    """The two looks of ``maybe_due``, built once (SQLAlchemy caches their compiled form)."""
+    model_id = bindparam("model_id")
+    received = (DeletionRequest.model_id == model_id, DeletionRequest.status == RequestStatus.RECEIVED)
+    of_model = select(Model).where(Model.id == model_id)
+    first = select(of_model.with_only_columns(Model.policy).scalar_subquery(),
+                   of_model.with_only_columns(Model.flush_requested_at).scalar_subquery(),
+                   func.count(), func.min(DeletionRequest.created_at)).where(*received)
+    exact = select(func.count(), func.min(DeletionRequest.created_at)).where(*received, has_new_samples())
+    return first, exact
+
+
+RECEIVED, RECEIVED_WITH_NEW_SAMPLES = _due_queries()
+
+
+def maybe_due(session: Session | Connection, model_id: int, now: dt.datetime | None = None) -> bool:
     """A cheap, lock-free look: could a batch be due now? (``claim`` decides under the lock.) Keeps
     the per-model lock off the hot path of accepting requests. The model's received requests are
     counted first on their index alone, whether or not they have new samples: their number and age
     bound those of the requests that do, so only a batch that may be due costs the exact count."""
     now = now or utcnow()
-    received = (DeletionRequest.model_id == model_id, DeletionRequest.status == RequestStatus.RECEIVED)
-    of_model = select(Model).where(Model.id == model_id)
-    policy, flush_requested, n, oldest = session.execute(select(
-        of_model.with_only_columns(Model.policy).scalar_subquery(),
-        of_model.with_only_columns(Model.flush_requested_at).scalar_subquery(),
-        func.count(), func.min(DeletionRequest.created_at)).where(*received)).one()
+    policy, flush_requested, n, oldest = session.execute(RECEIVED, {"model_id": model_id}).one()
     batching = batching_of(policy)
 
     def due(n: int, oldest: dt.datetime | None) -> bool:
@@ -113,8 +123,7 @@ def maybe_due(session: Session, model_id: int, now: dt.datetime | None = None) -
 
     if not due(n, oldest):
         return False
-    n, oldest = session.execute(select(func.count(), func.min(DeletionRequest.created_at)).where(
-        *received, has_new_samples())).one()
+    n, oldest = session.execute(RECEIVED_WITH_NEW_SAMPLES, {"model_id": model_id}).one()
     return due(n, oldest)
 
 

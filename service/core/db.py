@@ -7,14 +7,19 @@ writers queue on the lock instead of failing on a stale read snapshot.
 
 from __future__ import annotations
 
+import select
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POOL_SIZE = 10  # connections kept open per process (SQLAlchemy's default: 5, and 10 more opened and closed on demand)
+PING_IDLE_S = 10.0  # a pooled connection unused this long is pinged before use (PostgreSQL)
+_RETURNED = "unlearnd.returned_at"  # ConnectionRecord.info: when it went back to the pool
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -39,7 +44,41 @@ def make_engine(url: str, **kwargs) -> Engine:
         return engine
     # A connection per request in flight (routes run in a thread pool): below POOL_SIZE requests at
     # once, none is closed on return only to be opened again by the next request.
-    return create_engine(url, **{"pool_pre_ping": True, "pool_size": POOL_SIZE, "max_overflow": POOL_SIZE} | kwargs)
+    engine = create_engine(url, **{"pool_size": POOL_SIZE, "max_overflow": POOL_SIZE} | kwargs)
+    if not kwargs.get("pool_pre_ping"):
+        _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection on checkout only when it may be gone: the server wrote to it while it
+    sat idle (it does when it ends the session: a restart, an administrator, an idle timeout; a
+    poll of the socket tells, no round trip), or it sat unused for ``PING_IDLE_S``. A dead one is
+    replaced before a request uses it, without ``pool_pre_ping``'s round trip on every checkout. (One
+    dropped without a word within ``PING_IDLE_S`` fails its next use: an OperationalError, the 503
+    with Retry-After of service/api/problems.py, and SQLAlchemy replaces the pool's connections.)"""
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn, record):
+        record.info[_RETURNED] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, _proxy):
+        returned = record.info.get(_RETURNED)
+        if returned is None or (time.monotonic() - returned < PING_IDLE_S and not _readable(dbapi_conn)):
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the pool invalidates it and checks out another (a new one if need be)
+            raise DisconnectionError(f"a pooled connection is gone: {exc}") from exc
+
+
+def _readable(dbapi_conn) -> bool:
+    """Whether an idle connection has something to read (the server's farewell, or its end of file)."""
+    try:
+        return bool(select.select([dbapi_conn.fileno()], [], [], 0)[0])
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def is_postgres(engine_or_session) -> bool:
@@ -56,10 +95,23 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """A session in one transaction: committed on success, rolled back on any exception."""
-        with self.sessions() as session, session.begin():
+    def transaction(self, connection: Connection | None = None) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any exception; on
+        ``connection`` (from :meth:`connect`, idle) if given, else on one from the pool."""
+        with self.sessions(**({"bind": connection} if connection is not None else {})) as session, session.begin():
             yield session
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        """One pooled connection, for a request that commits a transaction on it and then reads on it
+        (:meth:`autocommit`) without a second checkout."""
+        with self.engine.connect() as connection:
+            yield connection
+
+    def autocommit(self, connection: Connection) -> Connection:
+        """``connection`` (idle) for reads outside a transaction: on PostgreSQL in autocommit mode (no
+        BEGIN and ROLLBACK round trips; reset when it goes back to the pool); on SQLite as it is."""
+        return connection.execution_options(isolation_level="AUTOCOMMIT") if is_postgres(self.engine) else connection
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -129,6 +129,9 @@ def test_missing_wrong_or_malformed_keys_are_401(service, user_files):
         "get model": ("GET", "/v1/models/1", {}),
         "put alias": ("PUT", "/v1/models/1/aliases/production", {"json": {"version": 1}}),
         "audit log": ("GET", "/v1/audit-log", {}),
+        # authenticated in the route's own transaction (service/api/deps.py: BearerHeader), before the 404
+        "deletion request": ("POST", "/v1/models/1/deletion-requests",
+                             {"json": {"sample_ids": ["1"], "reason": "erasure"}}),
     }
     cases = []
     with httpx.Client(base_url=service.url, timeout=60) as c:

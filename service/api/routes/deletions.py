@@ -9,11 +9,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
-from service.api.deps import Auth, Ctx
+from service.api.deps import Auth, Bearer, Ctx
 from service.api.pagination import paginate, parse_page
 from service.api.problems import Problem, bad_field
 from service.api.schemas import DeletionRequestOut, DeletionRequestPage, FlushOut, JobOut, JobPage, SampleStatusOut
 from service.core import batching
+from service.core.auth import authenticate
 from service.core.models import DeletionRequest, ForgottenSample, Job, Model
 from service.core.repo import datasets, deletions, jobs, models, retention
 from service.core.report import CalibrationReport, JobReport
@@ -45,31 +46,35 @@ IDEMPOTENCY_KEY = Header(min_length=1, max_length=255, pattern=r"\S")
 
 @router.post("/v1/models/{model_id}/deletion-requests", status_code=202, response_model=DeletionRequestOut,
              summary="Ask a model to forget samples (committed before the answer; batched into a job)")
-def create_deletion_request(ctx: Ctx, caller: Auth, model_id: int, body: DeletionRequestIn,
+def create_deletion_request(ctx: Ctx, authorization: Bearer, model_id: int, body: DeletionRequestIn,
                             idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None):
+    """One connection: one transaction (the key, the model with what is known of the samples in one
+    query, the INSERTs, the commit), then outside it the look whether a batch is due: after the
+    commit, so that of requests accepted at once the last to look sees them all."""
     sample_ids = [str(s) for s in body.sample_ids]
     fp = deletions.fingerprint(model_id, sample_ids, body.reason, body.subject_ref)
     if idempotency_key is not None and not idempotency_key.strip():
         raise bad_field("Idempotency-Key", "must not be empty", status=400)
-    replayed = False
-    with ctx.db.transaction() as session:
-        model = models.get(session, caller, model_id, dataset=False)
-        existing = None
-        if idempotency_key:
-            deletions.lock_idempotency_key(session, caller, idempotency_key)
-            existing = deletions.by_idempotency_key(session, caller, idempotency_key)
-        if existing is not None:
-            req, replayed = deletions.replay(existing, fp), True
-        else:
-            req = deletions.create(session, caller, model, sample_ids=sample_ids, reason=body.reason,
-                                   subject_ref=body.subject_ref, idempotency_key=idempotency_key, fp=fp)
-        out = deletions.render(session, req)
-    if not replayed and out["status"] == RequestStatus.RECEIVED:
+    replayed = due = False
+    with ctx.db.connect() as connection:
+        with ctx.db.transaction(connection) as session:
+            caller = authenticate(session, authorization)
+            target = deletions.target(session, caller, model_id, sample_ids)
+            existing = None
+            if idempotency_key:
+                deletions.lock_idempotency_key(session, caller, idempotency_key)
+                existing = deletions.by_idempotency_key(session, caller, idempotency_key)
+            if existing is not None:
+                req, replayed = deletions.replay(existing, fp), True
+            else:
+                req = deletions.create(session, caller, target, sample_ids=sample_ids, reason=body.reason,
+                                       subject_ref=body.subject_ref, idempotency_key=idempotency_key, fp=fp)
+            out = deletions.render(session, req)
+        if not replayed and out["status"] == RequestStatus.RECEIVED:
+            due = batching.maybe_due(ctx.db.autocommit(connection), model_id)
+    if due and batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id) is not None:
         with ctx.db.session() as session:
-            due = batching.maybe_due(session, model_id)
-        if due and batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id) is not None:
-            with ctx.db.session() as session:
-                out = deletions.render(session, deletions.get(session, caller, out["id"]))
+            out = deletions.render(session, deletions.get(session, caller, out["id"]))
     headers = {"Location": out["links"]["self"], "Retry-After": "5"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"

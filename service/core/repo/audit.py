@@ -20,15 +20,19 @@ from sqlalchemy.orm import Session
 from service.core.models import AuditEntry, LogLeaf, LogPending, utcnow
 from service.core.repo import webhooks
 
+INSERT_ENTRY = AuditEntry.__table__.insert().returning(AuditEntry.__table__.c.id)
+INSERT_PENDING = LogPending.__table__.insert()
+
 
 def record(session: Session, tenant_id: int, actor: str, action: str, resource: str,
            details: dict[str, Any] | None = None) -> AuditEntry:
-    """Append one entry in the caller's transaction."""
-    entry = AuditEntry(tenant_id=tenant_id, created_at=utcnow(), actor=actor, action=action, resource=resource,
-                       details=json.loads(json.dumps(details or {}, default=str)))
-    session.add(entry)
+    """Append one entry in the caller's transaction (after what the session has pending: an entry
+    follows the changes it records). The entry returned is as stored, not in the session."""
     session.flush()
-    session.add(LogPending(entry_id=entry.id, tenant_id=tenant_id))
+    values = {"tenant_id": tenant_id, "created_at": utcnow(), "actor": actor, "action": action,
+              "resource": resource, "details": json.loads(json.dumps(details or {}, default=str))}
+    entry = AuditEntry(id=session.execute(INSERT_ENTRY, values).scalar_one(), **values)
+    session.execute(INSERT_PENDING, {"entry_id": entry.id, "tenant_id": tenant_id})
     webhooks.emit_for_entry(session, entry)  # the event's webhook messages, in the same transaction
     return entry
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
-from sqlalchemy import func, literal, select, text, union_all
+from sqlalchemy import and_, bindparam, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,13 +27,14 @@ from service.core.models import (
     DeletionRequestSample,
     ForgottenSample,
     Model,
+    ModelVersion,
     utcnow,
 )
 from service.core.repo import audit
 from service.core.repo.common import iso
 from service.core.repo.datasets import MAX_ID
 from service.core.repo.models import require_ready
-from service.core.statuses import RequestStatus
+from service.core.statuses import RequestStatus, VersionStatus
 
 REASONS = ("erasure", "mislabeled", "poisoned", "other")
 MAX_SAMPLES_PER_REQUEST = 100_000
@@ -85,75 +88,107 @@ def lock_idempotency_key(session: Session, caller: Caller, key: str) -> None:
                        field="Idempotency-Key", retry_after=1)
 
 
-def _rows_of(session: Session, dataset_id: int, sample_ids: list[str]) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for start in range(0, len(sample_ids), LOOKUP_CHUNK):
+@dataclass
+class Target:
+    """What a new request of a model needs to know, read in one query (a chunk of ids a query):
+    the model, whether it has a ready version, the rows of the named samples, those the model
+    forgot already (row -> (request or None, version)) and those named by a request still pending
+    (row -> the oldest such request, itself not linked)."""
+    model_id: int
+    ready: bool
+    rows: dict[str, int] = field(default_factory=dict)
+    forgotten: dict[int, tuple[int | None, int]] = field(default_factory=dict)
+    pending: dict[int, int] = field(default_factory=dict)
+
+
+def _target_query():
+    """Built once (its compiled form is cached by SQLAlchemy; building it anew costs more than running it)."""
+    m, mv, ds, fs = Model.__table__, ModelVersion.__table__, DatasetSample.__table__, ForgottenSample.__table__
+    dr, drs = DeletionRequest.__table__, DeletionRequestSample.__table__
+    model_id = bindparam("model_id")
+    ready = select(mv.c.id).where(mv.c.model_id == model_id, mv.c.status == VersionStatus.READY).exists()
+    pending = (select(func.min(drs.c.request_id)).join(dr, dr.c.id == drs.c.request_id)
+               .where(drs.c.row == ds.c.row, dr.c.model_id == model_id, dr.c.status.in_(RequestStatus.ACTIVE),
+                      drs.c.linked_request_id.is_(None))
+               .correlate(ds).scalar_subquery())
+    return (select(ready.label("ready"), ds.c.sample_id, ds.c.row, fs.c.model_id.label("gone"), fs.c.request_id,
+                   fs.c.version, pending.label("pending"))
+            .select_from(m)
+            .outerjoin(ds, and_(ds.c.dataset_id == m.c.dataset_id,
+                                ds.c.sample_id.in_(bindparam("ids", expanding=True))))
+            .outerjoin(fs, and_(fs.c.model_id == m.c.id, fs.c.row == ds.c.row))
+            .where(m.c.id == model_id, m.c.tenant_id == bindparam("tenant_id")))
+
+
+TARGET = _target_query()
+INSERT_REQUEST = DeletionRequest.__table__.insert().returning(DeletionRequest.__table__.c.id)
+INSERT_SAMPLES = DeletionRequestSample.__table__.insert()
+
+
+def target(session: Session, caller: Caller, model_id: int, sample_ids: list[str]) -> Target:
+    """The caller's model (404 otherwise) and what is known of ``sample_ids`` for it."""
+    found = None
+    sample_ids = list(dict.fromkeys(sample_ids))
+    for start in range(0, len(sample_ids), LOOKUP_CHUNK) if 0 < model_id <= MAX_ID else ():
         chunk = sample_ids[start:start + LOOKUP_CHUNK]
-        found.update(session.execute(select(DatasetSample.sample_id, DatasetSample.row).where(
-            DatasetSample.dataset_id == dataset_id, DatasetSample.sample_id.in_(chunk))).all())
+        for r in session.execute(TARGET, {"model_id": model_id, "tenant_id": caller.tenant_id, "ids": chunk}):
+            found = found or Target(model_id, bool(r.ready))
+            if r.sample_id is None:
+                continue
+            found.rows[r.sample_id] = r.row
+            if r.gone is not None:
+                found.forgotten[r.row] = (r.request_id, r.version)
+            if r.pending is not None:
+                found.pending[r.row] = r.pending
+        if found is None:
+            break
+    if found is None:
+        raise not_found(f"model {model_id}")
     return found
 
 
-def create(session: Session, caller: Caller, model: Model, *, sample_ids: list[str], reason: str,
-           subject_ref: str | None, idempotency_key: str | None, fp: str) -> DeletionRequest:
-    """Validate and insert one request with its samples, in the caller's transaction."""
-    require_ready(session, model)
+def create(session: Session, caller: Caller, t: Target, *, sample_ids: list[str], reason: str,
+           subject_ref: str | None, idempotency_key: str | None, fp: str) -> SimpleNamespace:
+    """Validate and insert one request with its samples and its audit-log entry, in the caller's
+    transaction: four INSERTs (the request, its samples, the entry, its place in the sequencer's queue)."""
+    if not t.ready:
+        require_ready(session, session.get(Model, t.model_id))  # 409, and why
     unique = list(dict.fromkeys(sample_ids))
-    rows = _rows_of(session, model.dataset_id, unique)
+    rows = t.rows
     unknown = [s for s in unique if s not in rows]
     if unknown:
         raise Invalid(f"sample_ids: {len(unknown)} id(s) are not in the model's training "
                       f"set, e.g. {unknown[:5]}", title="Unknown samples", kind="unknown-samples", field="sample_ids",
                       unknown_sample_ids=unknown[:1000])
     wanted = [rows[s] for s in unique]
-    forgotten, pending = _linked(session, model.id, wanted)
+    links = {r: (t.forgotten[r][0] if r in t.forgotten else None) or t.pending.get(r) for r in wanted}
+    linked_to = sorted({v for v in links.values() if v is not None})
+    n_new = sum(1 for r in wanted if links[r] is None)
     now = utcnow()
-    req = DeletionRequest(tenant_id=caller.tenant_id, model_id=model.id, status=RequestStatus.RECEIVED,
-                          reason=reason,
-                          subject_hash=subject_hash(caller.tenant_id, subject_ref) if subject_ref else None,
-                          n_samples=len(unique), idempotency_key=idempotency_key, fingerprint=fp, created_at=now,
-                          updated_at=now)
-    session.add(req)
+    done = all(r in t.forgotten for r in wanted)
+    values = {"tenant_id": caller.tenant_id, "model_id": t.model_id, "reason": reason,
+              "status": RequestStatus.COMPLETED if done else RequestStatus.RECEIVED,
+              "result_version": max(t.forgotten[r][1] for r in wanted) if done else None,
+              "completed_at": now if done else None,
+              "subject_hash": subject_hash(caller.tenant_id, subject_ref) if subject_ref else None,
+              "n_samples": len(unique), "idempotency_key": idempotency_key, "fingerprint": fp, "attempts": 0,
+              "created_at": now, "updated_at": now}
     try:
-        session.flush()
+        request_id = session.execute(INSERT_REQUEST, values).scalar_one()
     except IntegrityError:  # the same key committed meanwhile by another process
         raise Conflict("Idempotency-Key: a request with this key was just accepted; "
                       "retry to get its answer", title="Request in flight", kind="idempotency-key-in-flight",
                        field="Idempotency-Key") from None
-    links = {r: forgotten.get(r) or pending.get(r) for r in wanted}
-    linked_to = sorted({v for v in links.values() if v is not None})
-    n_new = sum(1 for r in wanted if links[r] is None)
-    # what render shows of it, known here: it need not be read back (see render_page)
+    # the request as stored, for render (not an ORM object: there is nothing to flush, and making one
+    # costs more than the INSERT); what render shows of it is known here and need not be read back
+    req = SimpleNamespace(id=request_id, job_id=None, error=None, **values)
     session.info.setdefault(_SHOWN, {})[req.id] = (n_new, linked_to)
-    session.execute(DeletionRequestSample.__table__.insert(), [
+    session.execute(INSERT_SAMPLES, [
         {"request_id": req.id, "row": rows[s], "sample_id": s, "linked_request_id": links[rows[s]]} for s in unique])
-    if all(r in forgotten for r in wanted):
-        version = session.scalar(select(func.max(ForgottenSample.version)).where(
-            ForgottenSample.model_id == model.id, ForgottenSample.row.in_(wanted)))
-        req.status, req.result_version, req.completed_at = RequestStatus.COMPLETED, version, now
     audit.record(session, caller.tenant_id, caller.actor, "deletion_request.received", f"deletion_request:{req.id}",
-                 {"model_id": model.id, "reason": reason, "subject_hash": req.subject_hash, "n_samples": len(unique),
+                 {"model_id": t.model_id, "reason": reason, "subject_hash": req.subject_hash, "n_samples": len(unique),
                   "n_new": n_new, "linked_to": linked_to})
     return req
-
-
-def _linked(session: Session, model_id: int, rows: list[int]) -> tuple[dict[int, int], dict[int, int]]:
-    """The rows already forgotten by the model, and those named by a request still pending (not
-    linked itself), each with that request: one query per chunk of rows."""
-    forgotten: dict[int, int] = {}
-    pending: dict[int, int] = {}
-    for start in range(0, len(rows), LOOKUP_CHUNK):
-        chunk = rows[start:start + LOOKUP_CHUNK]
-        q = union_all(
-            select(literal(True).label("gone"), ForgottenSample.row, ForgottenSample.request_id).where(
-                ForgottenSample.model_id == model_id, ForgottenSample.row.in_(chunk)),
-            select(literal(False), DeletionRequestSample.row, DeletionRequestSample.request_id).join(
-                DeletionRequest, DeletionRequest.id == DeletionRequestSample.request_id).where(
-                DeletionRequest.model_id == model_id, DeletionRequest.status.in_(RequestStatus.ACTIVE),
-                DeletionRequestSample.linked_request_id.is_(None), DeletionRequestSample.row.in_(chunk)))
-        for gone, row, request_id in session.execute(q):
-            (forgotten if gone else pending).setdefault(row, request_id)
-    return forgotten, pending
 
 
 def query(caller: Caller, model_id: int | None = None, status: RequestStatus | None = None):
@@ -163,7 +198,7 @@ def query(caller: Caller, model_id: int | None = None, status: RequestStatus | N
     return q.where(DeletionRequest.status == status) if status else q
 
 
-def render(session: Session, r: DeletionRequest) -> dict:
+def render(session: Session, r: DeletionRequest | SimpleNamespace) -> dict:
     return render_page(session, [r])[0]
 
 
