@@ -88,6 +88,10 @@ LOOP: dict[str, Spec] = {
     "eta_min_frac": Number(0.0, low=0, high=1),
     "max_retain_drop": Number(0.03, low=0, low_open=True, high=1, optional=True),
     "retries": Number(2, low=0, high=5, integer=True),
+    # "accuracy" / "confidence": stop once the forget rows' accuracy / mean confidence in their
+    # label is down to the estimate of a retrain's (worker/engine/targets.py; the budget is then
+    # a ceiling); "budget": spend the whole budget
+    "stop": OneOf("budget", ("budget", "accuracy", "confidence")),
 }
 LOSS_BOUND = Number(None, low=0, low_open=True, high=1000, optional=True)
 RANDOM_LABEL = {**_with(LOOP, budget=0.03, lr_scale=1.0), "label_mode": OneOf("any", LABEL_MODES)}

@@ -41,6 +41,7 @@ from .refine import (
     row_tensor,
 )
 from .runtime import RunContext, Runtime, predict
+from .targets import holdout_difficulty, proxy_quantiles, rank_matched
 from .unlearners import Unlearner, UnlearningTask, get_unlearner
 
 
@@ -313,13 +314,16 @@ def run_unlearning(
     # bin's starting point (else three bins could each spend the whole budget).
     guarded = len(plan) > 1 and any(u.hp.get("max_retain_drop") is not None for _, u in plan)
     reference = copy.deepcopy(model).eval() if guarded else None
+    estimate = _retrain_estimate(model, holdout, values, forget, runtime,
+                                 any(u.hp.get("stop", "budget") != "budget" for _, u in plan))
     for j, (b, unlearner) in enumerate(plan):
         ctx.check()
         done.append(b.rows)
         retain_rows = _rows_except(n, torch.cat(done), excluded)
         task = UnlearningTask(forget=data.view("train", b.rows), retain=data.view("train", retain_rows),
                               num_classes=data.num_classes, seed=seed + b.index, reference=reference,
-                              recipe=recipe, holdout=holdout)
+                              recipe=recipe, holdout=holdout,
+                              forget_target=estimate(b.rows) if estimate is not None else None)
         sub = ctx.sub(j / len(plan), (j + 1) / len(plan), ctx.stage)
         _sync(runtime)
         t0 = time.perf_counter()
@@ -334,6 +338,25 @@ def run_unlearning(
             after_step(j, model)
     return UnlearningResult(model=model, method=policy.method, config=policy.to_dict(), steps=steps,
                             seconds=time.perf_counter() - t_start, thresholds=cuts, recipe=recipe)
+
+
+def _retrain_estimate(model: nn.Module, holdout: View | None, values: np.ndarray | None, forget: torch.Tensor,
+                      runtime: Runtime, wanted: bool) -> Callable[[torch.Tensor], dict[str, float]] | None:
+    """rows ↦ the estimated accuracy and mean confidence of a retrain on them
+    (worker/engine/targets.py), from the model as it entered; None without a holdout split or
+    proxy values, or when no step stops at a target."""
+    if not wanted or holdout is None or values is None:
+        return None
+    quantiles = proxy_quantiles(values)[forget.numpy()]
+    correct, p_true = holdout_difficulty(model, holdout, runtime)
+    acc, conf = rank_matched(correct, quantiles), rank_matched(p_true, quantiles)
+    pos = {r: i for i, r in enumerate(forget.tolist())}
+
+    def estimate(rows: torch.Tensor) -> dict[str, float]:
+        idx = [pos[r] for r in rows.tolist()]
+        return {"accuracy": float(acc[idx].mean()), "confidence": float(conf[idx].mean())}
+
+    return estimate
 
 
 def _check_finite(model: nn.Module, where: str, probe: View, runtime: Runtime) -> None:

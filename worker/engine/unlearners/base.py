@@ -20,7 +20,7 @@ from ..data import Batch, View
 from ..errors import ConfigError
 from ..hparams import LOOP, SCHEMA, check_hparams, default_hparams
 from ..recipe import Recipe
-from ..runtime import RunContext, Runtime, seed_everything
+from ..runtime import RunContext, Runtime, predict, seed_everything
 from ..training import accuracy, fit, make_optimizer, make_scheduler
 
 REGISTRY: dict[str, type[Unlearner]] = {}
@@ -44,6 +44,10 @@ class UnlearningTask:
     # Held-out rows (the dataset's holdout split, never test): the guard also watches accuracy
     # there, since on a memorizing model retain accuracy stays near 1 while generalization drops.
     holdout: View | None = None
+    # Estimated accuracy and mean confidence (p of the label) of a retrain on the forget rows
+    # (worker/engine/targets.py; None: no estimate, e.g. no holdout split). A loop with
+    # ``stop: "accuracy"`` or ``"confidence"`` stops once the forget rows are down to it.
+    forget_target: dict[str, float] | None = None
 
     def the_recipe(self) -> Recipe:
         return self.recipe if self.recipe is not None else Recipe.infer(max(1, len(self.forget) + len(self.retain)))
@@ -240,12 +244,22 @@ class LoopUnlearner(Unlearner):
             span = plan.steps if plan.steps is not None else plan.epochs
             sched = make_scheduler(opt, self.hp["schedule"], span, self.hp["eta_min_frac"])
             every = max(1, -(-(plan.steps or 40) // 4))  # about four checks per run, and one at the end
-            model = fit(
-                model, epochs=plan.epochs, batches=lambda e: self.batches(task, e, gen), loss_fn=self.loss,
-                optimizer=opt, scheduler=sched, runtime=runtime, ctx=ctx, after_backward=self._count_step,
-                monitor=guard, monitor_every=every, max_steps=plan.steps,
-            )
+            stat = self.hp.get("stop", "budget")
+            target = (task.forget_target or {}).get(stat) if stat != "budget" and len(task.forget) else None
+            monitor = (TargetStop(model, task.forget, runtime, stat, target, guard, every) if target is not None
+                       else guard)
+            if target is not None and monitor.start <= target:
+                monitor.reached_at = 0  # already where a retrain would be: nothing to do
+            else:
+                model = fit(
+                    model, epochs=plan.epochs, batches=lambda e: self.batches(task, e, gen), loss_fn=self.loss,
+                    optimizer=opt, scheduler=sched, runtime=runtime, ctx=ctx, after_backward=self._count_step,
+                    monitor=monitor, monitor_every=monitor.every if target is not None else every,
+                    max_steps=plan.steps,
+                )
             run: dict[str, Any] = {**plan.to_dict(), "steps_done": self._steps_done}
+            if target is not None:
+                run["target"] = monitor.report()
             run["guard"] = guard.finish() if guard is not None else {"outcome": "off"}
             return model.eval(), run
         finally:
@@ -253,6 +267,46 @@ class LoopUnlearner(Unlearner):
             self.finish()
 
 
+class TargetStop:
+    """[Ours] Stops a loop once the forget rows' accuracy (``stat = "accuracy"``) or mean
+    confidence in their label (``"confidence"``) is at or below ``target``, the estimate of a
+    retrain's (worker/engine/targets.py): the budget becomes a ceiling and the forget set ends
+    where a retrain would put it, not past it. Measures the forget rows ``TARGET_CHECKS`` times per
+    run and passes every ``guard_every // every``-th call on to the guard, so the guard keeps its
+    own rhythm."""
+
+    def __init__(self, model: nn.Module, forget: View, runtime: Runtime, stat: str, target: float,
+                 guard: RetainGuard | None, guard_every: int):
+        self.model, self.forget, self.runtime, self.stat = model, forget, runtime, stat
+        self.target, self.guard = target, guard
+        self.every = max(1, guard_every * 4 // TARGET_CHECKS)
+        self.ratio = max(1, guard_every // self.every)
+        self.calls, self.reached_at = 0, None
+        self.start = self.last = self.measure()
+
+    def measure(self) -> float:
+        if self.stat == "accuracy":
+            return accuracy(self.model, self.forget, self.runtime)
+        p = predict(self.model, self.forget, self.runtime).softmax(1)
+        return p.gather(1, self.forget.y.cpu().view(-1, 1)).mean().item()
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        keep_going = True
+        if self.guard is not None and self.calls % self.ratio == 0:
+            keep_going = self.guard()
+        self.last = self.measure()
+        if self.last <= self.target:
+            self.reached_at = self.calls * self.every
+            return False
+        return keep_going
+
+    def report(self) -> dict[str, Any]:
+        return {"stat": self.stat, "target": round(self.target, 4), "before": round(self.start, 4),
+                "at_stop": round(self.last, 4), "reached_at_step": self.reached_at}
+
+
+TARGET_CHECKS = 16  # forget-accuracy checks per run under ``stop: "target"``
 PROBE_ROWS = 256  # rows per guard probe (retain, holdout)
 RETRY_LR_FACTOR = 0.25  # a run that kept nothing within the guard is retried at this times its lr
 
