@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", type=int, default=0, help="poisoned: the backdoor's target class (default 0)")
     ap.add_argument("--forget-size", type=int, default=None,
                     help="mixed / random: |S| (default 3 x round(n_train / 45))")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds F..F+K-1 (F = --first-seed)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="first seed (to run seeds of one table in separate processes and merge the JSON)")
     ap.add_argument("--methods", default=None, help="comma-separated (default: all registered but retrain, none)")
     ap.add_argument("--calibrate", action="store_true",
                     help="add rum_calibrated: the policy a calibration on disjoint sets recommends")
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     deadline = started + args.time_budget if args.time_budget > 0 else None
     rows: list[dict] = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         rows += run_seed(args, data, spec, seed, methods, runtime, log, deadline)
     meta = {"data": str(args.data), "arch": spec, "epochs": args.epochs, "lr": args.lr,
             "batch_size": args.batch_size, "scenario": args.scenario, "forget": args.scenario,
