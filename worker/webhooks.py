@@ -6,15 +6,25 @@ others, and records every result: a 2xx delivers it; anything else (another stat
 refused connection, a timeout) schedules the next attempt after an exponential backoff, until
 ``webhook_max_attempts``. Each attempt has a new timestamp and signature and the same
 ``webhook-id``. Nothing here raises: an endpoint cannot break the worker.
+
+Before each attempt the host is resolved, and unless ``webhook_allow_private`` the message is
+given up at once (no retries) if any address is one ``address_refusal`` refuses (loopback,
+private, link-local with the cloud metadata address…). The connection goes to the addresses that
+were checked, not to a second lookup of the name, so a name that resolves elsewhere between the
+check and the connection (DNS rebinding) cannot reach them; the Host header and, for https, the
+server name (SNI) and the certificate check stay those of the URL. No HTTP proxy is used.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
+import socket
+import ssl
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from service.core import webhooks as standard
 from service.core.db import Database
@@ -28,34 +38,84 @@ MAX_ANSWER_BYTES = 64 << 10  # read (and drop) at most this much of an answer
 LEASE_MARGIN_S = 60.0
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is an answer that is not 2xx: the message is not followed elsewhere."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+_TLS = ssl.create_default_context()
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+@dataclass(frozen=True)
+class Outcome:
+    status_code: int | None  # the endpoint's answer, None when there was none
+    error: str | None  # why the attempt failed; None when it delivered
+    permanent: bool = False  # retrying cannot help: the destination is refused
 
 
-def post(attempt: webhooks.Attempt, timeout: float) -> tuple[int | None, str | None]:
-    """One signed POST: (status code, None) when the endpoint answered, else (None or the status,
-    why it failed)."""
+def resolve(host: str, port: int) -> list[tuple]:
+    """The addresses ``host`` resolves to, as ``getaddrinfo`` gives them (TCP only)."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+def destination(host: str, port: int, allow_private: bool) -> tuple[list[tuple], str | None]:
+    """The checked addresses to connect to, or why the host is refused (any address refused is
+    enough: which one a connection would take is not ours to choose)."""
+    found = resolve(host, port)
+    if not allow_private:
+        for *_, sockaddr in found:
+            why = standard.address_refusal(sockaddr[0])
+            if why:
+                return [], (f"refused: {host} resolves to {why}; webhooks are not sent into private networks "
+                            "unless UNLEARND_WEBHOOK_ALLOW_PRIVATE is set")
+    return found, None
+
+
+def _connector(found: list[tuple]):
+    """``socket.create_connection`` for http.client, to the checked addresses only, in order."""
+
+    def connect(_address, timeout, source_address=None):
+        last: OSError | None = None
+        for family, kind, proto, _, sockaddr in found:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                last = exc
+        raise last or OSError("no address to connect to")
+
+    return connect
+
+
+def post(attempt: webhooks.Attempt, timeout: float, allow_private: bool = False) -> Outcome:
+    """One signed POST to the checked addresses of the endpoint's host; redirects are not followed."""
     body = attempt.body.encode()
     timestamp = int(time.time())
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "webhook-id": attempt.message_id,
                "webhook-timestamp": str(timestamp),
-               "webhook-signature": standard.sign(attempt.secret, attempt.message_id, timestamp, body)}
-    request = urllib.request.Request(attempt.url, data=body, headers=headers, method="POST")
+               "webhook-signature": standard.sign(attempt.secret, attempt.message_id, timestamp, body),
+               "Connection": "close"}
+    conn = None
     try:
-        with _OPENER.open(request, timeout=timeout) as answer:
-            answer.read(MAX_ANSWER_BYTES)
-            return answer.status, None
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return exc.code, f"HTTP {exc.code}"
+        url = urlsplit(attempt.url)
+        https = url.scheme.lower() == "https"
+        port = url.port or (443 if https else 80)
+        found, refused = destination(url.hostname, port, allow_private)
+        if refused:
+            return Outcome(None, refused, permanent=True)
+        conn = (http.client.HTTPSConnection(url.hostname, port, timeout=timeout, context=_TLS) if https
+                else http.client.HTTPConnection(url.hostname, port, timeout=timeout))
+        conn._create_connection = _connector(found)  # connect() calls it; the Host header and SNI keep the name
+        conn.request("POST", (url.path or "/") + (f"?{url.query}" if url.query else ""), body=body, headers=headers)
+        answer = conn.getresponse()
+        answer.read(MAX_ANSWER_BYTES)
+        code = answer.status
+        return Outcome(code, None if 200 <= code < 300 else f"HTTP {code}")
     except Exception as exc:  # refused, reset, timed out, a name that does not resolve, bad TLS…
-        return None, f"{type(exc).__name__}: {exc}"[:500]
+        return Outcome(None, f"{type(exc).__name__}: {exc}"[:500])
+    finally:
+        if conn is not None:
+            conn.close()
 
 
 def deliver(db: Database, settings: Settings) -> dict:
@@ -65,20 +125,22 @@ def deliver(db: Database, settings: Settings) -> dict:
         return {"sent": 0, "delivered": 0, "failed": 0}
     with ThreadPoolExecutor(max_workers=max(1, min(settings.webhook_concurrency, len(attempts))),
                             thread_name_prefix="unlearnd-webhook") as pool:
-        results = list(pool.map(lambda a: post(a, settings.webhook_timeout_s), attempts))
+        results = list(pool.map(lambda a: post(a, settings.webhook_timeout_s, settings.webhook_allow_private),
+                                attempts))
     counts = {"sent": len(attempts), "delivered": 0, "failed": 0}
     now = utcnow()
     with db.transaction() as session:
-        for attempt, (code, error) in zip(attempts, results, strict=True):
+        for attempt, out in zip(attempts, results, strict=True):
             status = webhooks.record_attempt(
-                session, attempt, code, error, now, max_attempts=settings.webhook_max_attempts,
-                retry_base_s=settings.webhook_retry_base_s, retry_max_s=settings.webhook_retry_max_s)
+                session, attempt, out.status_code, out.error, now, max_attempts=settings.webhook_max_attempts,
+                retry_base_s=settings.webhook_retry_base_s, retry_max_s=settings.webhook_retry_max_s,
+                permanent=out.permanent)
             if status in counts:
                 counts[status] += 1
             if status == "failed":
                 log.warning("webhook message %s to %s given up after %d attempt(s): %s", attempt.message_id,
-                            attempt.url, attempt.attempt, error)
+                            attempt.url, attempt.attempt, out.error)
     return counts
 
 
-__all__ = ["deliver", "post"]
+__all__ = ["Outcome", "deliver", "destination", "post", "resolve"]

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     webhook_batch: int = 100  # messages claimed by one delivery run
     webhook_concurrency: int = 8  # attempts in flight at once in a run
     max_webhooks: int = 20  # endpoints per tenant: each event becomes one message per endpoint
+    # Off: an endpoint may not be (or resolve to) a loopback, private, link-local (cloud metadata),
+    # unique-local, multicast, unspecified or reserved address (service/core/webhooks.py
+    # address_refusal). On: for receivers on the deployment's own network.
+    webhook_allow_private: bool = False
     # Jobs: a running job's worker touches heartbeat_at every job_heartbeat_s; a job whose heartbeat
     # is older than job_stale_after_s (its worker was killed) is taken over by the next delivery.
     job_heartbeat_s: float = 5.0

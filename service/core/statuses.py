@@ -54,7 +54,7 @@ class DeliveryStatus(StrEnum):
 
     PENDING = "pending"  # waits for its next attempt
     DELIVERED = "delivered"  # the endpoint answered 2xx
-    FAILED = "failed"  # given up after max_attempts attempts
+    FAILED = "failed"  # given up: after max_attempts attempts, or at once for a refused destination
 
     TERMINAL = nonmember((DELIVERED, FAILED))
 

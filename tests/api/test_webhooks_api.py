@@ -7,7 +7,14 @@ import base64
 
 import pytest
 
-from tests.servicekit import Service
+from tests.servicekit import Service, make_settings, running_service
+
+
+@pytest.fixture
+def service(tmp_path, db_url):
+    """The service, allowing private destinations: these tests register receivers on loopback."""
+    with running_service(make_settings(tmp_path, db_url, webhook_allow_private=True)) as svc:
+        yield svc
 
 
 def test_register_list_test_and_remove_a_webhook(service: Service):
@@ -105,3 +112,25 @@ def test_a_tenant_has_at_most_max_webhooks_endpoints(service: Service):
         assert c.delete(f"/v1/webhooks/{first}").status_code == 204
         assert c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/more", "events": ["job.finished"]}
                       ).status_code == 201
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_url_into_a_private_network_is_refused_unless_the_deployment_allows_it(tmp_path, db_url):
+    urls = ("http://127.0.0.1:8080/h", "http://169.254.169.254/latest/meta-data/", "http://[::ffff:127.0.0.1]/h",
+            "https://[::1]/h", "http://10.0.0.7/h", "http://[fd00::7]/h", "http://2130706433/h")
+    with running_service(make_settings(tmp_path / "closed", db_url)) as closed, closed.client() as c:
+        assert closed.settings.webhook_allow_private is False  # the default
+        for url in urls:
+            r = c.post("/v1/webhooks", json={"url": url, "events": ["job.finished"]})
+            assert r.status_code == 422, (url, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert [e["field"] for e in r.json()["errors"]] == ["url"], r.json()
+            assert "private network" in r.text and "UNLEARND_WEBHOOK_ALLOW_PRIVATE" in r.text
+        # a name is not looked up on the request path: the worker checks what it resolves to
+        assert c.post("/v1/webhooks", json={"url": "http://localhost:9/h", "events": ["job.finished"]}
+                      ).status_code == 201
+        assert len(c.get("/v1/webhooks").json()["items"]) == 1
+    with (running_service(make_settings(tmp_path / "open", db_url, webhook_allow_private=True)) as open_,
+          open_.client() as c):
+        for url in urls:
+            assert c.post("/v1/webhooks", json={"url": url, "events": ["job.finished"]}).status_code == 201, url

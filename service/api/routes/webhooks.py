@@ -42,7 +42,8 @@ class WebhookIn(BaseModel):
 def create_webhook(ctx: Ctx, caller: Auth, body: WebhookIn):
     with ctx.db.transaction() as session:
         row = webhooks.create(session, caller, url=body.url, event_types=list(body.events), secret=body.secret,
-                              description=body.description, limit=ctx.settings.max_webhooks)
+                              description=body.description, limit=ctx.settings.max_webhooks,
+                              allow_private=ctx.settings.webhook_allow_private)
         out = webhooks.render(row, with_secret=True)
     return JSONResponse(out, status_code=201, headers={"Location": out["links"]["self"]})
 

@@ -39,9 +39,10 @@ RESOURCE_FIELDS = {"model": "model_id", "version": "version", "job": "job_id", "
 # --- endpoints -------------------------------------------------------------------------------------
 
 def create(session: Session, caller: Caller, *, url: str, event_types: list[str], secret: str | None,
-           description: str | None, limit: int) -> WebhookEndpoint:
-    """A new endpoint; at most ``limit`` per tenant (409 ``too-many-webhooks``)."""
-    webhooks.check_url(url)
+           description: str | None, limit: int, allow_private: bool = False) -> WebhookEndpoint:
+    """A new endpoint; at most ``limit`` per tenant (409 ``too-many-webhooks``); its URL as
+    :func:`webhooks.check_url` says (``allow_private``: ``webhook_allow_private``)."""
+    webhooks.check_url(url, allow_private=allow_private)
     unknown = [e for e in event_types if e not in webhooks.EVENT_TYPES]
     if unknown or not event_types:
         raise invalid("events", f"must name one or more of {', '.join(webhooks.EVENT_TYPES)}")
@@ -212,17 +213,19 @@ def claim(db: Database, now: dt.datetime, limit: int, lease_s: float) -> list[At
 
 
 def record_attempt(session: Session, attempt: Attempt, status_code: int | None, error: str | None,
-                   now: dt.datetime, *, max_attempts: int, retry_base_s: float, retry_max_s: float) -> str | None:
+                   now: dt.datetime, *, max_attempts: int, retry_base_s: float, retry_max_s: float,
+                   permanent: bool = False) -> str | None:
     """The result of one attempt: ``delivered`` on a 2xx; else the next attempt after an exponential
-    backoff, or ``failed`` (given up) after ``max_attempts``. Returns the new status (None when the
-    delivery is gone or another claim took it over)."""
+    backoff, or ``failed`` (given up) after ``max_attempts`` or at once when the failure is
+    ``permanent`` (a destination that is refused). Returns the new status (None when the delivery
+    is gone or another claim took it over)."""
     d = session.get(WebhookDelivery, attempt.delivery_id)
     if d is None or d.status != DeliveryStatus.PENDING or d.attempts != attempt.attempt:
         return None
     d.last_status_code, d.last_error = status_code, error
     if status_code is not None and 200 <= status_code < 300:
         d.status, d.delivered_at, d.next_attempt_at = DeliveryStatus.DELIVERED, now, None
-    elif d.attempts >= max_attempts:
+    elif permanent or d.attempts >= max_attempts:
         d.status, d.next_attempt_at = DeliveryStatus.FAILED, None
     else:
         d.next_attempt_at = now + dt.timedelta(seconds=backoff(d.attempts, retry_base_s, retry_max_s))
