@@ -26,6 +26,7 @@ from service.core.celery_app import (
 from service.core.models import Job, ModelVersion, utcnow
 from service.core.repo import models as model_repo
 from service.core.repo import retention, transparency
+from service.core.repo import webhooks as webhook_repo
 from service.core.settings import Settings
 from service.core.statuses import JobStatus, VersionStatus
 
@@ -116,7 +117,8 @@ def sweep() -> dict:
     registrations still pending, batches whose wait ran out, queued jobs (deletion or calibration)
     whose wake-up was lost, and running jobs whose worker stopped beating (killed): the next
     delivery takes them over. And superseded versions whose retention ran out are purged
-    (service/core/repo/retention.py)."""
+    (service/core/repo/retention.py), and delivered or given-up webhook messages older than
+    ``webhook_delivery_retention_days`` leave the delivery log."""
     ctx = worker_context()
     dispatcher = ctx.dispatcher
     now = utcnow()
@@ -142,7 +144,11 @@ def sweep() -> dict:
     purged = retention.sweep(ctx.db, ctx.store)
     if purged:
         log.info("sweeper purged %d version(s) (retention)", len(purged))
-    return {"registrations": len(sent), "batches": len(claimed), "jobs": len(resent), "purged": len(purged)}
+    pruned = webhook_repo.prune(ctx.db, now - dt.timedelta(days=ctx.settings.webhook_delivery_retention_days))
+    if pruned:
+        log.info("sweeper removed %d finished webhook message(s) from the delivery log", pruned)
+    return {"registrations": len(sent), "batches": len(claimed), "jobs": len(resent), "purged": len(purged),
+            "webhook_deliveries_pruned": pruned}
 
 
 @app.task(name=SEQUENCE)

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # unique-local, multicast, unspecified or reserved address (service/core/webhooks.py
     # address_refusal). On: for receivers on the deployment's own network.
     webhook_allow_private: bool = False
+    # Delivered and given-up messages leave the delivery log this many days after their last
+    # attempt (the sweeper).
+    webhook_delivery_retention_days: float = Field(30.0, ge=0)
     # Jobs: a running job's worker touches heartbeat_at every job_heartbeat_s; a job whose heartbeat
     # is older than job_stale_after_s (its worker was killed) is taken over by the next delivery.
     job_heartbeat_s: float = 5.0

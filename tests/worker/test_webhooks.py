@@ -297,6 +297,34 @@ def test_a_message_claimed_twice_is_recorded_once(db):
                                        retry_max_s=1) == "delivered"
 
 
+def test_the_sweeper_prunes_finished_messages_past_their_retention(db, monkeypatch):
+    """Delivered and given-up messages whose last attempt is older than
+    webhook_delivery_retention_days leave the delivery log; recent ones and pending ones stay."""
+    from types import SimpleNamespace
+
+    from worker import tasks
+
+    acme = tenant(db, "acme")
+    endpoint(db, acme, "http://127.0.0.1:9/a")
+    for version in range(2, 7):
+        publish(db, acme, version)
+    now = utcnow()
+    old, recent = now - dt.timedelta(days=31), now - dt.timedelta(days=29)
+    ids = [r.id for r in rows(db)]
+    with db.transaction() as s:
+        for i, (status, last) in zip(ids, [("delivered", old), ("failed", old), ("delivered", recent),
+                                           ("pending", old), ("failed", None)], strict=True):
+            s.execute(update(WebhookDelivery).where(WebhookDelivery.id == i).values(
+                status=status, last_attempt_at=last, created_at=old))
+    ctx = SimpleNamespace(db=db, settings=settings(webhook_delivery_retention_days=30), dispatcher=None, store=None)
+    monkeypatch.setattr(tasks, "worker_context", lambda: ctx)
+    assert tasks.sweep()["webhook_deliveries_pruned"] == 3
+    assert [(r.id, r.status) for r in rows(db)] == [(ids[2], "delivered"), (ids[3], "pending")]
+    assert tasks.sweep()["webhook_deliveries_pruned"] == 0
+    assert webhooks.prune(db, utcnow()) == 1  # retention 0: every finished message goes
+    assert [r.status for r in rows(db)] == ["pending"]
+
+
 def test_backoff_doubles_up_to_its_cap():
     assert [webhooks.backoff(n, 10, 100) for n in range(1, 7)] == [10, 20, 40, 80, 100, 100]
     assert webhooks.backoff(10_000, 10, 3600) == 3600

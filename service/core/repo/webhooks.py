@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sqlalchemy import delete as sql_delete
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
@@ -232,10 +233,21 @@ def record_attempt(session: Session, attempt: Attempt, status_code: int | None, 
     return d.status
 
 
+def prune(db: Database, before: dt.datetime) -> int:
+    """Remove the delivered and given-up messages whose last attempt was before ``before`` (the
+    sweeper, ``webhook_delivery_retention_days``), in one transaction; pending ones stay whatever
+    their age. Returns how many went."""
+    finished = func.coalesce(WebhookDelivery.last_attempt_at, WebhookDelivery.created_at)
+    with db.transaction() as session:
+        return session.execute(sql_delete(WebhookDelivery).where(
+            WebhookDelivery.status.in_((DeliveryStatus.DELIVERED, DeliveryStatus.FAILED)), finished < before)
+            .execution_options(synchronize_session=False)).rowcount
+
+
 def backoff(attempts: int, base_s: float, max_s: float) -> float:
     """Seconds before attempt ``attempts + 1``: base, 2 × base, 4 × base… at most ``max_s``."""
     return min(max_s, base_s * 2 ** min(attempts - 1, 40))
 
 
-__all__ = ["Attempt", "backoff", "claim", "create", "delete", "deliveries", "emit_for_entry", "get", "query",
-           "record_attempt", "render", "render_delivery", "send_test", "wake_after_commit"]
+__all__ = ["Attempt", "backoff", "claim", "create", "delete", "deliveries", "emit_for_entry", "get", "prune",
+           "query", "record_attempt", "render", "render_delivery", "send_test", "wake_after_commit"]
