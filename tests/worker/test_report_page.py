@@ -131,6 +131,8 @@ def test_the_page_shows_the_record_the_metrics_and_four_figures():
     assert set(figures(page)) == {"fig-proxy", "fig-confidence", "fig-per-class", "fig-per-bin"}
     assert "100.00% → 83.33%" in page and "0.8784" in page  # forget accuracy, ToW
     assert "report_html_sha256" in page  # how to check this page against the audit log
+    for q in data["requests"]:  # each request's erasure certificate, linked (issued once the job completes)
+        assert f'<a href="/v1/deletion-requests/{q["id"]}/certificate">' in page
     # no information only on hover: no title attributes, no tooltips in the figures
     assert " title=" not in page and "<title>" not in page.split("</head>", 1)[1] and "hover" not in page.lower()
 
