@@ -14,11 +14,11 @@ spends a few retrainings once per model to pick the policy that later deletion j
    retrain-equivalents of planned work in all, the reference and the check included) over
    the policy space: ``rum`` = the cut points, the mid bin's choice between nothing and a light
    fine-tune, the high bin's method, and each one's step budget and learning rate (relative to
-   the recipe; :data:`BIN_METHODS`), or ``plain`` = one method on the whole set. The objective is
-   (ToW + ToW-MIA) / 2 against the reference on set A, less any work done past ``cost_cap``
-   (:func:`penalized`). A trial whose planned work exceeds ``cost_cap`` (share of a retrain per
-   deletion job) is pruned before it runs. The first trials are the warm starts
-   (:func:`warm_starts`): the default pipeline, so the search never reports worse than the
+   the recipe; worker/engine/search_space.py), or ``plain`` = one method on the whole set. The
+   objective is (ToW + ToW-MIA) / 2 against the reference on set A, less any work done past
+   ``cost_cap`` (:func:`penalized`). A trial whose planned work exceeds ``cost_cap`` (share of a
+   retrain per deletion job) is pruned before it runs. The first trials are the warm starts
+   (``warm_starts`` there): the default pipeline, so the search never reports worse than the
    default on A, then every other high-bin method at its defaults.
 4. **The check**: the winner and the default pipeline on set B against the same reference. If the
    winner does not beat the default there, the default is what is recommended
@@ -48,26 +48,18 @@ from .data import UnlearningData
 from .errors import ConfigError
 from .recipe import Recipe
 from .refine import forget_subsets, proxy_array, row_tensor
-from .rum import default_rum_config, parse_policy, run_unlearning
+from .rum import parse_policy, run_unlearning
 from .runtime import RunContext, Runtime
+from .search_space import (
+    SPACES,
+    as_params,
+    default_policy,
+    planned_cost,
+    suggest_policy,
+    warm_starts,
+)
 from .unlearners import UnlearningTask, get_unlearner
 
-SPACES = ("rum", "plain")
-# Methods the search may put in each RUM bin, low → high memorization. A retrain predicts low- and
-# mid-memorization rows as the original does (RUM's finding; in every benchmark table of
-# docs/benchmarks.md the reference keeps 99-100% of both bins on the tuning and the held-out sets), so
-# the low bin is left as is and the mid bin only chooses between that and a light fine-tune:
-# methods that push forget rows away there can only cost accuracy. All the forgetting happens in
-# the high bin, which needs a method that acts on the forget rows. IAU and DEL cost a full pass per
-# step or a long recovery and rarely fit a 10% cap: they stay selectable for ``plain``.
-# A small space on purpose: with ~16 trials, TPE finds more in 8 dimensions than in 14.
-BIN_METHODS = (
-    ("none",),
-    ("none", "finetune"),
-    ("salun", "scrub", "random_label", "neggrad_plus", "finetune"),
-)
-PLAIN_METHODS = ("finetune", "neggrad_plus", "random_label", "salun", "scrub", "l1_sparse", "del", "iau")
-LR_SCALE_RANGE = (0.02, 4.0)  # wide enough for every method's schema default (SCRUB's is 4)
 EVAL_ROWS = 1000  # retain and test rows scored per trial (fixed seeded subsets)
 
 
@@ -187,60 +179,6 @@ def paired_mixed_sets(
             torch.from_numpy(np.sort(np.concatenate(b))).long())
 
 
-# --------------------------------------------------------------------------- the search space
-
-
-def suggest_policy(trial, settings: CalibrationSettings) -> dict[str, Any]:
-    """An engine policy drawn from the search space (Optuna's define-by-run API)."""
-    cap = settings.cost_cap
-    if settings.space == "plain":
-        method = trial.suggest_categorical("method", PLAIN_METHODS)
-        return {"method": method, "hparams": _suggest_hparams(trial, "", method, cap)}
-    q1 = trial.suggest_float("q1", 0.1, 0.7)
-    q2 = q1 + trial.suggest_float("q2_gap", 0.1, 0.9) * (0.99 - q1)
-    bins = []
-    for k in range(3):
-        method = trial.suggest_categorical(f"bin{k}", BIN_METHODS[k])
-        bins.append({"method": method, "hparams": _suggest_hparams(trial, f"bin{k}_", method, cap)})
-    return {"method": "rum", "bins": bins, "quantiles": [round(q1, 4), round(q2, 4)]}
-
-
-def _suggest_hparams(trial, prefix: str, method: str, cap: float) -> dict[str, Any]:
-    if method == "none":
-        return {}
-    if method == "iau":
-        return {"step_size": trial.suggest_float(f"{prefix}iau_step_size", 1e-3, 0.2, log=True)}
-    hp: dict[str, Any] = {
-        "budget": round(trial.suggest_float(f"{prefix}budget", cap / 40, cap, log=True), 5),
-        "lr_scale": round(trial.suggest_float(f"{prefix}lr_scale", *LR_SCALE_RANGE, log=True), 5),
-    }
-    if method == "neggrad_plus":
-        hp["alpha"] = round(trial.suggest_float(f"{prefix}alpha", 0.1, 0.99), 4)
-    return hp
-
-
-def planned_cost(policy: Mapping[str, Any], recipe: Recipe) -> float:
-    """Planned work of a policy as a share of the original's training, before running it.
-
-    Loop methods: their ``budget`` (a bin spends its budget whatever its size; an empty bin is
-    skipped at run time, so this is an upper bound). IAU costs one pass over the training set per
-    step. ``none`` is free. Masks and guard checks (forward passes) are not counted; the measured
-    seconds are.
-    """
-    steps = policy["bins"] if policy.get("method") == "rum" else [policy]
-    total = 0.0
-    for step in steps:
-        method, hp = step["method"], dict(step.get("hparams") or {})
-        if method == "none":
-            continue
-        if method == "iau":
-            total += int(hp.get("steps", 1)) / recipe.epochs
-            continue
-        unlearner = get_unlearner(method, **hp)
-        total += float(unlearner.hp.get("budget") or 0.0)
-    return total
-
-
 # --------------------------------------------------------------------------- scoring
 
 
@@ -357,7 +295,7 @@ def calibrate(
                                 direction="maximize", load_if_exists=True)
     if not study.trials:
         for start in warm_starts(settings.space)[: settings.n_trials]:
-            study.enqueue_trial(_as_params(start, settings), skip_if_exists=True)
+            study.enqueue_trial(as_params(start, settings), skip_if_exists=True)
     # The budget is planned work (optimizer steps, in retrain-equivalents: deterministic, whatever
     # the machine's load): the reference, every trial that ran, and a reserve for the two check
     # runs. The search stops before a trial that could overdraw it. Wall time is measured and
@@ -443,60 +381,8 @@ def penalized(s: Score, cap: float) -> float:
     return s.score - max(0.0, s.cost_share - cap)
 
 
-def default_policy(space: str = "rum") -> dict[str, Any]:
-    """The uncalibrated default in the form the search produces (the first trial of every study)."""
-    if space == "plain":
-        return {"method": "finetune", "hparams": {}}
-    d = default_rum_config().to_dict()
-    return {"method": "rum", "bins": d["bins"], "quantiles": d["quantiles"]}
-
-
-def warm_starts(space: str = "rum") -> list[dict[str, Any]]:
-    """The first trials of every study, before the sampler takes over: the default, then (``rum``)
-    the default's shape with each other high-bin method at its own defaults, or (``plain``) each
-    method. Which method forgets best differs between models (on the held-out Fashion-MNIST rows
-    SCRUB and random labels beat SalUn in the high bin; on digits SalUn wins), and a search of 16
-    trials that samples the method at random may never try the right one."""
-    default = default_policy(space)
-    if space == "plain":
-        return [default] + [{"method": m, "hparams": {}} for m in PLAIN_METHODS if m != default["method"]]
-    starts = [default]
-    for method in BIN_METHODS[2]:
-        if method != default["bins"][2]["method"]:
-            bins = [dict(b) for b in default["bins"]]
-            bins[2] = {"method": method, "hparams": {}}
-            starts.append({**default, "bins": bins})
-    return starts
-
-
 def _key(policy: Mapping[str, Any]) -> str:
     return json.dumps(policy, sort_keys=True)
-
-
-def _as_params(policy: Mapping[str, Any], settings: CalibrationSettings) -> dict[str, Any]:
-    """The Optuna parameters that reproduce ``policy`` (to enqueue the warm starts)."""
-    if settings.space == "plain":
-        return {"method": policy["method"], **_hparam_params("", policy)}
-    q1, q2 = policy["quantiles"]
-    params: dict[str, Any] = {"q1": q1, "q2_gap": (q2 - q1) / (0.99 - q1)}
-    for k, b in enumerate(policy["bins"]):
-        params[f"bin{k}"] = b["method"]
-        params.update(_hparam_params(f"bin{k}_", b))
-    return params
-
-
-def _hparam_params(prefix: str, step: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameters :func:`_suggest_hparams` would draw for ``step`` (its hparams over the defaults)."""
-    method = step["method"]
-    if method == "none":
-        return {}
-    hp = get_unlearner(method, **step.get("hparams", {})).hp
-    if method == "iau":
-        return {f"{prefix}iau_step_size": hp["step_size"]}
-    out = {f"{prefix}budget": hp["budget"], f"{prefix}lr_scale": hp["lr_scale"]}
-    if method == "neggrad_plus":
-        out[f"{prefix}alpha"] = hp["alpha"]
-    return out
 
 
 def _trial_row(t) -> dict[str, Any]:
