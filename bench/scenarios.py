@@ -47,6 +47,9 @@ from worker.engine.runtime import Runtime, predict
 
 SCENARIOS = ("mixed", "random", "mislabeled", "poisoned")
 PROXY_SCENARIOS = ("mixed", "random")  # forget rows chosen from the trained original's proxy
+# the forget rows' labels are wrong: the service treats such requests (reason mislabeled / poisoned)
+# with its corrective policy (worker/engine/rum.py)
+CORRECTIVE_SCENARIOS = ("mislabeled", "poisoned")
 DEFAULT_FRACTION = {"mislabeled": 0.05, "poisoned": 0.03}
 PATCH = 3
 TABULAR_TRIGGER_FEATURES = 3

@@ -26,7 +26,9 @@ Per seed s (everything seeded with s):
 5. run every method alone (``rum`` = no: one call on S, retain D \\ S), every method inside RUM with
    the same method and hyperparameters in all three tertile bins (RUM^F, ``rum`` = yes), and the
    default RUM pipeline (:func:`worker.engine.rum.default_rum_config`, row ``rum_default``), each from
-   a fresh copy of the original with the unlearners' default hyperparameters;
+   a fresh copy of the original with the unlearners' default hyperparameters; for ``mislabeled``
+   and ``poisoned``, row ``corrective`` is what the service runs for a request of that reason: the
+   whole forget set as rows with wrong labels (:func:`worker.engine.rum.default_corrective_config`);
    every method runs with the recipe of step 1 (budgets and learning rates are relative to it);
    with ``--calibrate``, row ``rum_calibrated`` runs the policy that a calibration
    (:func:`worker.engine.calibration.calibrate`) recommends, calibrated on two sets disjoint from S
@@ -68,6 +70,7 @@ from worker.engine.refine import entanglement_score, refine
 from worker.engine.rum import (
     PlainConfig,
     bin_audit,
+    default_corrective_config,
     default_rum_config,
     parse_policy,
     rum_same_method,
@@ -112,10 +115,15 @@ def recipe_of(cfg: TrainConfig, n_train: int) -> Recipe:
                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule)
 
 
-def method_runs(methods: list[str]) -> list[tuple[str, bool, object]]:
-    """(method, rum, policy) of every unlearning run: the default pipeline first (so that a
-    ``--time-budget`` never skips it), then each method alone and as RUM^F."""
-    runs: list[tuple[str, bool, object]] = [("rum_default", True, default_rum_config())]
+def method_runs(methods: list[str], scenario: str = "mixed") -> list[tuple[str, bool, object]]:
+    """(method, rum, policy) of every unlearning run: the service's defaults first (so that a
+    ``--time-budget`` never skips them: ``corrective`` for scenarios whose rows have wrong labels,
+    then the default pipeline), then each method alone and as RUM^F. ``corrective``'s policy is
+    None: run_seed passes the whole forget set as ``corrective_rows``."""
+    runs: list[tuple[str, bool, object]] = []
+    if scenario in scenarios.CORRECTIVE_SCENARIOS:
+        runs.append(("corrective", False, None))
+    runs.append(("rum_default", True, default_rum_config()))
     for m in methods:
         runs.append((m, False, PlainConfig(m)))
         runs.append((m, True, rum_same_method(m)))
@@ -192,14 +200,15 @@ def run_seed(args, data, spec: dict, seed: int, methods: list[str], runtime: Run
     add("original", False, original, 0.0, {}, orig)
     add("retrain", False, reference, retrain_seconds, {}, dict(ref))
 
-    for method, rum, policy in method_runs(methods):
+    for method, rum, policy in method_runs(methods, name):
         if deadline is not None and time.perf_counter() > deadline:
             log(f"seed {seed} {method} rum={rum}: SKIPPED (--time-budget spent)")
             rows.append({"method": method, "rum": rum, **common, "skipped": "time budget"})
             continue
         try:
-            result = run_unlearning(copy.deepcopy(original), data, forget_rows, proxy, policy, runtime, seed=seed,
-                                    recipe=recipe)
+            wrong = forget_rows if policy is None else None  # corrective: every row has a wrong label
+            result = run_unlearning(copy.deepcopy(original), data, forget_rows, proxy, policy or default_rum_config(),
+                                    runtime, seed=seed, recipe=recipe, corrective_rows=wrong)
         except Exception as exc:  # a broken method must not sink the whole benchmark
             log(f"seed {seed} {method} rum={rum}: FAILED {type(exc).__name__}: {exc}")
             rows.append({"method": method, "rum": rum, **common, "error": f"{type(exc).__name__}: {exc}"})
@@ -299,6 +308,10 @@ def header(args, rows: list[dict], n: int, kwargs: dict, runtime: Runtime) -> li
     dflt = default_rum_config().to_dict()
     out.append(f"# rum_default: {' / '.join(b['method'] + json.dumps(b['hparams']) for b in dflt['bins'])}, "
                f"quantiles {[round(q, 3) for q in dflt['quantiles']]}")
+    if args.scenario in scenarios.CORRECTIVE_SCENARIOS:
+        fix = default_corrective_config()
+        out.append(f"# corrective (a request's reason says the labels are wrong): "
+                   f"{fix.method}{json.dumps(fix.hparams)} on the whole forget set")
     out.append("# mean ± 95% t-interval half-width over seeds; share = seconds / retrain seconds; "
                "test_drop = original's test acc − row's; RUM^F = same method in every tertile bin")
     return out

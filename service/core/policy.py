@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from service.core.errors import Invalid, invalid
-from worker.engine.catalog import METHODS, PROXIES, PROXY_ALIASES
+from worker.engine.catalog import DEFAULT_CORRECTIVE, METHODS, PROXIES, PROXY_ALIASES
 from worker.engine.errors import ConfigError
 from worker.engine.hparams import check_hparams
 
@@ -71,6 +71,35 @@ class Calibration(_Strict):
     def engine_settings(self, seed: int) -> dict[str, Any]:
         """What ``worker.engine.calibration.CalibrationSettings.from_dict`` takes."""
         return {**self.model_dump(exclude={"auto"}), "seed": seed}
+
+
+class Corrective(_Strict):
+    """Deletion requests whose ``reason`` is in ``reasons`` name rows whose *labels are wrong*. A
+    retrain disagrees with every such row, however memorized, so they skip RUM's refinement and
+    are unlearned first, in one step, with ``method`` and ``hparams`` (worker/engine/rum.py). The
+    default (``method`` null) is the engine's: each row relabeled to the class the model ranks
+    next after its label, fine-tuned with the retain set (docs/unlearning.md#corrupted-rows);
+    ``hparams`` alone are merged over the default's. ``reasons: []`` turns it off: such rows then
+    go through the policy as erasures do."""
+
+    reasons: list[Literal["mislabeled", "poisoned", "other"]] = Field(
+        default_factory=lambda: ["mislabeled", "poisoned"], max_length=3)
+    method: str | None = None
+    hparams: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Corrective:
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method: unknown method {self.method!r}; known: {list(METHODS)}")
+        method, hparams = self.engine_config().values()
+        _check_hparams(method, hparams, "hparams")
+        return self
+
+    def engine_config(self) -> dict[str, Any]:
+        """``{"method", "hparams"}`` as the engine's ``PlainConfig`` takes them."""
+        if self.method is None:
+            return {"method": DEFAULT_CORRECTIVE[0], "hparams": {**DEFAULT_CORRECTIVE[1], **(self.hparams or {})}}
+        return {"method": self.method, "hparams": dict(self.hparams or {})}
 
 
 CALIBRATION_SCHEMA = "unlearnd.calibration/1"  # the report of a calibration job
@@ -129,6 +158,7 @@ class Policy(_Strict):
     guardrails: Guardrails = Field(default_factory=Guardrails)
     calibration: Calibration = Field(default_factory=Calibration)
     retention: Retention = Field(default_factory=Retention)
+    corrective: Corrective = Field(default_factory=Corrective)
 
     @model_validator(mode="after")
     def _names(self) -> Policy:
@@ -236,8 +266,8 @@ def validate_model(cls: type[BaseModel], raw: dict, field: str):
             loc = ".".join(str(p) for p in e["loc"])
             msg = e["msg"].removeprefix("Value error, ")
             inner, sep, rest = msg.partition(": ")
-            if not loc and sep and " " not in inner:  # a model-level check naming its own field
-                loc, msg = inner, rest
+            if sep and " " not in inner:  # a model-level check naming its own field (relative to loc)
+                loc, msg = f"{loc}.{inner}" if loc else inner, rest
             errors.append({"field": f"{field}.{loc}" if loc else field, "message": msg})
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         raise Invalid(detail, errors=errors) from None

@@ -106,6 +106,12 @@ def test_hostile_model_uploads(tmp_path, user_files):
              "policy.hparams.steps"),
             ("an unknown hyperparameter", post(policy='{"method": "finetune", "hparams": {"epoch": 3}}'), 422,
              "policy.hparams"),
+            ("a corrective step with an unknown method", post(policy='{"corrective": {"method": "forget_all"}}'),
+             422, "policy.corrective.method"),
+            ("a corrective budget of 50 retrainings", post(policy='{"corrective": {"hparams": {"budget": 50}}}'),
+             422, "policy.corrective.hparams.budget"),
+            ("erasure as a corrective reason", post(policy='{"corrective": {"reasons": ["erasure"]}}'), 422,
+             "policy.corrective.reasons.0"),
             ("70,000 tensors", post(blob=safetensors_bytes(
                 {f"t{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(70_000)}, b"")),
              422, "weights"),

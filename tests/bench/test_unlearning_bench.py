@@ -33,7 +33,9 @@ def test_poisoned_smoke(digits_file, tmp_path, capsys):
     rows = json.loads(out.read_text())
     methods = {(r["method"], r["rum"]) for r in rows}
     assert methods == {("original", False), ("retrain", False), ("finetune", False), ("finetune", True),
-                       ("rum_default", True)}
+                       ("rum_default", True), ("corrective", False)}
+    fix = next(r for r in rows if r["method"] == "corrective")  # what the service runs for reason=poisoned
+    assert fix["config"]["method"] == "rum" and fix["cost_share"] > 0
     for r in rows:
         assert r["scenario"] == "poisoned"
         assert "test_drop" in r and "asr" in r
@@ -48,6 +50,7 @@ def test_poisoned_smoke(digits_file, tmp_path, capsys):
     head = next(line for line in printed.splitlines() if line.startswith("method"))
     assert "test_drop" in head and "ASR" in head
     assert "original train accuracy" in printed
+    assert "# corrective (a request's reason says the labels are wrong): random_label" in printed
     assert "UNDER-FIT ORIGINAL" in printed  # 3 epochs of a width-8 CNN do not memorize digits
 
 

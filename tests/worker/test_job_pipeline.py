@@ -70,14 +70,15 @@ class Setup:
     def db(self):
         return self.service.db
 
-    def request(self, rows: list[int], *, links: dict[int, int] | None = None, status: str = "received") -> int:
+    def request(self, rows: list[int], *, links: dict[int, int] | None = None, status: str = "received",
+                reason: str = "erasure") -> int:
         """A deletion request naming train rows; ``links`` maps a row to the request that covers it."""
         links = links or {}
         with self.db.transaction() as s:
             model = s.get(Model, self.model_id)
             ids = dict(s.execute(select(DatasetSample.row, DatasetSample.sample_id).where(
                 DatasetSample.dataset_id == model.dataset_id, DatasetSample.row.in_(rows))).all())
-            req = DeletionRequest(tenant_id=self.tenant_id, model_id=self.model_id, status=status, reason="erasure",
+            req = DeletionRequest(tenant_id=self.tenant_id, model_id=self.model_id, status=status, reason=reason,
                                   subject_hash=hashlib.sha256(str(rows).encode()).hexdigest(), n_samples=len(rows))
             s.add(req)
             s.flush()
@@ -495,3 +496,29 @@ def test_a_job_with_nothing_left_to_unlearn_publishes_nothing(setup):
     assert pipeline.run_job(s.ctx, s.job([r4], NEGGRAD)) == "succeeded"
     assert [(r.status, r.result_version) for r in s.requests([r4, r5])] == [("completed", 3)] * 2
     assert len(s.versions()) == 3 and len(s.forgotten()) == 13
+
+
+def test_rows_whose_labels_are_wrong_take_the_corrective_step_before_the_bins(setup):
+    from service.core.report import JobReport
+    from worker.report import render_job_page
+
+    s = setup
+    wrong = random_rows(s.n_train, 12, seed=11)
+    erased = random_rows(s.n_train, 20, seed=12, exclude=wrong)
+    r1, r2 = s.request(erased), s.request(wrong, reason="mislabeled")
+    job = s.job([r1, r2], {"corrective": {"hparams": {"budget": 0.02}}})
+    assert pipeline.run_job(s.ctx, job) == "succeeded"
+    report = s.report(job)
+    first, *rest = report["bins"]
+    assert (first["index"], first["level"], first["n"], first["method"]) == (-1, "corrective", 12, "random_label")
+    assert first["hparams"]["label_mode"] == "runner_up" and first["hparams"]["budget"] == 0.02
+    assert rest and sum(b["n"] for b in rest) == 20 and all(b["index"] >= 0 for b in rest)
+    page = render_job_page(JobReport.model_validate(report))
+    assert "labels are wrong" in page and "bin -1" not in page
+
+    # turned off: a poisoned request's rows go through the policy's bins like an erasure's
+    r3 = s.request(random_rows(s.n_train, 15, seed=13, exclude=wrong + erased), reason="poisoned")
+    job2 = s.job([r3], {"corrective": {"reasons": []}})
+    assert pipeline.run_job(s.ctx, job2) == "succeeded"
+    bins = s.report(job2)["bins"]
+    assert sum(b["n"] for b in bins) == 15 and all(b["level"] != "corrective" for b in bins)

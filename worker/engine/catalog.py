@@ -1,4 +1,5 @@
-"""Names of the built-in unlearners and proxies, without importing torch.
+"""Names of the built-in unlearners and proxies, and the default method for rows with wrong
+labels, without importing torch.
 
 The API validates a policy's method and proxy names against these lists; the registries in
 :mod:`worker.engine.unlearners` and :mod:`worker.engine.proxies` are the source of truth and a
@@ -10,6 +11,11 @@ METHODS: tuple[str, ...] = (
     "retrain", "finetune", "neggrad", "neggrad_plus", "l1_sparse", "random_label", "salun", "scrub", "del", "iau",
     "none",
 )
+# Rows whose labels are wrong (requests with reason mislabeled / poisoned): one method for all of
+# them, run before the policy's bins (worker/engine/rum.py explains; docs/unlearning.md#corrupted-rows
+# has the measurements): fine-tune on the retain set mixed with the rows relabeled to the model's
+# runner-up class, 8% of the original's steps at its learning rate. Chosen on digits only.
+DEFAULT_CORRECTIVE: tuple[str, dict] = ("random_label", {"label_mode": "runner_up", "budget": 0.08, "lr_scale": 1.0})
 PROXIES: tuple[str, ...] = (
     "confidence", "max_conf", "entropy", "bi_acc", "confidence_final", "max_conf_final", "entropy_final",
     "bi_acc_final", "holdout_retrain", "loss_curvature",

@@ -64,7 +64,7 @@ MAX_STEPS = 1_000_000
 MAX_EPOCHS = 1000
 MAX_BATCH = 1_000_000
 OPTIMIZERS = (None, *RECIPE_OPTIMIZERS)  # None: the original's, from its recipe
-LABEL_MODES = ("any", "wrong")
+LABEL_MODES = ("any", "wrong", "runner_up")
 
 
 def _with(base: dict[str, Spec], **defaults: Any) -> dict[str, Spec]:

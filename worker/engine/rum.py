@@ -10,6 +10,12 @@ One entry point, :func:`run_unlearning`, runs a *policy*:
   bins are still in*. ``excluded`` are rows the caller already removed from the model's training
   data (the service's cumulative forget set of earlier jobs); they never enter a retain set.
 
+Rows whose *labels are wrong* (``corrective_rows``: the service passes the rows of requests whose
+reason is ``mislabeled`` or ``poisoned``) are not refined: a retrain disagrees with every one of
+them whatever its memorization, so they go first, as one step of their own (level
+``corrective``, index -1) with the corrective policy (:func:`default_corrective_config`: random labels
+taken from the model's runner-up class). The rest of S then runs through the policy.
+
 The result carries the model and one :class:`StepReport` per unlearned bin (rows, retain size,
 method, hyperparameters, seconds, proxy range). :func:`bin_audit` gives per-bin forget accuracy
 and MIA of any model for the job report.
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .catalog import DEFAULT_CORRECTIVE
 from .data import UnlearningData, View
 from .errors import ConfigError, EngineError
 from .metrics import MAX_SHADOW, mia_feature, probabilities
@@ -146,6 +153,16 @@ DEFAULT_RUM_STEPS: tuple[BinStep, ...] = (
     BinStep("salun", {"budget": 0.06, "lr_scale": 0.22}),
 )
 DEFAULT_RUM_QUANTILES: tuple[float, ...] = (0.55, 0.92)
+
+
+CORRECTIVE_INDEX = -1  # the corrective step's bin index (RUM's bins are 0 … K-1)
+
+
+def default_corrective_config() -> PlainConfig:
+    """A fresh copy of the default policy for rows with wrong labels
+    (:data:`worker.engine.catalog.DEFAULT_CORRECTIVE`: random labels taken from the model's
+    runner-up class; chosen on digits: docs/unlearning.md#corrupted-rows)."""
+    return PlainConfig(DEFAULT_CORRECTIVE[0], dict(DEFAULT_CORRECTIVE[1]))
 
 
 def default_rum_config() -> RumConfig:
@@ -270,6 +287,8 @@ def run_unlearning(
     seed: int = 0,
     recipe: Recipe | None = None,
     after_step: Callable[[int, nn.Module], None] | None = None,
+    corrective_rows: torch.Tensor | np.ndarray | Sequence[int] | None = None,
+    corrective: PlainConfig | None = None,
 ) -> UnlearningResult:
     """Unlearn ``forget_rows`` (train-split rows) from ``model`` with ``policy``.
 
@@ -277,10 +296,14 @@ def run_unlearning(
     only used for reporting otherwise. ``excluded_rows`` never enter a retain set (a row both in
 ``forget_rows`` and ``excluded_rows`` is still unlearned: dedupe upstream). Progress goes
     to ``ctx`` (one equal slice per step); cancellation is checked between steps and, through
-    the unlearners' loop, once per batch. Step k runs with seed ``seed + k``. ``recipe`` is how
+    the unlearners' loop, once per batch. Bin k runs with seed ``seed + k`` (the corrective step
+    with ``seed + 999``). ``recipe`` is how
     the original was trained (:mod:`worker.engine.recipe`); the unlearners' step budgets and
     learning rates are relative to it (None: the default recipe on the training set's size).
     ``after_step(j, model)`` is called after step j (calibration scores and prunes there).
+    ``corrective_rows`` (a subset of ``forget_rows``; others are ignored) are rows whose label is
+    wrong: they are unlearned first, in one step, with ``corrective`` (None:
+    :func:`default_corrective_config`), and the policy gets the rest.
     """
     ctx = ctx or RunContext(stage="unlearning")
     n = len(data.train)
@@ -293,17 +316,27 @@ def run_unlearning(
     if values is not None and len(values) != n:
         raise ConfigError(f"proxy: expected {n} values (one per training row), got {len(values)}")
 
-    if isinstance(policy, RumConfig):
+    plan: list[tuple[Bin, Unlearner]] = []
+    rest = forget
+    if corrective_rows is not None:
+        wrong = torch.unique(row_tensor(corrective_rows, n, "corrective_rows"))
+        wrong = wrong[torch.isin(wrong, forget)]
+        if len(wrong):
+            config = (corrective if corrective is not None else default_corrective_config()).validate()
+            plan.append((_whole_bin(wrong, values, CORRECTIVE_INDEX, "corrective"), config.unlearner()))
+            rest = forget[~torch.isin(forget, wrong)]
+    cuts = None
+    if isinstance(policy, RumConfig) and (len(rest) or values is not None):
         if values is None:
             raise ConfigError("proxy: RUM needs proxy values to refine the forget set")
         k = len(policy.bins)
         cuts = (check_thresholds(policy.thresholds) if policy.thresholds is not None
                 else proxy_thresholds(values, bins=k, quantiles=policy.quantiles))
         unlearners = policy.unlearners()
-        plan = [(b, unlearners[b.index]) for b in bin_by_cuts(forget, values, cuts)]
-    else:
-        cuts = None
-        plan = [(_whole_bin(forget, values), policy.unlearner())]
+        if len(rest):
+            plan += [(b, unlearners[b.index]) for b in bin_by_cuts(rest, values, cuts)]
+    elif len(rest):
+        plan.append((_whole_bin(rest, values), policy.unlearner()))
 
     recipe = recipe if recipe is not None else Recipe.infer(n)
     holdout = data.view("holdout") if data.holdout is not None and len(data.holdout.y) else None
@@ -320,10 +353,12 @@ def run_unlearning(
         ctx.check()
         done.append(b.rows)
         retain_rows = _rows_except(n, torch.cat(done), excluded)
+        # a corrective step's rows have wrong labels: a retrain's estimate on them means nothing
+        target = estimate(b.rows) if estimate is not None and b.index >= 0 else None
         task = UnlearningTask(forget=data.view("train", b.rows), retain=data.view("train", retain_rows),
-                              num_classes=data.num_classes, seed=seed + b.index, reference=reference,
-                              recipe=recipe, holdout=holdout,
-                              forget_target=estimate(b.rows) if estimate is not None else None)
+                              num_classes=data.num_classes, seed=seed + (b.index if b.index >= 0 else 999),
+                              reference=reference,
+                              recipe=recipe, holdout=holdout, forget_target=target)
         sub = ctx.sub(j / len(plan), (j + 1) / len(plan), ctx.stage)
         _sync(runtime)
         t0 = time.perf_counter()
@@ -371,10 +406,11 @@ def _check_finite(model: nn.Module, where: str, probe: View, runtime: Runtime) -
         raise EngineError(f"{where}: unlearning produced a model whose outputs are not finite; {hint}")
 
 
-def _whole_bin(forget: torch.Tensor, values: np.ndarray | None) -> Bin:
-    """The plain path's single 'bin': the whole forget set, with proxy stats when known."""
+def _whole_bin(forget: torch.Tensor, values: np.ndarray | None, index: int = 0, level: str = "all") -> Bin:
+    """One step's rows as a 'bin' (the plain path's whole forget set, or the corrective rows), with
+    proxy stats when known."""
     v = values[forget.numpy()] if values is not None else np.full(1, np.nan)
-    return Bin(0, "all", forget, -np.inf, np.inf, float(v.min()), float(np.median(v)), float(v.mean()),
+    return Bin(index, level, forget, -np.inf, np.inf, float(v.min()), float(np.median(v)), float(v.mean()),
                float(v.max()))
 
 

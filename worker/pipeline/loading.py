@@ -78,6 +78,13 @@ class JobRecord:
     forget_set: ForgetSet
     next_version: int  # the version number it publishes
 
+    def corrective_rows(self, reasons: list[str]) -> list[int]:
+        """The forget set's rows that a request whose reason is in ``reasons`` named (their labels
+        are wrong: the policy's ``corrective`` step takes them), by row."""
+        wrong = {r.id for r in self.requests if r.reason in reasons}
+        named = {s.row for s in self.forget_set.samples if s.request_id in wrong}
+        return [row for row in self.forget_set.rows if row in named]
+
 
 @dataclass
 class EngineInputs:

@@ -179,7 +179,7 @@ def _per_class_figure(report: JobReport) -> tuple[PageFigure, list[dict], bool]:
 
 def _per_bin_figure(report: JobReport) -> PageFigure:
     bins = sorted(report.bins, key=lambda b: b.index)
-    categories = [f"bin {b.index} · {b.level}\n{b.method}" for b in bins]
+    categories = [(f"bin {b.index} · {b.level}" if b.index >= 0 else "wrong labels") + f"\n{b.method}" for b in bins]
     series = [plots.Series("before", plots.BEFORE, [b.before.acc_forget for b in bins]),
               plots.Series("after", plots.AFTER, [b.after.acc_forget for b in bins])]
     lines = []
