@@ -79,28 +79,30 @@ def _fake_dns(monkeypatch, answers: dict[str, list[str]]):
     monkeypatch.setattr(sender, "resolve", resolve)
 
 
-def test_a_name_that_resolves_to_loopback_is_given_up_at_once(db):
+@pytest.fixture
+def at_localhost(db):
+    """A receiver on loopback, registered by the name ``localhost``, with one message for it."""
     acme = tenant(db, "acme")
     with receiving(standard.new_secret(), []) as receiver:
         endpoint(db, acme, receiver.url.replace("127.0.0.1", "localhost"), secret=receiver.secret)
         publish(db, acme)
-        assert deliver(db, settings(webhook_allow_private=False)) == {"sent": 1, "delivered": 0, "failed": 1}
-        assert deliver(db, settings(webhook_allow_private=False))["sent"] == 0  # no retries
-    assert receiver.got == []
+        yield receiver
+
+
+def test_a_name_that_resolves_to_loopback_is_given_up_at_once(db, at_localhost):
+    assert deliver(db, settings(webhook_allow_private=False)) == {"sent": 1, "delivered": 0, "failed": 1}
+    assert deliver(db, settings(webhook_allow_private=False))["sent"] == 0  # no retries
+    assert at_localhost.got == []
     (row,) = rows(db)
     assert (row.status, row.attempts, row.last_status_code, row.next_attempt_at) == ("failed", 1, None, None)
     assert row.last_error.startswith("refused: localhost resolves to ") and "loopback" in row.last_error
     assert "UNLEARND_WEBHOOK_ALLOW_PRIVATE" in row.last_error
 
 
-def test_the_same_name_is_delivered_when_private_destinations_are_allowed(db):
-    acme = tenant(db, "acme")
-    with receiving(standard.new_secret(), []) as receiver:
-        endpoint(db, acme, receiver.url.replace("127.0.0.1", "localhost"), secret=receiver.secret)
-        publish(db, acme)
-        assert deliver(db, settings(webhook_allow_private=True)) == {"sent": 1, "delivered": 1, "failed": 0}
-    (got,) = receiver.got
-    assert got["valid"] and got["headers"]["host"] == f"localhost:{receiver.server.server_port}"
+def test_the_same_name_is_delivered_when_private_destinations_are_allowed(db, at_localhost):
+    assert deliver(db, settings(webhook_allow_private=True)) == {"sent": 1, "delivered": 1, "failed": 0}
+    (got,) = at_localhost.got
+    assert got["valid"] and got["headers"]["host"] == f"localhost:{at_localhost.server.server_port}"
 
 
 def test_one_private_address_among_public_ones_is_enough_to_refuse(db, monkeypatch):
