@@ -13,6 +13,11 @@ private, link-local with the cloud metadata address…). The connection goes to 
 were checked, not to a second lookup of the name, so a name that resolves elsewhere between the
 check and the connection (DNS rebinding) cannot reach them; the Host header and, for https, the
 server name (SNI) and the certificate check stay those of the URL. No HTTP proxy is used.
+
+The endpoint's secret is decrypted with the deployment's webhook key (service/core/webhooks.py
+SecretBox) just before its attempts. A key that is missing or unreadable, or a secret that does not
+decrypt with it (encrypted under another key, altered), gives the message up at once with
+``last_error`` saying why: nothing is sent unsigned or signed with a wrong key, and the worker goes on.
 """
 
 from __future__ import annotations
@@ -87,16 +92,17 @@ def _connector(found: list[tuple]):
     return connect
 
 
-def post(attempt: webhooks.Attempt, timeout: float, allow_private: bool = False) -> Outcome:
-    """One signed POST to the checked addresses of the endpoint's host; redirects are not followed."""
+def post(attempt: webhooks.Attempt, secret: str, timeout: float, allow_private: bool = False) -> Outcome:
+    """One POST signed with ``secret`` (in clear) to the checked addresses of the endpoint's host;
+    redirects are not followed."""
     body = attempt.body.encode()
     timestamp = int(time.time())
-    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "webhook-id": attempt.message_id,
-               "webhook-timestamp": str(timestamp),
-               "webhook-signature": standard.sign(attempt.secret, attempt.message_id, timestamp, body),
-               "Connection": "close"}
     conn = None
     try:
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "webhook-id": attempt.message_id,
+                   "webhook-timestamp": str(timestamp),
+                   "webhook-signature": standard.sign(secret, attempt.message_id, timestamp, body),
+                   "Connection": "close"}
         url = urlsplit(attempt.url)
         https = url.scheme.lower() == "https"
         port = url.port or (443 if https else 80)
@@ -118,15 +124,32 @@ def post(attempt: webhooks.Attempt, timeout: float, allow_private: bool = False)
             conn.close()
 
 
+def attempt_once(attempt: webhooks.Attempt, box: standard.SecretBox | None, key_error: str | None,
+                 settings: Settings) -> Outcome:
+    """Decrypt the endpoint's secret and POST; a secret that cannot be had gives the message up."""
+    try:
+        if box is None:
+            raise standard.SecretKeyError(key_error or "no webhook key")
+        secret = box.open(attempt.encrypted_secret, attempt.tenant_id)
+    except standard.SecretKeyError as exc:
+        return Outcome(None, f"not sent: {exc}"[:500], permanent=True)
+    return post(attempt, secret, settings.webhook_timeout_s, settings.webhook_allow_private)
+
+
 def deliver(db: Database, settings: Settings) -> dict:
     """One run: claim up to ``webhook_batch`` due messages, send them, record the results."""
     attempts = webhooks.claim(db, utcnow(), settings.webhook_batch, settings.webhook_timeout_s * 3 + LEASE_MARGIN_S)
     if not attempts:
         return {"sent": 0, "delivered": 0, "failed": 0}
+    box, key_error = None, None
+    try:
+        box = standard.load_box(settings)
+    except standard.SecretKeyError as exc:
+        key_error = f"the webhook key is unavailable: {exc}"
+        log.error("webhooks: %s; the %d message(s) claimed are given up", key_error, len(attempts))
     with ThreadPoolExecutor(max_workers=max(1, min(settings.webhook_concurrency, len(attempts))),
                             thread_name_prefix="unlearnd-webhook") as pool:
-        results = list(pool.map(lambda a: post(a, settings.webhook_timeout_s, settings.webhook_allow_private),
-                                attempts))
+        results = list(pool.map(lambda a: attempt_once(a, box, key_error, settings), attempts))
     counts = {"sent": len(attempts), "delivered": 0, "failed": 0}
     now = utcnow()
     with db.transaction() as session:
@@ -143,4 +166,4 @@ def deliver(db: Database, settings: Settings) -> dict:
     return counts
 
 
-__all__ = ["Outcome", "deliver", "destination", "post", "resolve"]
+__all__ = ["Outcome", "attempt_once", "deliver", "destination", "post", "resolve"]

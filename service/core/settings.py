@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     # The Ed25519 key (PKCS#8 PEM) that signs tree heads and erasure certificates; unset: the embedded
     # default's <data_dir>/signing-key.pem, created on first start (service/core/signing.py).
     signing_key: Path | None = Field(None, validation_alias=_env("SIGNING_KEY"))
+    # The AES-256 key (a file holding the base64 of 32 random bytes) that encrypts webhook signing
+    # secrets at rest: the API encrypts, the workers decrypt to sign, so all need the same one; unset:
+    # the embedded default's <data_dir>/webhook-key, created on first use (service/core/webhooks.py).
+    webhook_encryption_key: Path | None = Field(None, validation_alias=_env("WEBHOOK_ENCRYPTION_KEY"))
 
     # Upload limits: files are streamed to disk and refused once they pass these.
     max_upload_bytes: int = 2 * GiB

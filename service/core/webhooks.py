@@ -15,6 +15,15 @@ the service would send to: the API refuses a URL whose host is such an address w
 each attempt, refuses the message for good if any address it resolves to is one, and connects to
 the address it checked, so that a name that resolves elsewhere a moment later changes nothing.
 
+Secrets at rest: the database holds an endpoint's secret encrypted (AES-256-GCM, :class:`SecretBox`)
+under the deployment's webhook key, a file that ``UNLEARND_WEBHOOK_ENCRYPTION_KEY`` names; without
+that setting the embedded default keeps it at ``<data dir>/webhook-key``, created (mode 0600) by the
+first process that needs it, as the signing key is (service/core/signing.py). The API encrypts a
+secret when it is set and shows it in that answer only; the worker decrypts it to sign each attempt.
+A stored secret is ``v1:<key id>:<base64 of nonce and ciphertext>``, bound to its tenant (the
+associated data), so a worker with another key, or a value moved to another tenant's endpoint,
+fails with an error that says so (:class:`SecretKeyError`) instead of signing with a wrong key.
+
 The outbox, the endpoints and the delivery log are in service/core/repo/webhooks.py; the worker
 sends the messages (worker/webhooks.py).
 """
@@ -23,15 +32,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import ipaddress
+import os
 import re
 import secrets
 import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from service.core.errors import invalid
+from service.core.settings import Settings
 
 # The events an endpoint can subscribe to (docs/api.md#webhooks says what each carries).
 EVENT_TYPES = ("deletion_request.completed", "deletion_request.failed", "job.finished", "version.published",
@@ -147,5 +163,116 @@ def check_url(url: str, *, allow_private: bool = False) -> str:
     return url
 
 
-__all__ = ["EVENT_TYPES", "TEST_EVENT", "address_refusal", "check_url", "literal_address",
-           "new_message_id", "new_secret", "secret_key", "sign"]
+# --- secrets at rest ------------------------------------------------------------------------------
+
+KEY_FILE = "webhook-key"
+KEY_BYTES = 32  # AES-256
+SEALED_VERSION = "v1"
+_NONCE_BYTES = 12
+
+
+class SecretKeyError(RuntimeError):
+    """The webhook key is missing or unusable, or a stored secret does not decrypt with it."""
+
+
+class SecretBox:
+    """The deployment's webhook key: encrypts a secret for the database (:meth:`seal`) and decrypts
+    it to sign (:meth:`open`). ``source`` says where the key came from, for error messages."""
+
+    def __init__(self, key: bytes, source: str = "the webhook key"):
+        if len(key) != KEY_BYTES:
+            raise SecretKeyError(f"{source} must be {KEY_BYTES} bytes, not {len(key)}")
+        self._aead, self.source = AESGCM(key), source
+        # names the key in stored values and messages without saying anything of it
+        self.key_id = hashlib.sha256(b"unlearnd webhook key\0" + key).hexdigest()[:16]
+
+    @staticmethod
+    def _bound_to(tenant_id: int) -> bytes:
+        return f"unlearnd webhook secret, tenant {tenant_id}".encode()
+
+    def seal(self, secret: str, tenant_id: int) -> str:
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, secret.encode(), self._bound_to(tenant_id))
+        return f"{SEALED_VERSION}:{self.key_id}:{base64.b64encode(nonce + sealed).decode()}"
+
+    def open(self, stored: str, tenant_id: int) -> str:
+        """The secret ``stored`` holds; SecretKeyError saying why when it cannot be had."""
+        if stored.startswith(SECRET_PREFIX):
+            raise SecretKeyError("the endpoint's secret is stored in clear (a database not migrated: run "
+                                 "`unlearnd migrate`)")
+        version, _, rest = stored.partition(":")
+        key_id, _, blob = rest.partition(":")
+        if version != SEALED_VERSION or not key_id or not blob:
+            raise SecretKeyError("the endpoint's secret is not in a form this version reads")
+        if key_id != self.key_id:
+            raise SecretKeyError(f"the endpoint's secret was encrypted under webhook key {key_id}, and this "
+                                 f"process has key {self.key_id} ({self.source}): give the API and every worker "
+                                 "the same UNLEARND_WEBHOOK_ENCRYPTION_KEY, or set a new secret "
+                                 "(POST /v1/webhooks/{id}/rotate-secret)")
+        try:
+            raw = base64.b64decode(blob, validate=True)
+            return self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], self._bound_to(tenant_id)).decode()
+        except (binascii.Error, InvalidTag, ValueError):
+            raise SecretKeyError(f"the endpoint's secret does not decrypt with webhook key {self.key_id}: it was "
+                                 "altered in the database, or belongs to another tenant's endpoint") from None
+
+    def __repr__(self) -> str:  # never print the key
+        return f"SecretBox(key_id={self.key_id})"
+
+
+def key_path(settings: Settings) -> Path:
+    return (settings.webhook_encryption_key or settings.data_dir / KEY_FILE).resolve()
+
+
+def load_box(settings: Settings) -> SecretBox:
+    """The deployment's webhook key (:func:`key_bytes`) as a :class:`SecretBox`."""
+    return SecretBox(key_bytes(settings), str(key_path(settings)))
+
+
+def key_bytes(settings: Settings) -> bytes:
+    """The deployment's webhook key; created at the embedded default's path on first use. A
+    configured ``UNLEARND_WEBHOOK_ENCRYPTION_KEY`` that does not exist is an error, never replaced by
+    a new key (the secrets encrypted under the old one would be lost). SecretKeyError says why."""
+    path = key_path(settings)
+    try:
+        if not path.exists():
+            if settings.webhook_encryption_key is not None:
+                raise SecretKeyError(f"UNLEARND_WEBHOOK_ENCRYPTION_KEY names {path}, which does not exist")
+            _create(path)
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretKeyError(f"the webhook key {path} cannot be read: {exc}") from None
+    try:
+        key = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise SecretKeyError(f"{path} is not a webhook key (the base64 of {KEY_BYTES} random bytes)")
+    return key
+
+
+def new_key_text() -> str:
+    """A new webhook key as its file holds it (``UNLEARND_WEBHOOK_ENCRYPTION_KEY``)."""
+    return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode() + "\n"
+
+
+def _create(path: Path) -> None:
+    """Write a new key without ever replacing one: a temporary file, then a hard link that fails if
+    another process created the key meanwhile (theirs wins)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(new_key_text())
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+__all__ = ["EVENT_TYPES", "TEST_EVENT", "SecretBox", "SecretKeyError", "address_refusal", "check_url", "key_bytes",
+           "key_path", "literal_address", "load_box", "new_key_text", "new_message_id", "new_secret", "secret_key",
+           "sign"]

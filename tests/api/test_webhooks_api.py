@@ -1,5 +1,7 @@
-"""The webhook endpoints over HTTP: registration (the secret shown once, or the caller's), URLs
-refused as problem+json naming ``url``, tenancy, the delivery log and the test message, removal."""
+"""The webhook endpoints over HTTP: registration (the secret shown once, or the caller's, and
+stored encrypted), URLs refused as problem+json naming ``url``, tenancy, the delivery log and the
+test message, removal; and a deployment
+whose webhook key is missing (503, nothing stored)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,16 @@ import base64
 
 import pytest
 
+from service.core import webhooks as standard
+from service.core.models import WebhookEndpoint
 from tests.servicekit import Service, make_settings, running_service
+
+
+def stored_secret(service: Service, hook_id: int) -> tuple[str, str]:
+    """The endpoint's secret as the database holds it, and decrypted with the deployment's key."""
+    with service.db.session() as s:
+        row = s.get(WebhookEndpoint, hook_id)
+        return row.encrypted_secret, standard.load_box(service.settings).open(row.encrypted_secret, row.tenant_id)
 
 
 @pytest.fixture
@@ -26,6 +37,9 @@ def test_register_list_test_and_remove_a_webhook(service: Service):
         hook = r.json()
         assert r.headers["location"] == f"/v1/webhooks/{hook['id']}"
         assert hook["secret"].startswith("whsec_") and len(base64.b64decode(hook["secret"][6:])) == 32
+        assert r.headers["cache-control"] == "no-store"
+        stored, opened = stored_secret(service, hook["id"])  # encrypted under the deployment's key
+        assert stored.startswith("v1:") and hook["secret"][6:] not in stored and opened == hook["secret"]
         assert hook["events"] == ["version.published", "job.finished"]
         shown = c.get(f"/v1/webhooks/{hook['id']}").json()
         assert "secret" not in shown and shown["url"] == hook["url"] and shown["description"] == "ours"
@@ -134,3 +148,17 @@ def test_a_url_into_a_private_network_is_refused_unless_the_deployment_allows_it
           open_.client() as c):
         for url in urls:
             assert c.post("/v1/webhooks", json={"url": url, "events": ["job.finished"]}).status_code == 201, url
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_without_its_webhook_key_the_api_stores_no_secret(tmp_path, db_url):
+    """A configured key that does not exist is never replaced by a new one: registering is 503 (the
+    reason is in the log, not in the answer), and nothing else is affected."""
+    missing = tmp_path / "keys" / "webhook-key"
+    with (running_service(make_settings(tmp_path, db_url, webhook_encryption_key=missing,
+                                        webhook_allow_private=True)) as svc, svc.client() as c):
+        r = c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/h", "events": ["job.finished"]})
+        assert r.status_code == 503, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["type"].endswith("webhook-key-unavailable") and str(missing) not in r.text
+        assert c.get("/v1/webhooks").json()["items"] == [] and not missing.exists()

@@ -127,3 +127,93 @@ def test_0006_carries_the_hash_chain_into_the_transparency_log(db_url):
         assert [r.action for r in rows][-2:] == ["audit_log.migrated"] * 2  # kept, and chained after
     finally:
         engine.dispose()
+
+
+def _at_0009_with_clear_webhook_secrets(db_url: str) -> dict[int, tuple[int, str]]:
+    """Two tenants' endpoints as 0008 stored them (secrets in clear), with deliveries; endpoint id →
+    (tenant id, secret)."""
+    import base64
+
+    from sqlalchemy import text
+
+    from service.core.migrate import upgrade as up
+
+    up(db_url, "0009")
+    secrets = {1: (1, "whsec_" + base64.b64encode(b"a" * 32).decode()),
+               2: (2, "whsec_" + base64.b64encode(b"b" * 64).decode()),
+               3: (1, "whsec_" + base64.b64encode(b"c" * 24).decode())}
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            for t in (1, 2):
+                conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES (:t, :n, CURRENT_TIMESTAMP)"),
+                             {"t": t, "n": f"t{t}"})
+            for i, (t, secret) in secrets.items():
+                conn.execute(text("INSERT INTO webhook_endpoints (id, tenant_id, url, secret, event_types, created_at) "
+                                  "VALUES (:i, :t, 'https://hooks.example.com/h', :s, '[\"job.finished\"]', "
+                                  "CURRENT_TIMESTAMP)"), {"i": i, "t": t, "s": secret})
+                conn.execute(text("INSERT INTO webhook_deliveries (tenant_id, endpoint_id, message_id, event_type, "
+                                  "body, status, attempts, created_at) VALUES (:t, :i, :m, 'job.finished', '{}', "
+                                  "'pending', 0, CURRENT_TIMESTAMP)"), {"t": t, "i": i, "m": f"msg_{i}"})
+    finally:
+        engine.dispose()
+    return secrets
+
+
+def test_0010_encrypts_the_webhook_secrets_and_keeps_their_deliveries(db_url, tmp_path, monkeypatch):
+    """The secrets in clear are encrypted under the deployment's webhook key (what the code opens),
+    the deliveries stay (SQLite rebuilds the table), and downgrading gives the same secrets back."""
+    from sqlalchemy import text
+
+    from service.core import webhooks
+    from service.core.migrate import upgrade as up
+    from service.core.settings import Settings
+
+    key = tmp_path / "webhook-key"
+    key.write_text(webhooks.new_key_text())
+    monkeypatch.setenv("UNLEARND_WEBHOOK_ENCRYPTION_KEY", str(key))
+    secrets = _at_0009_with_clear_webhook_secrets(db_url)
+    up(db_url)
+    box = webhooks.load_box(Settings())
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            stored = {i: (t, s) for i, t, s in conn.execute(text(
+                "SELECT id, tenant_id, encrypted_secret FROM webhook_endpoints"))}
+            assert conn.execute(text("SELECT endpoint_id, message_id FROM webhook_deliveries ORDER BY endpoint_id")
+                                ).all() == [(i, f"msg_{i}") for i in secrets]
+        assert set(stored) == set(secrets)
+        for i, (t, secret) in secrets.items():
+            assert stored[i][1].startswith(f"v1:{box.key_id}:") and secret[6:] not in stored[i][1]
+            assert box.open(stored[i][1], t) == secret
+        command.downgrade(alembic_config(db_url), "0009")
+        with engine.connect() as conn:
+            assert {i: (t, s) for i, t, s in conn.execute(text("SELECT id, tenant_id, secret FROM webhook_endpoints"))
+                    } == secrets
+            assert conn.execute(text("SELECT count(*) FROM webhook_deliveries")).scalar() == len(secrets)
+    finally:
+        engine.dispose()
+
+
+def test_0010_without_the_key_fails_clearly_and_changes_nothing(db_url, tmp_path, monkeypatch):
+    """A configured key that does not exist: the upgrade stops before any change (never a new key
+    that the API and the workers would not share)."""
+    import pytest
+    from sqlalchemy import text
+
+    from service.core.migrate import upgrade as up
+
+    missing = tmp_path / "no" / "webhook-key"
+    monkeypatch.setenv("UNLEARND_WEBHOOK_ENCRYPTION_KEY", str(missing))
+    secrets = _at_0009_with_clear_webhook_secrets(db_url)
+    with pytest.raises(RuntimeError, match="webhook secrets cannot be encrypted.*which does not exist"):
+        up(db_url)
+    assert not missing.exists()
+    engine = create_engine(db_url)
+    try:
+        assert current_revision(engine) == "0009"
+        with engine.connect() as conn:
+            assert {i: (t, s) for i, t, s in conn.execute(text("SELECT id, tenant_id, secret FROM webhook_endpoints"))
+                    } == secrets
+    finally:
+        engine.dispose()

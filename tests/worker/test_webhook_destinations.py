@@ -14,7 +14,15 @@ from service.core import webhooks as standard
 from service.core.errors import Invalid
 from service.core.models import utcnow
 from service.core.repo import webhooks
-from tests.worker.test_webhooks import endpoint, publish, receiving, rows, settings, tenant
+from tests.worker.test_webhooks import (  # noqa: F401 - webhook_key: the autouse fixture of those tests
+    endpoint,
+    publish,
+    receiving,
+    rows,
+    settings,
+    tenant,
+    webhook_key,
+)
 from worker import webhooks as sender
 from worker.webhooks import deliver
 

@@ -2,7 +2,9 @@
 to a real HTTP receiver on loopback that checks each signature itself (HMAC-SHA256 from the
 standard library, as the Standard Webhooks specification defines it, not service/core/webhooks.py),
 retried with backoff while the receiver fails (500, then a timeout) with the same webhook-id until
-it answers 2xx, given up after the last attempt; and the API's endpoints and delivery log."""
+it answers 2xx, given up after the last attempt; and the API's endpoints and delivery log. Secrets
+are stored encrypted under the deployment's webhook key: a worker without it, or with another one,
+gives the message up with an error that says so."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from service.core import webhooks as standard
 from service.core.auth import Caller
 from service.core.db import Database
 from service.core.errors import Invalid
-from service.core.models import Tenant, WebhookDelivery, utcnow
+from service.core.models import Tenant, WebhookDelivery, WebhookEndpoint, utcnow
 from service.core.repo import audit, webhooks
 from service.core.settings import Settings
 from worker.webhooks import deliver
@@ -90,6 +92,16 @@ def db(migrated_db):
     return migrated_db
 
 
+@pytest.fixture(autouse=True)
+def webhook_key(tmp_path, monkeypatch):
+    """The deployment's webhook key for this test, in the environment: Settings() (the helpers
+    below, a service started by the test) find it there."""
+    path = tmp_path / "webhook-key"
+    path.write_text(standard.new_key_text())
+    monkeypatch.setenv("UNLEARND_WEBHOOK_ENCRYPTION_KEY", str(path))
+    return path
+
+
 def tenant(db: Database, name: str) -> Caller:
     with db.transaction() as s:
         row = Tenant(name=name)
@@ -99,10 +111,12 @@ def tenant(db: Database, name: str) -> Caller:
 
 
 def endpoint(db: Database, caller: Caller, url: str, events=("version.published",), secret=None):
+    """A new endpoint: its id and its secret (in clear)."""
     with db.transaction() as s:
-        row = webhooks.create(s, caller, url=url, event_types=list(events), secret=secret, description=None,
-                              limit=20, allow_private=True)  # the receivers are on loopback
-        return row.id, row.secret
+        row, secret = webhooks.create(s, caller, url=url, event_types=list(events), secret=secret, description=None,
+                                      limit=20, box=standard.load_box(settings()),
+                                      allow_private=True)  # the receivers are on loopback
+        return row.id, secret
 
 
 def publish(db: Database, caller: Caller, version: int = 2) -> None:
@@ -334,6 +348,93 @@ def _aware(ts: dt.datetime) -> dt.datetime:
     return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 
 
+# --------------------------------------------------------------------------- secrets at rest
+
+
+def stored_secret(db: Database, endpoint_id: int) -> str:
+    with db.session() as s:
+        return s.get(WebhookEndpoint, endpoint_id).encrypted_secret
+
+
+def test_a_secret_is_stored_encrypted_and_signs_once_decrypted(db):
+    acme = tenant(db, "acme")
+    secret = standard.new_secret()
+    with receiving(secret, []) as receiver:
+        hook, _ = endpoint(db, acme, receiver.url, secret=secret)
+        stored = stored_secret(db, hook)
+        assert stored.startswith(f"v1:{standard.load_box(settings()).key_id}:")
+        assert secret not in stored and secret.removeprefix("whsec_") not in stored
+        assert stored != stored_secret(db, endpoint(db, acme, "http://127.0.0.1:9/b", secret=secret)[0])  # a new nonce
+        publish(db, acme)
+        assert deliver(db, settings())["delivered"] == 1
+    assert [g["valid"] for g in receiver.got] == [True]
+    attempt = webhooks.Attempt(1, 1, receiver.url, acme.tenant_id, stored, "msg_1", "{}")
+    assert stored not in repr(attempt)  # an attempt never prints the secret, not even encrypted
+
+
+def test_the_secret_box_refuses_what_it_cannot_open(tmp_path):
+    box = standard.load_box(settings())
+    sealed = box.seal("whsec_" + base64.b64encode(b"k" * 32).decode(), 1)
+    assert box.open(sealed, 1).startswith("whsec_")
+    other = tmp_path / "other-key"
+    other.write_text(standard.new_key_text())
+    i = len(sealed) - 10
+    altered = sealed[:i] + ("B" if sealed[i] == "A" else "A") + sealed[i + 1:]
+    for stored, tenant_id, why in ((sealed, 2, "another tenant"),  # moved to another tenant's endpoint
+                                   (altered, 1, "altered"),
+                                   ("whsec_" + base64.b64encode(b"k" * 32).decode(), 1, "unlearnd migrate"),
+                                   ("v9:abc:def", 1, "not in a form")):
+        with pytest.raises(standard.SecretKeyError, match=why):
+            box.open(stored, tenant_id)
+    with pytest.raises(standard.SecretKeyError) as e:
+        standard.load_box(settings(webhook_encryption_key=other)).open(sealed, 1)
+    assert box.key_id in str(e.value) and "UNLEARND_WEBHOOK_ENCRYPTION_KEY" in str(e.value)
+    key_text = base64.b64encode(standard.key_bytes(settings())).decode()
+    assert repr(box) == f"SecretBox(key_id={box.key_id})" and key_text not in repr(box)
+
+
+def test_the_embedded_default_creates_its_key_once_and_a_configured_one_is_never_made(tmp_path, monkeypatch):
+    monkeypatch.delenv("UNLEARND_WEBHOOK_ENCRYPTION_KEY")
+    embedded = Settings(data_dir=tmp_path / "data")
+    first = standard.load_box(embedded)
+    path = tmp_path / "data" / "webhook-key"
+    assert path.exists() and (path.stat().st_mode & 0o777) == 0o600
+    assert standard.load_box(embedded).key_id == first.key_id  # read, not replaced
+    missing = tmp_path / "elsewhere" / "key"
+    with pytest.raises(standard.SecretKeyError, match="which does not exist"):
+        standard.load_box(Settings(data_dir=tmp_path / "data", webhook_encryption_key=missing))
+    assert not missing.exists()
+    bad = tmp_path / "bad-key"
+    bad.write_text("not a key\n")
+    with pytest.raises(standard.SecretKeyError, match="is not a webhook key"):
+        standard.load_box(Settings(webhook_encryption_key=bad))
+
+
+@pytest.mark.parametrize("key", ["another", "missing"])
+def test_a_worker_without_the_key_gives_the_message_up_saying_why(db, tmp_path, key):
+    """Another key (the API and the worker were given different ones) or none at all: nothing is
+    sent, the message is failed at once with the reason, and the run goes on (no crash, no retry)."""
+    acme = tenant(db, "acme")
+    with receiving(standard.new_secret(), []) as receiver:
+        endpoint(db, acme, receiver.url, secret=receiver.secret)
+        publish(db, acme)
+        path = tmp_path / "worker-key"
+        if key == "another":
+            path.write_text(standard.new_key_text())
+        worker = settings(webhook_encryption_key=path)
+        assert deliver(db, worker) == {"sent": 1, "delivered": 0, "failed": 1}
+        due_now(db)
+        assert deliver(db, worker)["sent"] == 0
+    assert receiver.got == []
+    (row,) = rows(db)
+    assert (row.status, row.attempts, row.last_status_code, row.next_attempt_at) == ("failed", 1, None, None)
+    assert row.last_error.startswith("not sent: ")
+    if key == "another":
+        assert standard.load_box(worker).key_id in row.last_error and "encrypted under webhook key" in row.last_error
+    else:
+        assert "which does not exist" in row.last_error and not path.exists()
+
+
 # --------------------------------------------------------------------------- through the real pipeline
 
 
@@ -370,16 +471,17 @@ def test_a_job_reports_its_events_and_they_arrive_signed(service, user_files):
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_a_worker_sends_a_message_as_soon_as_its_transaction_commits(tmp_path, db_url):
+def test_a_worker_sends_a_message_as_soon_as_its_transaction_commits(tmp_path, db_url, webhook_key):
     """A real worker whose beat would not run the delivery task for an hour: the message goes out
-    because the API's commit sent the task."""
+    because the API's commit sent the task. The worker has the API's webhook key (it decrypts the
+    secret the API encrypted)."""
     from tests.servicekit import make_settings, running_service, wait_for, worker_process
 
     settings = make_settings(tmp_path, db_url, webhook_allow_private=True)
     secret = standard.new_secret()
     with (receiving(secret, []) as receiver, running_service(settings) as service,
           worker_process(settings, tmp_path / "worker.log", beat=True, UNLEARND_WEBHOOK_INTERVAL_S="3600",
-                         UNLEARND_WEBHOOK_ALLOW_PRIVATE="true"),
+                         UNLEARND_WEBHOOK_ALLOW_PRIVATE="true", UNLEARND_WEBHOOK_ENCRYPTION_KEY=str(webhook_key)),
           service.client() as c):
         hook = c.post("/v1/webhooks", json={"url": receiver.url, "events": ["job.finished"], "secret": secret}).json()
         queued = c.post(f"/v1/webhooks/{hook['id']}/test").json()

@@ -1,7 +1,11 @@
-"""Webhook endpoints of the tenant and their delivery log (docs/api.md#webhooks)."""
+"""Webhook endpoints of the tenant and their delivery log (docs/api.md#webhooks).
+
+A secret is shown in the answer that sets it only (registration) and stored encrypted
+under the deployment's webhook key (service/core/webhooks.py SecretBox)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -10,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import Auth, Ctx
 from service.api.pagination import paginate, parse_page
+from service.api.problems import Problem
 from service.api.schemas import WebhookCreatedOut, WebhookDeliveryOut, WebhookDeliveryPage, WebhookOut, WebhookPage
 from service.core import webhooks as standard
 from service.core.models import WebhookDelivery, WebhookEndpoint
@@ -17,6 +22,8 @@ from service.core.repo import webhooks
 from service.core.statuses import DeliveryStatus
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
+log = logging.getLogger("unlearnd.api")
+NO_STORE = {"Cache-Control": "no-store"}  # an answer that carries a secret
 
 # What the schema can say of a URL (service/core/webhooks.py check_url says the rest: a port that is
 # a number, no user name, password or fragment)
@@ -37,15 +44,27 @@ class WebhookIn(BaseModel):
     description: str | None = Field(None, max_length=200)
 
 
+def _secret_box(ctx) -> standard.SecretBox:
+    """The deployment's webhook key, or 503 (the reason goes to the log, not to the tenant)."""
+    try:
+        return standard.load_box(ctx.settings)
+    except standard.SecretKeyError as exc:
+        log.error("webhook secrets cannot be encrypted: %s", exc)
+        raise Problem(503, "Service unavailable", "the deployment's webhook key is unavailable, so no secret can "
+                      "be stored; nothing was changed", kind="webhook-key-unavailable") from None
+
+
 @router.post("", status_code=201, response_model=WebhookCreatedOut,
              summary="Register a webhook endpoint (its secret is shown in this answer only)")
 def create_webhook(ctx: Ctx, caller: Auth, body: WebhookIn):
+    box = _secret_box(ctx)
     with ctx.db.transaction() as session:
-        row = webhooks.create(session, caller, url=body.url, event_types=list(body.events), secret=body.secret,
-                              description=body.description, limit=ctx.settings.max_webhooks,
-                              allow_private=ctx.settings.webhook_allow_private)
-        out = webhooks.render(row, with_secret=True)
-    return JSONResponse(out, status_code=201, headers={"Location": out["links"]["self"]})
+        row, secret = webhooks.create(session, caller, url=body.url, event_types=list(body.events),
+                                      secret=body.secret, description=body.description,
+                                      limit=ctx.settings.max_webhooks, box=box,
+                                      allow_private=ctx.settings.webhook_allow_private)
+        out = webhooks.render(row, secret=secret)
+    return JSONResponse(out, status_code=201, headers={"Location": out["links"]["self"], **NO_STORE})
 
 
 @router.get("", response_model=WebhookPage, summary="List webhook endpoints")

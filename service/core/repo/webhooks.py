@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import event, func, select
@@ -40,24 +40,32 @@ RESOURCE_FIELDS = {"model": "model_id", "version": "version", "job": "job_id", "
 # --- endpoints -------------------------------------------------------------------------------------
 
 def create(session: Session, caller: Caller, *, url: str, event_types: list[str], secret: str | None,
-           description: str | None, limit: int, allow_private: bool = False) -> WebhookEndpoint:
-    """A new endpoint; at most ``limit`` per tenant (409 ``too-many-webhooks``); its URL as
+           description: str | None, limit: int, box: webhooks.SecretBox,
+           allow_private: bool = False) -> tuple[WebhookEndpoint, str]:
+    """A new endpoint and its secret (the caller's, or a new one), which is stored encrypted with
+    ``box``; at most ``limit`` per tenant (409 ``too-many-webhooks``); its URL as
     :func:`webhooks.check_url` says (``allow_private``: ``webhook_allow_private``)."""
     webhooks.check_url(url, allow_private=allow_private)
-    unknown = [e for e in event_types if e not in webhooks.EVENT_TYPES]
-    if unknown or not event_types:
-        raise invalid("events", f"must name one or more of {', '.join(webhooks.EVENT_TYPES)}")
+    event_types = _event_types(event_types)
     if secret is not None:
         webhooks.secret_key(secret)
     if session.scalar(select(func.count()).select_from(WebhookEndpoint)
                       .where(WebhookEndpoint.tenant_id == caller.tenant_id)) >= limit:
         raise Conflict(f"the tenant has {limit} webhook endpoints, the most it may have: remove one first",
                        title="Too many webhooks", kind="too-many-webhooks")
-    row = WebhookEndpoint(tenant_id=caller.tenant_id, url=url, secret=secret or webhooks.new_secret(),
-                          event_types=list(dict.fromkeys(event_types)), description=description, created_at=utcnow())
+    secret = secret or webhooks.new_secret()
+    row = WebhookEndpoint(tenant_id=caller.tenant_id, url=url, encrypted_secret=box.seal(secret, caller.tenant_id),
+                          event_types=event_types, description=description, created_at=utcnow())
     session.add(row)
     session.flush()
-    return row
+    return row, secret
+
+
+def _event_types(event_types: list[str]) -> list[str]:
+    unknown = [e for e in event_types if e not in webhooks.EVENT_TYPES]
+    if unknown or not event_types:
+        raise invalid("events", f"must name one or more of {', '.join(webhooks.EVENT_TYPES)}")
+    return list(dict.fromkeys(event_types))
 
 
 def get(session: Session, caller: Caller, endpoint_id: int) -> WebhookEndpoint:
@@ -80,12 +88,13 @@ def delete(session: Session, caller: Caller, endpoint_id: int) -> None:
     retire(session, WebhookEndpoint.__tablename__, [endpoint_id])
 
 
-def render(e: WebhookEndpoint, *, with_secret: bool = False) -> dict:
+def render(e: WebhookEndpoint, *, secret: str | None = None) -> dict:
+    """The endpoint as the API shows it; ``secret`` (in clear) only in the answer that set it."""
     out = {"id": e.id, "url": e.url, "events": e.event_types, "description": e.description,
            "created_at": iso(e.created_at),
            "links": {"self": f"/v1/webhooks/{e.id}", "deliveries": f"/v1/webhooks/{e.id}/deliveries"}}
-    if with_secret:
-        out["secret"] = e.secret
+    if secret is not None:
+        out["secret"] = secret
     return out
 
 
@@ -189,7 +198,8 @@ class Attempt:
     delivery_id: int
     attempt: int  # the delivery's attempts after this claim: the result is recorded only while it holds
     url: str
-    secret: str
+    tenant_id: int
+    encrypted_secret: str = field(repr=False)  # as stored: the worker decrypts it (webhooks.SecretBox.open)
     message_id: str
     body: str
 
@@ -199,7 +209,7 @@ def claim(db: Database, now: dt.datetime, limit: int, lease_s: float) -> list[At
     one is set ``lease_s`` away, so that another worker leaves them alone meanwhile and a worker
     that dies mid-attempt leaves them to be sent again (at least once)."""
     with db.transaction() as session:
-        q = (select(WebhookDelivery, WebhookEndpoint.url, WebhookEndpoint.secret)
+        q = (select(WebhookDelivery, WebhookEndpoint.url, WebhookEndpoint.encrypted_secret)
              .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
              .where(WebhookDelivery.status == DeliveryStatus.PENDING, WebhookDelivery.next_attempt_at <= now)
              .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id).limit(limit))
@@ -209,7 +219,7 @@ def claim(db: Database, now: dt.datetime, limit: int, lease_s: float) -> list[At
         for d, url, secret in session.execute(q).all():
             d.attempts += 1
             d.last_attempt_at, d.next_attempt_at = now, now + dt.timedelta(seconds=lease_s)
-            out.append(Attempt(d.id, d.attempts, url, secret, d.message_id, d.body))
+            out.append(Attempt(d.id, d.attempts, url, d.tenant_id, secret, d.message_id, d.body))
     return out
 
 
