@@ -1,6 +1,6 @@
 """The webhook endpoints over HTTP: registration (the secret shown once, or the caller's, and
 stored encrypted), URLs refused as problem+json naming ``url``, tenancy, the delivery log and the
-test message, removal; and a deployment
+test message, changes (PATCH, checked as registration is), a new secret, removal; and a deployment
 whose webhook key is missing (503, nothing stored)."""
 
 from __future__ import annotations
@@ -150,10 +150,77 @@ def test_a_url_into_a_private_network_is_refused_unless_the_deployment_allows_it
             assert c.post("/v1/webhooks", json={"url": url, "events": ["job.finished"]}).status_code == 201, url
 
 
+def test_a_webhook_is_changed_as_it_is_checked_at_registration(service: Service):
+    with service.client() as c, service.client("other") as other:
+        hook = c.post("/v1/webhooks", json={"url": "https://hooks.example.com/a", "events": ["job.finished"],
+                                            "description": "ours"}).json()
+        before = stored_secret(service, hook["id"])
+        r = c.patch(f"/v1/webhooks/{hook['id']}", json={"url": "https://hooks.example.com/b?token=1",
+                                                        "events": ["version.published", "job.finished",
+                                                                   "version.published"]})
+        assert r.status_code == 200, r.text
+        changed = r.json()
+        assert "secret" not in changed and changed["description"] == "ours"  # left out: kept
+        assert (changed["url"], changed["events"]) == ("https://hooks.example.com/b?token=1",
+                                                       ["version.published", "job.finished"])
+        assert c.get(f"/v1/webhooks/{hook['id']}").json() == changed
+        assert stored_secret(service, hook["id"]) == before  # the secret is not touched
+        r = c.patch(f"/v1/webhooks/{hook['id']}", json={"description": None})
+        assert r.status_code == 200 and r.json()["description"] is None and r.json()["url"] == changed["url"]
+        assert c.patch(f"/v1/webhooks/{hook['id']}", json={}).json() == r.json()  # nothing to change
+
+        for body, field in (({"url": "ftp://example.com/"}, "url"), ({"url": "http://u:p@example.com/"}, "url"),
+                            ({"url": "http://example.com:99999/"}, "url"), ({"url": None}, "url"),
+                            ({"events": []}, "events"), ({"events": ["model.deleted"]}, "events"),
+                            ({"events": None}, "events"), ({"secret": standard.new_secret()}, "secret"),
+                            ({"description": "x" * 201}, "description"), ({"enabled": False}, "enabled")):
+            r = c.patch(f"/v1/webhooks/{hook['id']}", json=body)
+            assert r.status_code == 422, (body, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert [e["field"].split(".")[0] for e in r.json()["errors"]] == [field], (body, r.json())  # events.0
+        # a refused change changes nothing, not even the fields that were valid
+        r = c.patch(f"/v1/webhooks/{hook['id']}", json={"events": ["version.purged"], "url": "http://a:0/"})
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "url"
+        assert c.get(f"/v1/webhooks/{hook['id']}").json()["events"] == ["version.published", "job.finished"]
+
+        for answer in (other.patch(f"/v1/webhooks/{hook['id']}", json={"url": "https://evil.example/"}),
+                       other.post(f"/v1/webhooks/{hook['id']}/rotate-secret"),
+                       c.patch("/v1/webhooks/999999", json={"description": "x"}),
+                       c.post("/v1/webhooks/999999/rotate-secret")):
+            assert answer.status_code == 404, answer.text
+        assert c.get(f"/v1/webhooks/{hook['id']}").json()["url"] == changed["url"]
+
+
+def test_a_webhooks_secret_is_rotated_and_shown_once(service: Service):
+    with service.client() as c:
+        hook = c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/h", "events": ["job.finished"]}).json()
+        r = c.post(f"/v1/webhooks/{hook['id']}/rotate-secret")
+        assert r.status_code == 200, r.text
+        rotated = r.json()
+        assert r.headers["cache-control"] == "no-store"
+        assert rotated["secret"].startswith("whsec_") and rotated["secret"] != hook["secret"]
+        assert {k: v for k, v in rotated.items() if k != "secret"} == c.get(f"/v1/webhooks/{hook['id']}").json()
+        stored, opened = stored_secret(service, hook["id"])
+        assert opened == rotated["secret"] and rotated["secret"][6:] not in stored
+        assert "secret" not in c.get(f"/v1/webhooks/{hook['id']}").json()
+        assert all("secret" not in h for h in c.get("/v1/webhooks").json()["items"])
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_url_into_a_private_network_is_not_patched_in_either(tmp_path, db_url):
+    with running_service(make_settings(tmp_path, db_url)) as closed, closed.client() as c:
+        hook = c.post("/v1/webhooks", json={"url": "https://hooks.example.com/a", "events": ["job.finished"]}).json()
+        for url in ("http://127.0.0.1:8080/h", "http://169.254.169.254/latest/meta-data/", "http://[::ffff:10.0.0.1]/"):
+            r = c.patch(f"/v1/webhooks/{hook['id']}", json={"url": url})
+            assert r.status_code == 422, (url, r.text)
+            assert [e["field"] for e in r.json()["errors"]] == ["url"] and "private network" in r.text
+        assert c.get(f"/v1/webhooks/{hook['id']}").json()["url"] == "https://hooks.example.com/a"
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_without_its_webhook_key_the_api_stores_no_secret(tmp_path, db_url):
-    """A configured key that does not exist is never replaced by a new one: registering is 503 (the
-    reason is in the log, not in the answer), and nothing else is affected."""
+    """A configured key that does not exist is never replaced by a new one: registering or rotating
+    is 503 (the reason is in the log, not in the answer), and nothing else is affected."""
     missing = tmp_path / "keys" / "webhook-key"
     with (running_service(make_settings(tmp_path, db_url, webhook_encryption_key=missing,
                                         webhook_allow_private=True)) as svc, svc.client() as c):
@@ -162,3 +229,4 @@ def test_without_its_webhook_key_the_api_stores_no_secret(tmp_path, db_url):
         assert r.headers["content-type"].startswith("application/problem+json")
         assert r.json()["type"].endswith("webhook-key-unavailable") and str(missing) not in r.text
         assert c.get("/v1/webhooks").json()["items"] == [] and not missing.exists()
+        assert c.post("/v1/webhooks/1/rotate-secret").status_code == 503

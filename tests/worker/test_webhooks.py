@@ -435,6 +435,22 @@ def test_a_worker_without_the_key_gives_the_message_up_saying_why(db, tmp_path, 
         assert "which does not exist" in row.last_error and not path.exists()
 
 
+def test_a_rotated_secret_signs_the_next_attempts(db):
+    acme = tenant(db, "acme")
+    with receiving(standard.new_secret(), [500]) as receiver:
+        hook, old = endpoint(db, acme, receiver.url, secret=receiver.secret)
+        publish(db, acme)
+        assert deliver(db, settings())["sent"] == 1  # signed with the old secret, answered 500
+        with db.transaction() as s:
+            _, new = webhooks.rotate_secret(s, acme, hook, box=standard.load_box(settings()))
+        assert new != old and standard.load_box(settings()).open(stored_secret(db, hook), acme.tenant_id) == new
+        receiver.secret = new
+        due_now(db)
+        assert deliver(db, settings())["delivered"] == 1  # the retry: the new secret
+    assert [g["valid"] for g in receiver.got] == [True, True]  # each checked with the secret of its time
+    assert not verify(old, receiver.got[1]["headers"], receiver.got[1]["body"])
+
+
 # --------------------------------------------------------------------------- through the real pipeline
 
 

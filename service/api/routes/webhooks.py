@@ -1,6 +1,6 @@
 """Webhook endpoints of the tenant and their delivery log (docs/api.md#webhooks).
 
-A secret is shown in the answer that sets it only (registration) and stored encrypted
+A secret is shown in the answer that sets it only (registration, rotation) and stored encrypted
 under the deployment's webhook key (service/core/webhooks.py SecretBox)."""
 
 from __future__ import annotations
@@ -44,6 +44,18 @@ class WebhookIn(BaseModel):
     description: str | None = Field(None, max_length=200)
 
 
+class WebhookPatch(BaseModel):
+    """The fields to change; those left out keep their value (``description``: null removes it)."""
+    model_config = ConfigDict(extra="forbid")
+
+    # left out: None, and unchanged; null is refused (naming the field) like any value that is not one
+    url: str = Field(None, min_length=1, max_length=standard.MAX_URL_LENGTH, pattern=URL_PATTERN,  # type: ignore[assignment]
+                     description=WebhookIn.model_fields["url"].description)
+    events: list[EventType] = Field(None, min_length=1, max_length=len(standard.EVENT_TYPES),  # type: ignore[assignment]
+                                    description="the event types to send, instead of the endpoint's")
+    description: str | None = Field(None, max_length=200)
+
+
 def _secret_box(ctx) -> standard.SecretBox:
     """The deployment's webhook key, or 503 (the reason goes to the log, not to the tenant)."""
     try:
@@ -79,6 +91,30 @@ def list_webhooks(ctx: Ctx, caller: Auth, max_results: Annotated[int | None, Que
 def get_webhook(ctx: Ctx, caller: Auth, webhook_id: int):
     with ctx.db.session() as session:
         return webhooks.render(webhooks.get(session, caller, webhook_id))
+
+
+@router.patch("/{webhook_id}", response_model=WebhookOut,
+              summary="Change a webhook endpoint's URL, events or description (checked as at registration)")
+def update_webhook(ctx: Ctx, caller: Auth, webhook_id: int, body: WebhookPatch):
+    given = body.model_fields_set
+    changes = {field: getattr(body, name) for name, field in (("url", "url"), ("events", "event_types"),
+                                                                ("description", "description")) if name in given}
+    if "event_types" in changes:
+        changes["event_types"] = list(changes["event_types"])
+    with ctx.db.transaction() as session:
+        row = webhooks.update(session, caller, webhook_id, allow_private=ctx.settings.webhook_allow_private,
+                              **changes)
+        return webhooks.render(row)
+
+
+@router.post("/{webhook_id}/rotate-secret", response_model=WebhookCreatedOut,
+             summary="Give the endpoint a new secret (shown in this answer only; the old one stops signing)")
+def rotate_webhook_secret(ctx: Ctx, caller: Auth, webhook_id: int):
+    box = _secret_box(ctx)
+    with ctx.db.transaction() as session:
+        row, secret = webhooks.rotate_secret(session, caller, webhook_id, box=box)
+        out = webhooks.render(row, secret=secret)
+    return JSONResponse(out, headers=NO_STORE)
 
 
 @router.delete("/{webhook_id}", status_code=204,

@@ -68,6 +68,38 @@ def _event_types(event_types: list[str]) -> list[str]:
     return list(dict.fromkeys(event_types))
 
 
+UNCHANGED: object = object()  # update(): a field the caller left out
+
+
+def update(session: Session, caller: Caller, endpoint_id: int, *, url: str | object = UNCHANGED,
+           event_types: list[str] | object = UNCHANGED, description: str | None | object = UNCHANGED,
+           allow_private: bool = False) -> WebhookEndpoint:
+    """Change the fields given, each checked as :func:`create` checks it (Invalid naming the field,
+    and nothing changed). Messages not sent yet go to the new URL; a message already written is sent
+    even if the endpoint no longer subscribes to its event."""
+    row = get(session, caller, endpoint_id)
+    if url is not UNCHANGED:
+        webhooks.check_url(url, allow_private=allow_private)  # type: ignore[arg-type]
+    if event_types is not UNCHANGED:
+        event_types = _event_types(event_types)  # type: ignore[arg-type]
+    for name, value in (("url", url), ("event_types", event_types), ("description", description)):
+        if value is not UNCHANGED:
+            setattr(row, name, value)
+    session.flush()
+    return row
+
+
+def rotate_secret(session: Session, caller: Caller, endpoint_id: int, *,
+                  box: webhooks.SecretBox) -> tuple[WebhookEndpoint, str]:
+    """A new secret for the endpoint, stored encrypted with ``box`` (the old one is gone): every
+    attempt from now on is signed with it, retries of earlier messages included."""
+    row = get(session, caller, endpoint_id)
+    secret = webhooks.new_secret()
+    row.encrypted_secret = box.seal(secret, row.tenant_id)
+    session.flush()
+    return row, secret
+
+
 def get(session: Session, caller: Caller, endpoint_id: int) -> WebhookEndpoint:
     row = (session.scalar(select(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id,
                                                         WebhookEndpoint.tenant_id == caller.tenant_id))
@@ -259,5 +291,6 @@ def backoff(attempts: int, base_s: float, max_s: float) -> float:
     return min(max_s, base_s * 2 ** min(attempts - 1, 40))
 
 
-__all__ = ["Attempt", "backoff", "claim", "create", "delete", "deliveries", "emit_for_entry", "get", "prune",
-           "query", "record_attempt", "render", "render_delivery", "send_test", "wake_after_commit"]
+__all__ = ["UNCHANGED", "Attempt", "backoff", "claim", "create", "delete", "deliveries", "emit_for_entry", "get",
+           "prune", "query", "record_attempt", "render", "render_delivery", "rotate_secret", "send_test", "update",
+           "wake_after_commit"]
