@@ -1,5 +1,5 @@
 """What a route needs: the process context (settings, database, artifact store, dispatcher) and
-the authenticated caller (or, for a route that authenticates in its own transaction, the bearer header)."""
+the authenticated caller (or, for a route that authenticates in its own transaction, the bearer key)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -63,20 +63,27 @@ def caller(ctx: Annotated[Context, Depends(context)],
         return authenticate(session, authorization)
 
 
-class BearerHeader(HTTPBearer):
-    """The same scheme as ``BEARER`` in OpenAPI; as a dependency, for a route that authenticates in
-    its own transaction (``service.core.auth.authenticate``: one connection for the whole request, no
-    worker thread for this), the Authorization header, refused (401) here when missing or malformed,
-    before the body is validated. One dependency: each costs FastAPI tens of microseconds a request."""
+class BearerKey(NamedTuple):
+    """What :class:`BearerHeader` hands a route: the process context and the bearer key with its prefix."""
+    ctx: Context
+    key: str
+    prefix: str
 
-    async def __call__(self, request: Request) -> str:  # type: ignore[override]
-        authorization = request.headers.get("authorization")
-        bearer_key(authorization)
-        return authorization  # type: ignore[return-value]
+
+class BearerHeader(HTTPBearer):
+    """The same scheme as ``BEARER`` in OpenAPI; as a dependency, for a route that checks the key in
+    its own transaction (the accept path reads it with the model: service/core/repo/deletions.py),
+    the key of the Authorization header, refused (401) here when missing or malformed, before the
+    body is validated, and the process context. One dependency, not two: each costs FastAPI tens of
+    microseconds a request."""
+
+    async def __call__(self, request: Request) -> BearerKey:  # type: ignore[override]
+        key, prefix = bearer_key(request.headers.get("authorization"))
+        return BearerKey(request.app.state.ctx, key, prefix)
 
 
 Ctx = Annotated[Context, Depends(context)]
 Auth = Annotated[Caller, Depends(caller)]
-Bearer = Annotated[str, Security(BearerHeader(auto_error=False, scheme_name=BEARER.scheme_name,
-                                              bearerFormat=BEARER.model.bearerFormat,
-                                              description=BEARER.model.description))]
+Bearer = Annotated[BearerKey, Security(BearerHeader(auto_error=False, scheme_name=BEARER.scheme_name,
+                                                    bearerFormat=BEARER.model.bearerFormat,
+                                                    description=BEARER.model.description))]

@@ -8,7 +8,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 
 from service.core.errors import Unauthorized
@@ -53,9 +53,12 @@ def create_key(session: Session, tenant_name: str, name: str | None = None) -> t
 
 # built once: SQLAlchemy caches their compiled form, and building them anew costs more than running them
 _keys, _tenants = ApiKey.__table__, Tenant.__table__
-KEY = (select(_keys.c.id, _keys.c.tenant_id, _keys.c.key_hash, _keys.c.revoked_at, _keys.c.last_used_at,
-              _tenants.c.name)
-       .join(_tenants, _tenants.c.id == _keys.c.tenant_id).where(_keys.c.prefix == bindparam("prefix")))
+# What :func:`caller_of` needs of a key, as columns of a query that selects from ``api_keys``
+# joined with ``tenants`` (:data:`KEY`, and the accept path's query of the key and the model).
+KEY_COLUMNS = (_keys.c.id.label("key_id"), _keys.c.tenant_id, _keys.c.key_hash, _keys.c.revoked_at,
+               _keys.c.last_used_at, _tenants.c.name.label("tenant"))
+KEY = (select(*KEY_COLUMNS).join(_tenants, _tenants.c.id == _keys.c.tenant_id)
+       .where(_keys.c.prefix == bindparam("prefix")))
 USED = _keys.update().where(_keys.c.id == bindparam("key_id"))
 
 
@@ -78,16 +81,23 @@ def bearer_key(authorization: str | None) -> tuple[str, str]:
     return key, parts[1]
 
 
-def authenticate(session: Session, authorization: str | None) -> Caller:
-    """The caller of a valid, unrevoked key, in the caller's transaction: one query (and, at most
-    every 5 minutes a key, an UPDATE of its ``last_used_at``)."""
-    key, prefix = bearer_key(authorization)
-    row = session.execute(KEY, {"prefix": prefix}).one_or_none()
+def caller_of(session: Session | Connection, row, key: str, prefix: str) -> Caller:
+    """The caller of ``key`` given its row as :data:`KEY` reads it (``None``: no key of that prefix),
+    or 401 when there is none, it is revoked or the key does not match; in the caller's transaction,
+    at most every 5 minutes a key, an UPDATE of its ``last_used_at``. For a route that reads the key
+    in a query of its own (the accept path reads it with the model: service/core/repo/deletions.py)."""
     if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, hash_key(key)):
         raise _unauthorized("Authorization: the API key is not valid")
     now = utcnow()
     last = row.last_used_at
     if last is None or (now - (last if last.tzinfo else last.replace(tzinfo=now.tzinfo))).total_seconds() > 300:
         # coarse, so that reads do not all write
-        session.execute(USED, {"key_id": row.id, "last_used_at": now})
-    return Caller(tenant_id=row.tenant_id, tenant=row.name, key_prefix=prefix)
+        session.execute(USED, {"key_id": row.key_id, "last_used_at": now})
+    return Caller(tenant_id=row.tenant_id, tenant=row.tenant, key_prefix=prefix)
+
+
+def authenticate(session: Session, authorization: str | None) -> Caller:
+    """The caller of a valid, unrevoked key, in the caller's transaction: one query (and, at most
+    every 5 minutes a key, an UPDATE of its ``last_used_at``)."""
+    key, prefix = bearer_key(authorization)
+    return caller_of(session, session.execute(KEY, {"prefix": prefix}).one_or_none(), key, prefix)

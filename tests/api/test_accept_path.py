@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import contextlib
 
-from sqlalchemy import event
+import pytest
+from sqlalchemy import event, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import Pool
 
+from service.core.errors import Conflict
+from service.core.models import ApiKey, AuditEntry, DeletionRequest, DeletionRequestSample, LogPending, utcnow
+from service.core.repo import deletions
 from tests.api.test_deletions_api import ID, _post, _ready_model
 from tests.api.test_list_queries import statements
+from tests.api.test_tenancy import assert_problem
 
 
 @contextlib.contextmanager
@@ -39,8 +45,93 @@ def test_an_accepted_request_takes_one_connection_and_a_fixed_number_of_statemen
             assert r.status_code == 202, r.text
             seen.append((len(sent), len(taken)))
         assert r.json()["linked_to"] and r.json()["n_new_samples"] == 1
-    # the key; the model with its ready version and what is known of the samples; the request, its
-    # samples, its audit-log entry and that entry's place in the sequencer's queue; after the commit,
-    # whether a batch is due. SQLite also sends its BEGIN IMMEDIATE for both.
-    expected = 9 if service.settings.db_url.startswith("sqlite") else 7
+    # the key with the model, its ready version and what is known of the samples (one query); the
+    # request, its samples, its audit-log entry and that entry's place in the sequencer's queue (one
+    # statement on PostgreSQL, four INSERTs on SQLite, which has no data-modifying CTEs); after the
+    # commit, whether a batch is due. SQLite also sends its BEGIN IMMEDIATE for both transactions.
+    expected = 8 if service.settings.db_url.startswith("sqlite") else 3
     assert seen == [(expected, 1)] * 3, seen
+
+
+def test_the_key_is_checked_before_the_model_is_looked_up(service, user_files):
+    """The key is read with the model in one query: a missing, malformed, wrong or revoked key is
+    still a 401 whatever the model (one of another tenant, none, an id out of range) and whatever
+    the body; a valid key gets 404 for a model that is not its tenant's."""
+    with service.client("acme") as acme, service.client("globex") as globex, service.client(None) as anonymous:
+        mid = _ready_model(service, user_files, acme)
+        theirs = _ready_model(service, user_files, globex, name="theirs")
+        key = service.key("acme")
+        prefix = key.split("_")[1]
+        body = {"sample_ids": [ID[0]], "reason": "erasure"}
+        malformed = ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer ulk_nope"})
+        wrong = ({"Authorization": f"Bearer {key[:-4]}AAAA"},  # the prefix of a key, not its secret
+                 {"Authorization": f"Bearer ulk_{prefix}0_{key.split('_', 2)[2]}"})  # no key has this prefix
+        for model in (mid, theirs, 999_999, 2**40):
+            url = f"/v1/models/{model}/deletion-requests"
+            for headers, sent in ([(h, b) for h in malformed for b in (body, {"sample_ids": "not a list"})]
+                                  + [(h, body) for h in wrong]):
+                r = anonymous.post(url, json=sent, headers=headers)
+                assert_problem(r, 401, "Authorization")
+                assert r.headers["www-authenticate"].startswith("Bearer")
+        for model in (theirs, 999_999, 0, 2**40):
+            assert_problem(acme.post(f"/v1/models/{model}/deletion-requests", json=body), 404)
+        assert acme.post(f"/v1/models/{mid}/deletion-requests", json=body).status_code == 202
+        with service.db.transaction() as s:
+            s.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(revoked_at=utcnow()))
+        assert_problem(acme.post(f"/v1/models/{mid}/deletion-requests", json=body), 401, "Authorization")
+        with service.db.session() as s:  # nothing was written for the refused requests
+            assert s.scalar(select(func.count()).select_from(DeletionRequest)) == 1
+
+
+def test_the_request_its_samples_and_its_audit_entry_are_written_together(service, user_files):
+    """On PostgreSQL in one statement, on SQLite in four: the same rows either way, the entry queued
+    for the sequencer, and the key's use recorded."""
+    with service.client() as c:
+        mid = _ready_model(service, user_files, c, policy={"batching": {"max_requests": 1000, "max_wait_s": 3600}})
+        first = _post(c, mid, [ID[3], ID[4]], subject_ref="subject-1").json()
+        second = _post(c, mid, [ID[4], ID[5], ID[4]]).json()  # one sample pending in the first, one repeated
+    prefix = service.key().split("_")[1]
+    with service.db.session() as s:
+        assert s.scalar(select(ApiKey.last_used_at).where(ApiKey.prefix == prefix)) is not None
+        rows = {rid: sorted(s.execute(select(DeletionRequestSample.sample_id, DeletionRequestSample.linked_request_id)
+                                      .where(DeletionRequestSample.request_id == rid)).all())
+                for rid in (first["id"], second["id"])}
+        assert rows[first["id"]] == sorted([(ID[3], None), (ID[4], None)])
+        assert rows[second["id"]] == sorted([(ID[4], first["id"]), (ID[5], None)])
+        stored = s.get(DeletionRequest, second["id"])
+        assert (stored.n_samples, stored.status, stored.tenant_id) == (2, "received", stored.tenant_id)
+        entries = {e.resource: e for e in s.scalars(select(AuditEntry).where(
+            AuditEntry.action == "deletion_request.received"))}
+        assert set(entries) == {f"deletion_request:{first['id']}", f"deletion_request:{second['id']}"}
+        one, two = entries[f"deletion_request:{first['id']}"], entries[f"deletion_request:{second['id']}"]
+        assert one.details == {"model_id": mid, "reason": "erasure", "subject_hash": first["subject_hash"],
+                               "n_samples": 2, "n_new": 2, "linked_to": []}
+        assert two.details == {"model_id": mid, "reason": "erasure", "subject_hash": None, "n_samples": 2,
+                               "n_new": 1, "linked_to": [first["id"]]}
+        assert one.actor == two.actor == f"key:{prefix}" and one.tenant_id == stored.tenant_id
+        queued = set(s.scalars(select(LogPending.entry_id).where(LogPending.tenant_id == stored.tenant_id)))
+        assert {one.id, two.id} <= queued
+    assert (first["n_new_samples"], second["n_new_samples"], second["linked_to"]) == (2, 1, [first["id"]])
+
+
+def test_a_key_committed_meanwhile_is_409_and_other_integrity_errors_are_not(service, user_files):
+    """The unique (tenant, Idempotency-Key) index refuses a request whose key another process
+    committed after this one looked (409, retry for the answer); any other integrity error is not
+    mistaken for it."""
+    with service.client() as c:
+        mid = _ready_model(service, user_files, c)
+        assert _post(c, mid, [ID[6]], key="k-taken").status_code == 202
+    key = service.key()
+    prefix = key.split("_")[1]
+    with service.db.transaction() as s:
+        caller, target = deletions.caller_and_target(s, key, prefix, mid, [ID[7]])
+    args = {"sample_ids": [ID[7]], "reason": "erasure", "subject_ref": None, "fp": "x"}
+    with pytest.raises(Conflict) as refused, service.db.transaction() as s:
+        deletions.create(s, caller, target, idempotency_key="k-taken", **args)
+    assert refused.value.kind == "idempotency-key-in-flight"
+    row = target.rows[ID[7]]
+    target.pending[row] = 10**9  # a link to a request that does not exist: a foreign key error, not a 409
+    with pytest.raises(IntegrityError), service.db.transaction() as s:
+        deletions.create(s, caller, target, idempotency_key="k-new", **args)
+    with service.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(DeletionRequest)) == 1

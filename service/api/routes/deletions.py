@@ -14,7 +14,6 @@ from service.api.pagination import paginate, parse_page
 from service.api.problems import Problem, bad_field
 from service.api.schemas import DeletionRequestOut, DeletionRequestPage, FlushOut, JobOut, JobPage, SampleStatusOut
 from service.core import batching
-from service.core.auth import authenticate
 from service.core.models import DeletionRequest, ForgottenSample, Job, Model
 from service.core.repo import datasets, deletions, jobs, models, retention
 from service.core.report import CalibrationReport, JobReport
@@ -46,11 +45,13 @@ IDEMPOTENCY_KEY = Header(min_length=1, max_length=255, pattern=r"\S")
 
 @router.post("/v1/models/{model_id}/deletion-requests", status_code=202, response_model=DeletionRequestOut,
              summary="Ask a model to forget samples (committed before the answer; batched into a job)")
-def create_deletion_request(ctx: Ctx, authorization: Bearer, model_id: int, body: DeletionRequestIn,
+def create_deletion_request(bearer: Bearer, model_id: int, body: DeletionRequestIn,
                             idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None):
-    """One connection: one transaction (the key, the model with what is known of the samples in one
-    query, the INSERTs, the commit), then outside it the look whether a batch is due: after the
-    commit, so that of requests accepted at once the last to look sees them all."""
+    """One connection: one transaction (the key with the model and what is known of the samples in
+    one query; on PostgreSQL the request, its samples and its audit-log entry in one statement; the
+    commit), then outside it the look whether a batch is due: after the commit, so that of requests
+    accepted at once the last to look sees them all."""
+    ctx = bearer.ctx
     sample_ids = [str(s) for s in body.sample_ids]
     fp = deletions.fingerprint(model_id, sample_ids, body.reason, body.subject_ref)
     if idempotency_key is not None and not idempotency_key.strip():
@@ -58,8 +59,7 @@ def create_deletion_request(ctx: Ctx, authorization: Bearer, model_id: int, body
     replayed = due = False
     with ctx.db.connect() as connection:
         with ctx.db.transaction(connection) as session:
-            caller = authenticate(session, authorization)
-            target = deletions.target(session, caller, model_id, sample_ids)
+            caller, target = deletions.caller_and_target(session, bearer.key, bearer.prefix, model_id, sample_ids)
             existing = None
             if idempotency_key:
                 deletions.lock_idempotency_key(session, caller, idempotency_key)

@@ -18,19 +18,23 @@ from sqlalchemy import and_, bindparam, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.core.auth import Caller
+from service.core.auth import KEY_COLUMNS, Caller, caller_of
 from service.core.db import is_postgres
 from service.core.errors import Conflict, Invalid, not_found
 from service.core.models import (
+    ApiKey,
+    AuditEntry,
     DatasetSample,
     DeletionRequest,
     DeletionRequestSample,
     ForgottenSample,
+    LogPending,
     Model,
     ModelVersion,
+    Tenant,
     utcnow,
 )
-from service.core.repo import audit
+from service.core.repo import audit, webhooks
 from service.core.repo.common import iso
 from service.core.repo.datasets import MAX_ID
 from service.core.repo.models import require_ready
@@ -101,8 +105,9 @@ class Target:
     pending: dict[int, int] = field(default_factory=dict)
 
 
-def _target_query():
-    """Built once (its compiled form is cached by SQLAlchemy; building it anew costs more than running it)."""
+def _target_query(by_key: bool = False):
+    """Built once (its compiled form is cached by SQLAlchemy; building it anew costs more than running it).
+    ``by_key``: the caller's key too (the model then joined on its tenant), for the accept path."""
     m, mv, ds, fs = Model.__table__, ModelVersion.__table__, DatasetSample.__table__, ForgottenSample.__table__
     dr, drs = DeletionRequest.__table__, DeletionRequestSample.__table__
     model_id = bindparam("model_id")
@@ -111,18 +116,43 @@ def _target_query():
                .where(drs.c.row == ds.c.row, dr.c.model_id == model_id, dr.c.status.in_(RequestStatus.ACTIVE),
                       drs.c.linked_request_id.is_(None))
                .correlate(ds).scalar_subquery())
-    return (select(ready.label("ready"), ds.c.sample_id, ds.c.row, fs.c.model_id.label("gone"), fs.c.request_id,
-                   fs.c.version, pending.label("pending"))
-            .select_from(m)
-            .outerjoin(ds, and_(ds.c.dataset_id == m.c.dataset_id,
-                                ds.c.sample_id.in_(bindparam("ids", expanding=True))))
+    columns = (m.c.id.label("model"), ready.label("ready"), ds.c.sample_id, ds.c.row, fs.c.model_id.label("gone"),
+               fs.c.request_id, fs.c.version, pending.label("pending"))
+    samples = and_(ds.c.dataset_id == m.c.dataset_id, ds.c.sample_id.in_(bindparam("ids", expanding=True)))
+    if not by_key:
+        return (select(*columns).select_from(m).outerjoin(ds, samples)
+                .outerjoin(fs, and_(fs.c.model_id == m.c.id, fs.c.row == ds.c.row))
+                .where(m.c.id == model_id, m.c.tenant_id == bindparam("tenant_id")))
+    # the key (one row by its unique prefix) and its tenant, then the model if it is that tenant's:
+    # a row whatever the model id, so that a key that is not valid is told apart from a model that is not found
+    keys, tenants = ApiKey.__table__, Tenant.__table__
+    return (select(*KEY_COLUMNS, *columns).select_from(keys)
+            .join(tenants, tenants.c.id == keys.c.tenant_id)
+            .outerjoin(m, and_(m.c.id == model_id, m.c.tenant_id == keys.c.tenant_id))
+            .outerjoin(ds, samples)
             .outerjoin(fs, and_(fs.c.model_id == m.c.id, fs.c.row == ds.c.row))
-            .where(m.c.id == model_id, m.c.tenant_id == bindparam("tenant_id")))
+            .where(keys.c.prefix == bindparam("prefix")))
 
 
 TARGET = _target_query()
+KEY_AND_TARGET = _target_query(by_key=True)
 INSERT_REQUEST = DeletionRequest.__table__.insert().returning(DeletionRequest.__table__.c.id)
 INSERT_SAMPLES = DeletionRequestSample.__table__.insert()
+
+
+def _collect(found: Target | None, model_id: int, rows) -> Target | None:
+    for r in rows:
+        if r.model is None:
+            return None
+        found = found or Target(model_id, bool(r.ready))
+        if r.sample_id is None:
+            continue
+        found.rows[r.sample_id] = r.row
+        if r.gone is not None:
+            found.forgotten[r.row] = (r.request_id, r.version)
+        if r.pending is not None:
+            found.pending[r.row] = r.pending
+    return found
 
 
 def target(session: Session, caller: Caller, model_id: int, sample_ids: list[str]) -> Target:
@@ -131,15 +161,8 @@ def target(session: Session, caller: Caller, model_id: int, sample_ids: list[str
     sample_ids = list(dict.fromkeys(sample_ids))
     for start in range(0, len(sample_ids), LOOKUP_CHUNK) if 0 < model_id <= MAX_ID else ():
         chunk = sample_ids[start:start + LOOKUP_CHUNK]
-        for r in session.execute(TARGET, {"model_id": model_id, "tenant_id": caller.tenant_id, "ids": chunk}):
-            found = found or Target(model_id, bool(r.ready))
-            if r.sample_id is None:
-                continue
-            found.rows[r.sample_id] = r.row
-            if r.gone is not None:
-                found.forgotten[r.row] = (r.request_id, r.version)
-            if r.pending is not None:
-                found.pending[r.row] = r.pending
+        found = _collect(found, model_id, session.execute(
+            TARGET, {"model_id": model_id, "tenant_id": caller.tenant_id, "ids": chunk}))
         if found is None:
             break
     if found is None:
@@ -147,10 +170,30 @@ def target(session: Session, caller: Caller, model_id: int, sample_ids: list[str
     return found
 
 
+def caller_and_target(session: Session, key: str, prefix: str, model_id: int,
+                      sample_ids: list[str]) -> tuple[Caller, Target]:
+    """The accept path's first query: the caller of the bearer key (``service.core.auth.bearer_key``;
+    401 when it is not valid) and, as :func:`target` reads them, the caller's model (404 otherwise)
+    and what is known of ``sample_ids`` for it: one query (a chunk of ids a query), not two."""
+    caller, found = None, None
+    sample_ids = list(dict.fromkeys(sample_ids))
+    # an id out of range matches no model (0 is never one), and the key is still checked first
+    params = {"prefix": prefix, "model_id": model_id if 0 < model_id <= MAX_ID else 0}
+    for start in range(0, max(len(sample_ids), 1), LOOKUP_CHUNK):
+        rows = session.execute(KEY_AND_TARGET, params | {"ids": sample_ids[start:start + LOOKUP_CHUNK]}).all()
+        if caller is None:
+            caller = caller_of(session, rows[0] if rows else None, key, prefix)  # 401
+        found = _collect(found, model_id, rows)
+        if found is None:
+            raise not_found(f"model {model_id}")
+    return caller, found  # type: ignore[return-value]
+
+
 def create(session: Session, caller: Caller, t: Target, *, sample_ids: list[str], reason: str,
            subject_ref: str | None, idempotency_key: str | None, fp: str) -> SimpleNamespace:
     """Validate and insert one request with its samples and its audit-log entry, in the caller's
-    transaction: four INSERTs (the request, its samples, the entry, its place in the sequencer's queue)."""
+    transaction: on PostgreSQL one statement (:data:`INSERT_ALL`), elsewhere four INSERTs (the request,
+    its samples, the entry, its place in the sequencer's queue)."""
     if not t.ready:
         require_ready(session, session.get(Model, t.model_id))  # 409, and why
     unique = list(dict.fromkeys(sample_ids))
@@ -173,22 +216,81 @@ def create(session: Session, caller: Caller, t: Target, *, sample_ids: list[str]
               "subject_hash": subject_hash(caller.tenant_id, subject_ref) if subject_ref else None,
               "n_samples": len(unique), "idempotency_key": idempotency_key, "fingerprint": fp, "attempts": 0,
               "created_at": now, "updated_at": now}
-    try:
-        request_id = session.execute(INSERT_REQUEST, values).scalar_one()
-    except IntegrityError:  # the same key committed meanwhile by another process
-        raise Conflict("Idempotency-Key: a request with this key was just accepted; "
-                      "retry to get its answer", title="Request in flight", kind="idempotency-key-in-flight",
-                       field="Idempotency-Key") from None
+    samples = [{"request_id": None, "row": rows[s], "sample_id": s, "linked_request_id": links[rows[s]]}
+               for s in unique]
+    details = {"model_id": t.model_id, "reason": reason, "subject_hash": values["subject_hash"],
+               "n_samples": len(unique), "n_new": n_new, "linked_to": linked_to}
+    if is_postgres(session):
+        try:
+            request_id = _insert_all(session, values, samples, caller, details)
+        except IntegrityError as exc:
+            if getattr(exc.orig, "sqlstate", None) == "23505" and _table(exc) == DeletionRequest.__tablename__:
+                raise _key_just_taken() from None
+            raise
+    else:
+        try:
+            request_id = session.execute(INSERT_REQUEST, values).scalar_one()
+        except IntegrityError:
+            raise _key_just_taken() from None
+        for row in samples:
+            row["request_id"] = request_id
+        session.execute(INSERT_SAMPLES, samples)
+        audit.record(session, caller.tenant_id, caller.actor, RECEIVED, f"deletion_request:{request_id}", details)
     # the request as stored, for render (not an ORM object: there is nothing to flush, and making one
     # costs more than the INSERT); what render shows of it is known here and need not be read back
     req = SimpleNamespace(id=request_id, job_id=None, error=None, **values)
     session.info.setdefault(_SHOWN, {})[req.id] = (n_new, linked_to)
-    session.execute(INSERT_SAMPLES, [
-        {"request_id": req.id, "row": rows[s], "sample_id": s, "linked_request_id": links[rows[s]]} for s in unique])
-    audit.record(session, caller.tenant_id, caller.actor, "deletion_request.received", f"deletion_request:{req.id}",
-                 {"model_id": t.model_id, "reason": reason, "subject_hash": req.subject_hash, "n_samples": len(unique),
-                  "n_new": n_new, "linked_to": linked_to})
     return req
+
+
+def _key_just_taken() -> Conflict:
+    """The request's Idempotency-Key was committed meanwhile by another process (the unique index)."""
+    return Conflict("Idempotency-Key: a request with this key was just accepted; "
+                    "retry to get its answer", title="Request in flight", kind="idempotency-key-in-flight",
+                    field="Idempotency-Key")
+
+
+def _table(exc: IntegrityError) -> str | None:
+    return getattr(getattr(exc.orig, "diag", None), "table_name", None)
+
+
+RECEIVED = "deletion_request.received"
+# PostgreSQL: the request, its samples, its audit-log entry and the entry's place in the sequencer's
+# queue in one statement (data-modifying CTEs), where they were four: the writes of ``audit.record``
+# (service/core/repo/audit.py), in the same transaction, the entry naming the request it records.
+_R, _S, _E, _P = (DeletionRequest.__table__, DeletionRequestSample.__table__, AuditEntry.__table__,
+                  LogPending.__table__)
+_REQUEST_COLUMNS = ("tenant_id", "model_id", "reason", "status", "result_version", "completed_at", "subject_hash",
+                    "n_samples", "idempotency_key", "fingerprint", "attempts", "created_at", "updated_at")
+INSERT_ALL = text(f"""
+WITH r AS (INSERT INTO {_R.name} ({", ".join(_REQUEST_COLUMNS)})
+           VALUES ({", ".join(":" + c for c in _REQUEST_COLUMNS)}) RETURNING id),
+s AS (INSERT INTO {_S.name} (request_id, "row", sample_id, linked_request_id)
+      SELECT r.id, u.row, u.sample_id, u.linked FROM r,
+             unnest(CAST(:sample_rows AS INTEGER[]), CAST(:sample_ids AS VARCHAR[]), CAST(:links AS INTEGER[]))
+             AS u("row", sample_id, linked)),
+e AS (INSERT INTO {_E.name} (tenant_id, created_at, actor, action, resource, details)
+      SELECT :tenant_id, :created_at, :actor, :action, 'deletion_request:' || r.id, CAST(:details AS JSON) FROM r
+      RETURNING id),
+p AS (INSERT INTO {_P.name} (entry_id, tenant_id) SELECT e.id, :tenant_id FROM e)
+SELECT r.id, e.id AS entry_id FROM r, e""").bindparams(bindparam("created_at", type_=_R.c.created_at.type),
+                                                       bindparam("updated_at", type_=_R.c.updated_at.type),
+                                                       bindparam("completed_at", type_=_R.c.completed_at.type))
+
+
+def _insert_all(session: Session, values: dict, samples: list[dict], caller: Caller, details: dict) -> int:
+    """The request, its samples, its audit-log entry (as ``audit.record`` appends one) and the
+    entry's place in the sequencer's queue, in one statement (PostgreSQL): the request's id."""
+    details = json.loads(json.dumps(details, default=str))  # as audit.record stores it
+    request_id, entry_id = session.execute(INSERT_ALL, values | {
+        "sample_rows": [s["row"] for s in samples], "sample_ids": [s["sample_id"] for s in samples],
+        "links": [s["linked_request_id"] for s in samples], "actor": caller.actor, "action": RECEIVED,
+        "details": json.dumps(details)}).one()
+    if RECEIVED in webhooks.EVENTS_OF:  # as audit.record does (this action reports no event today)
+        webhooks.emit_for_entry(session, AuditEntry(
+            id=entry_id, tenant_id=caller.tenant_id, created_at=values["created_at"], actor=caller.actor,
+            action=RECEIVED, resource=f"deletion_request:{request_id}", details=details))
+    return request_id
 
 
 def query(caller: Caller, model_id: int | None = None, status: RequestStatus | None = None):
