@@ -141,6 +141,12 @@ def _fmt(v) -> str:
     return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _step(b: dict) -> str:
+    """One unlearning step of a report: which rows, how many, which method."""
+    where = "rows with wrong labels" if b["index"] < 0 else f"bin {b['index']} ({b['level']})"
+    return f"{where}: {b['n']} → {b['method']}"
+
+
 def describe_policy(policy: dict) -> str:
     """One line for an engine policy: RUM's cut points and per-bin methods, or the plain method."""
 
@@ -270,6 +276,7 @@ def run_demo(url: str, key: str, workdir: Path, *, timeout: float = 900.0, calib
     print(f"\n{step + 2}. report summary")
     print(f"   version {report['job']['base_version']} → {new} by {report['method']} on "
           f"{report['forget_set']['n']} forgotten samples in {job['timings'].get('total', 0):.1f}s")
+    print("   steps: " + "; ".join(_step(b) for b in report.get("bins") or []))
     print(f"   {'metric':<12} {'before':>8} {'after':>8}")
     for k in ("acc_forget", "acc_retain", "acc_test", "mia"):
         print(f"   {k:<12} {_fmt(before.get(k)):>8} {_fmt(after.get(k)):>8}")

@@ -173,6 +173,9 @@ def test_demo_runs_the_whole_path_on_the_embedded_default(tmp_path):
     report = json.loads((results[0] / "report.json").read_text())
     assert report["job"]["new_version"] == 2 and len(report["requests"]) == 3
     assert report["forget_set"]["n"] == 40  # 10 + 15 + 15 new ids; the 3 repeated ones are linked, not redone
+    # the mislabeled request's 15 rows take the corrective step, the 25 erased ones RUM's bins
+    assert "rows with wrong labels: 15 → random_label" in out.stdout
+    assert sum(b["n"] for b in report["bins"] if b["index"] >= 0) == 25
 
 
 def test_sigterm_to_a_worker_with_beat_stops_it_and_its_beat(tmp_path):
