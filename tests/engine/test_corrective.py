@@ -71,6 +71,7 @@ def test_corrective_step_pulls_flipped_rows_back_to_their_true_class(mislabeled,
     assert [(st.bin.index, st.bin.level, st.n_forget, st.method) for st in result.steps] == [
         (CORRECTIVE_INDEX, "corrective", len(rows), "random_label")]
     assert result.steps[0].hparams["label_mode"] == "runner_up"
+    assert result.config["corrective"] == default_corrective_config().to_dict()  # the result says what ran
     model = result.model.eval()
     pred = predict(model, forget, runtime).argmax(1)
     assert (pred == forget.y.cpu()).float().mean().item() < 0.2  # the wrong labels are gone
@@ -105,6 +106,7 @@ def test_no_corrective_rows_leaves_the_policy_alone(mislabeled, runtime, digits)
     result = run_unlearning(_copy(spec, state), s.data, rows, None, PlainConfig("finetune", {"budget": 0.01}),
                             runtime, corrective_rows=[])
     assert [st.bin.level for st in result.steps] == ["all"]
+    assert "corrective" not in result.config
     with pytest.raises(ConfigError, match="corrective_rows"):
         run_unlearning(_copy(spec, state), s.data, rows, None, PlainConfig("finetune"), runtime,
                        corrective_rows=[len(s.data.train) + 5])

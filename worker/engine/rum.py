@@ -318,13 +318,15 @@ def run_unlearning(
 
     plan: list[tuple[Bin, Unlearner]] = []
     rest = forget
+    config = policy.to_dict()
     if corrective_rows is not None:
         wrong = torch.unique(row_tensor(corrective_rows, n, "corrective_rows"))
         wrong = wrong[torch.isin(wrong, forget)]
         if len(wrong):
-            config = (corrective if corrective is not None else default_corrective_config()).validate()
-            plan.append((_whole_bin(wrong, values, CORRECTIVE_INDEX, "corrective"), config.unlearner()))
+            fix = (corrective if corrective is not None else default_corrective_config()).validate()
+            plan.append((_whole_bin(wrong, values, CORRECTIVE_INDEX, "corrective"), fix.unlearner()))
             rest = forget[~torch.isin(forget, wrong)]
+            config["corrective"] = fix.to_dict()
     cuts = None
     if isinstance(policy, RumConfig) and (len(rest) or values is not None):
         if values is None:
@@ -371,7 +373,7 @@ def run_unlearning(
                                 dict(getattr(unlearner, "last_run", None) or {})))
         if after_step is not None:
             after_step(j, model)
-    return UnlearningResult(model=model, method=policy.method, config=policy.to_dict(), steps=steps,
+    return UnlearningResult(model=model, method=policy.method, config=config, steps=steps,
                             seconds=time.perf_counter() - t_start, thresholds=cuts, recipe=recipe)
 
 
