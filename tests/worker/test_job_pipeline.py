@@ -512,6 +512,7 @@ def test_rows_whose_labels_are_wrong_take_the_corrective_step_before_the_bins(se
     first, *rest = report["bins"]
     assert (first["index"], first["level"], first["n"], first["method"]) == (-1, "corrective", 12, "random_label")
     assert first["hparams"]["label_mode"] == "runner_up" and first["hparams"]["budget"] == 0.02
+    assert report["config"]["corrective"]["method"] == "random_label"  # the reproducibility record has it
     assert rest and sum(b["n"] for b in rest) == 20 and all(b["index"] >= 0 for b in rest)
     page = render_job_page(JobReport.model_validate(report))
     assert "labels are wrong" in page and "bin -1" not in page
@@ -520,5 +521,7 @@ def test_rows_whose_labels_are_wrong_take_the_corrective_step_before_the_bins(se
     r3 = s.request(random_rows(s.n_train, 15, seed=13, exclude=wrong + erased), reason="poisoned")
     job2 = s.job([r3], {"corrective": {"reasons": []}})
     assert pipeline.run_job(s.ctx, job2) == "succeeded"
-    bins = s.report(job2)["bins"]
+    report2 = s.report(job2)
+    bins = report2["bins"]
     assert sum(b["n"] for b in bins) == 15 and all(b["level"] != "corrective" for b in bins)
+    assert "corrective" not in report2["config"]

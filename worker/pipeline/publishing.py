@@ -63,7 +63,8 @@ def publish(ctx: WorkerContext, lease: Lease, progress: Progress, loaded: Loaded
             unlearned: Unlearned, audited: AuditResult) -> Published:
     record, runtime = loaded.record, loaded.inputs.runtime
     checkpoint = store_checkpoint(ctx, unlearned.model)
-    config = {**loaded.engine_policy.to_dict(), "proxy": proxy.name, "proxy_params": proxy.params,
+    # what ran: the policy, and the corrective step's method when rows with wrong labels took it
+    config = {**unlearned.result.config, "proxy": proxy.name, "proxy_params": proxy.params,
               "seed": loaded.policy.seed}
     now = utcnow()
     run = RunFacts(attempt=lease.token, worker=lease.worker, device=device_name(runtime),
