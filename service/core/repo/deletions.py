@@ -112,9 +112,15 @@ def _target_query(by_key: bool = False):
     dr, drs = DeletionRequest.__table__, DeletionRequestSample.__table__
     model_id = bindparam("model_id")
     ready = select(mv.c.id).where(mv.c.model_id == model_id, mv.c.status == VersionStatus.READY).exists()
-    pending = (select(func.min(drs.c.request_id)).join(dr, dr.c.id == drs.c.request_id)
-               .where(drs.c.row == ds.c.row, dr.c.model_id == model_id, dr.c.status.in_(RequestStatus.ACTIVE),
-                      drs.c.linked_request_id.is_(None))
+    # The oldest active request of the model naming the row, itself not linked: read from the row's
+    # samples (ix_deletion_request_samples_row: a few a row), each request checked by its key in a
+    # subquery of its own. Written as a join, the planner may start from the model's active requests
+    # instead (with stale statistics it does: a fresh database, a burst of requests), which costs a
+    # probe per active request of the model, for every sample of every new request.
+    of_model = (select(and_(dr.c.model_id == model_id, dr.c.status.in_(RequestStatus.ACTIVE)))
+                .where(dr.c.id == drs.c.request_id).correlate(drs).scalar_subquery())
+    pending = (select(func.min(drs.c.request_id))
+               .where(drs.c.row == ds.c.row, drs.c.linked_request_id.is_(None), of_model)
                .correlate(ds).scalar_subquery())
     columns = (m.c.id.label("model"), ready.label("ready"), ds.c.sample_id, ds.c.row, fs.c.model_id.label("gone"),
                fs.c.request_id, fs.c.version, pending.label("pending"))
