@@ -47,10 +47,13 @@ IDEMPOTENCY_KEY = Header(min_length=1, max_length=255, pattern=r"\S")
              summary="Ask a model to forget samples (committed before the answer; batched into a job)")
 def create_deletion_request(bearer: Bearer, model_id: int, body: DeletionRequestIn,
                             idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None):
-    """One connection: one transaction (the key with the model and what is known of the samples in
-    one query; on PostgreSQL the request, its samples and its audit-log entry in one statement; the
-    commit), then outside it the look whether a batch is due: after the commit, so that of requests
-    accepted at once the last to look sees them all."""
+    """One connection. On PostgreSQL without an Idempotency-Key, two statements in autocommit: the
+    key with the model and what is known of the samples, then the request, its samples and its
+    audit-log entry, written and committed by one statement (atomic by itself, durable when it
+    returns: no BEGIN and COMMIT round trips); otherwise one transaction (with a key: its advisory
+    lock, the look for an earlier request with it, the INSERTs, the commit). Then outside it the
+    look whether a batch is due: after the commit, so that of requests accepted at once the last to
+    look sees them all."""
     ctx = bearer.ctx
     sample_ids = [str(s) for s in body.sample_ids]
     fp = deletions.fingerprint(model_id, sample_ids, body.reason, body.subject_ref)
@@ -58,20 +61,31 @@ def create_deletion_request(bearer: Bearer, model_id: int, body: DeletionRequest
         raise bad_field("Idempotency-Key", "must not be empty", status=400)
     replayed = due = False
     with ctx.db.connect() as connection:
-        with ctx.db.transaction(connection) as session:
-            caller, target = deletions.caller_and_target(session, bearer.key, bearer.prefix, model_id, sample_ids)
-            existing = None
-            if idempotency_key:
-                deletions.lock_idempotency_key(session, caller, idempotency_key)
-                existing = deletions.by_idempotency_key(session, caller, idempotency_key)
-            if existing is not None:
-                req, replayed = deletions.replay(existing, fp), True
-            else:
+        autocommit = idempotency_key is None and deletions.writes_in_one_statement(connection)
+        if autocommit:
+            # a session whose every statement commits on its own (its commit and rollback send nothing)
+            with ctx.db.transaction(ctx.db.autocommit(connection)) as session:
+                caller, target = deletions.caller_and_target(session, bearer.key, bearer.prefix, model_id,
+                                                             sample_ids)
                 req = deletions.create(session, caller, target, sample_ids=sample_ids, reason=body.reason,
-                                       subject_ref=body.subject_ref, idempotency_key=idempotency_key, fp=fp)
-            out = deletions.render(session, req)
+                                       subject_ref=body.subject_ref, idempotency_key=None, fp=fp)
+                out = deletions.render(session, req)
+        else:
+            with ctx.db.transaction(connection) as session:
+                caller, target = deletions.caller_and_target(session, bearer.key, bearer.prefix, model_id,
+                                                             sample_ids)
+                existing = None
+                if idempotency_key:
+                    deletions.lock_idempotency_key(session, caller, idempotency_key)
+                    existing = deletions.by_idempotency_key(session, caller, idempotency_key)
+                if existing is not None:
+                    req, replayed = deletions.replay(existing, fp), True
+                else:
+                    req = deletions.create(session, caller, target, sample_ids=sample_ids, reason=body.reason,
+                                           subject_ref=body.subject_ref, idempotency_key=idempotency_key, fp=fp)
+                out = deletions.render(session, req)
         if not replayed and out["status"] == RequestStatus.RECEIVED:
-            due = batching.maybe_due(ctx.db.autocommit(connection), model_id)
+            due = batching.maybe_due(connection if autocommit else ctx.db.autocommit(connection), model_id)
     if due and batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id) is not None:
         with ctx.db.session() as session:
             out = deletions.render(session, deletions.get(session, caller, out["id"]))

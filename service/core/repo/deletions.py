@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from sqlalchemy import and_, bindparam, func, select, text
+from sqlalchemy import and_, any_, bindparam, func, or_, select, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -105,9 +106,11 @@ class Target:
     pending: dict[int, int] = field(default_factory=dict)
 
 
-def _target_query(by_key: bool = False):
+def _target_query(by_key: bool = False, array: bool = False):
     """Built once (its compiled form is cached by SQLAlchemy; building it anew costs more than running it).
-    ``by_key``: the caller's key too (the model then joined on its tenant), for the accept path."""
+    ``by_key``: the caller's key too (the model then joined on its tenant), for the accept path.
+    ``array`` (PostgreSQL): the ids as one array parameter (``= ANY``), not an IN list, whose SQL
+    SQLAlchemy renders anew on every call and which is a statement of its own for each number of ids."""
     m, mv, ds, fs = Model.__table__, ModelVersion.__table__, DatasetSample.__table__, ForgottenSample.__table__
     dr, drs = DeletionRequest.__table__, DeletionRequestSample.__table__
     model_id = bindparam("model_id")
@@ -117,14 +120,18 @@ def _target_query(by_key: bool = False):
     # subquery of its own. Written as a join, the planner may start from the model's active requests
     # instead (with stale statistics it does: a fresh database, a burst of requests), which costs a
     # probe per active request of the model, for every sample of every new request.
-    of_model = (select(and_(dr.c.model_id == model_id, dr.c.status.in_(RequestStatus.ACTIVE)))
+    # (the statuses compared one by one: an IN list is rendered anew on every call)
+    active = or_(*(dr.c.status == status for status in RequestStatus.ACTIVE))
+    of_model = (select(and_(dr.c.model_id == model_id, active))
                 .where(dr.c.id == drs.c.request_id).correlate(drs).scalar_subquery())
     pending = (select(func.min(drs.c.request_id))
                .where(drs.c.row == ds.c.row, drs.c.linked_request_id.is_(None), of_model)
                .correlate(ds).scalar_subquery())
-    columns = (m.c.id.label("model"), ready.label("ready"), ds.c.sample_id, ds.c.row, fs.c.model_id.label("gone"),
-               fs.c.request_id, fs.c.version, pending.label("pending"))
-    samples = and_(ds.c.dataset_id == m.c.dataset_id, ds.c.sample_id.in_(bindparam("ids", expanding=True)))
+    columns = (m.c.id.label("model"), ready.label("ready"), ds.c.sample_id, ds.c.row, fs.c.request_id, fs.c.version,
+               pending.label("pending"))  # fs.version is never null: a forgotten sample has one
+    ids = (ds.c.sample_id == any_(bindparam("ids", type_=ARRAY(ds.c.sample_id.type))) if array
+           else ds.c.sample_id.in_(bindparam("ids", expanding=True)))
+    samples = and_(ds.c.dataset_id == m.c.dataset_id, ids)
     if not by_key:
         return (select(*columns).select_from(m).outerjoin(ds, samples)
                 .outerjoin(fs, and_(fs.c.model_id == m.c.id, fs.c.row == ds.c.row))
@@ -141,7 +148,7 @@ def _target_query(by_key: bool = False):
 
 
 TARGET = _target_query()
-KEY_AND_TARGET = _target_query(by_key=True)
+KEY_AND_TARGET = {False: _target_query(by_key=True), True: _target_query(by_key=True, array=True)}
 INSERT_REQUEST = DeletionRequest.__table__.insert().returning(DeletionRequest.__table__.c.id)
 INSERT_SAMPLES = DeletionRequestSample.__table__.insert()
 
@@ -154,7 +161,7 @@ def _collect(found: Target | None, model_id: int, rows) -> Target | None:
         if r.sample_id is None:
             continue
         found.rows[r.sample_id] = r.row
-        if r.gone is not None:
+        if r.version is not None:
             found.forgotten[r.row] = (r.request_id, r.version)
         if r.pending is not None:
             found.pending[r.row] = r.pending
@@ -185,8 +192,9 @@ def caller_and_target(session: Session, key: str, prefix: str, model_id: int,
     sample_ids = list(dict.fromkeys(sample_ids))
     # an id out of range matches no model (0 is never one), and the key is still checked first
     params = {"prefix": prefix, "model_id": model_id if 0 < model_id <= MAX_ID else 0}
+    query = KEY_AND_TARGET[is_postgres(session)]
     for start in range(0, max(len(sample_ids), 1), LOOKUP_CHUNK):
-        rows = session.execute(KEY_AND_TARGET, params | {"ids": sample_ids[start:start + LOOKUP_CHUNK]}).all()
+        rows = session.execute(query, params | {"ids": sample_ids[start:start + LOOKUP_CHUNK]}).all()
         if caller is None:
             caller = caller_of(session, rows[0] if rows else None, key, prefix)  # 401
         found = _collect(found, model_id, rows)
@@ -284,10 +292,15 @@ SELECT r.id, e.id AS entry_id FROM r, e""").bindparams(bindparam("created_at", t
                                                        bindparam("completed_at", type_=_R.c.completed_at.type))
 
 
+def writes_in_one_statement(bind) -> bool:
+    """Whether :func:`create` writes a request in one statement (PostgreSQL), which needs no
+    transaction around it: a caller without other writes to make may run it in autocommit."""
+    return is_postgres(bind)
+
+
 def _insert_all(session: Session, values: dict, samples: list[dict], caller: Caller, details: dict) -> int:
     """The request, its samples, its audit-log entry (as ``audit.record`` appends one) and the
     entry's place in the sequencer's queue, in one statement (PostgreSQL): the request's id."""
-    details = json.loads(json.dumps(details, default=str))  # as audit.record stores it
     request_id, entry_id = session.execute(INSERT_ALL, values | {
         "sample_rows": [s["row"] for s in samples], "sample_ids": [s["sample_id"] for s in samples],
         "links": [s["linked_request_id"] for s in samples], "actor": caller.actor, "action": RECEIVED,
