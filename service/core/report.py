@@ -300,6 +300,7 @@ class CalibrationReport(_Strict):
     recipe: dict[str, Any]
     sets: dict[str, int]
     reference: dict[str, dict[str, float | None]]
+    check_margin: float = 0.0  # the gain over the default the winner needed on the check set
     payback: Payback
     revision: Revision
 

@@ -9,9 +9,12 @@ import torch
 
 from worker.engine.calibration import (
     CalibrationSettings,
+    Score,
     calibrate,
+    check_margin,
     default_policy,
     paired_mixed_sets,
+    penalized,
     planned_cost,
 )
 from worker.engine.errors import Cancelled, ConfigError
@@ -76,8 +79,14 @@ def test_calibration_end_to_end_and_resumes_from_its_storage(original, digits, p
     assert all(t["planned_cost"] <= settings.cost_cap + 1e-9 or t["state"] == "pruned" for t in d["trials"])
     parse_policy(d["policy"])  # a policy the engine accepts
     assert d["chosen"] in ("calibrated", "default")
+    assert d["check_margin"] == pytest.approx(check_margin(d["sets"]["check_size"]))
+    gain = (penalized(Score(**d["check"]), settings.cost_cap)
+            - penalized(Score(**d["default_check"]), settings.cost_cap))
     if d["chosen"] == "default":
         assert d["policy"] == default_policy()
+        assert gain < d["check_margin"] or d["winner"] == default_policy()
+    else:  # only a winner that clears the check set's noise replaces the default
+        assert d["policy"] == d["winner"] != default_policy() and gain >= d["check_margin"]
     for key in ("search", "check", "default_search", "default_check"):
         assert 0.0 <= d[key]["score"] <= 1.0
     best = max(t["score"] for t in d["trials"] if t["state"] == "complete")
@@ -99,3 +108,10 @@ def test_calibration_can_be_canceled(original, digits, proxy, recipe, runtime):
     ctx = RunContext(cancel_requested=lambda: True)
     with pytest.raises(Cancelled):
         calibrate(original, digits, recipe, proxy, runtime, ctx, settings=CalibrationSettings(n_trials=2))
+
+
+def test_the_check_margin_is_the_largest_standard_error_of_an_accuracy_on_the_check_set():
+    assert check_margin(100) == pytest.approx(0.05)
+    assert check_margin(72) == pytest.approx(0.0589, abs=1e-4)  # digits' 6% check set
+    assert check_margin(400) < check_margin(100) < check_margin(24)  # more rows, less noise
+    assert check_margin(0) == 0.5
