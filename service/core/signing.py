@@ -110,24 +110,26 @@ def load_signer(settings: Settings) -> Signer:
     if not path.exists():
         if settings.signing_key is not None:
             raise SigningKeyMissing(f"UNLEARND_SIGNING_KEY names {path}, which does not exist")
-        _create(path)
+        pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption())
+        create_key_file(path, pem)
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise SigningKeyMissing(f"{path} is not an Ed25519 private key")
     return Signer(key)
 
 
-def _create(path: Path) -> None:
-    """Write a new key without ever replacing one: a temporary file, then a hard link that fails if
-    another process created the key meanwhile (theirs wins)."""
+def create_key_file(path: Path, data: bytes) -> None:
+    """Write a new key file (mode 0600) without ever replacing one: a temporary file, then a hard
+    link that fails if another process created the key meanwhile (theirs wins). Used for the
+    signing key and the webhook key."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pem = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption())
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(pem)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         with contextlib.suppress(FileExistsError):

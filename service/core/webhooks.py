@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -48,6 +47,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from service.core.errors import invalid
 from service.core.settings import Settings
+from service.core.signing import create_key_file
 
 # The events an endpoint can subscribe to (docs/api.md#webhooks says what each carries).
 EVENT_TYPES = ("deletion_request.completed", "deletion_request.failed", "job.finished", "version.published",
@@ -238,7 +238,7 @@ def key_bytes(settings: Settings) -> bytes:
         if not path.exists():
             if settings.webhook_encryption_key is not None:
                 raise SecretKeyError(f"UNLEARND_WEBHOOK_ENCRYPTION_KEY names {path}, which does not exist")
-            _create(path)
+            create_key_file(path, new_key_text().encode("ascii"))
         text = path.read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise SecretKeyError(f"the webhook key {path} cannot be read: {exc}") from None
@@ -254,23 +254,6 @@ def key_bytes(settings: Settings) -> bytes:
 def new_key_text() -> str:
     """A new webhook key as its file holds it (``UNLEARND_WEBHOOK_ENCRYPTION_KEY``)."""
     return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode() + "\n"
-
-
-def _create(path: Path) -> None:
-    """Write a new key without ever replacing one: a temporary file, then a hard link that fails if
-    another process created the key meanwhile (theirs wins)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(new_key_text())
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 __all__ = ["EVENT_TYPES", "TEST_EVENT", "SecretBox", "SecretKeyError", "address_refusal", "check_url", "key_bytes",
