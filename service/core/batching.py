@@ -92,27 +92,45 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
 
 
 def _due_queries():
-    """The two looks of ``maybe_due``, built once (SQLAlchemy caches their compiled form)."""
+    """The two looks of ``maybe_due``, built once (SQLAlchemy caches their compiled form).
+
+    The first costs a few index probes whatever the backlog: the model's policy and flush mark,
+    whether a job of it is active, and the ids of its oldest and newest received requests
+    (``ix_deletion_requests_model_status_id``). Ids come from one sequence, so the model has at most
+    ``newest - oldest + 1`` received requests: a bound on their number that needs no count. The
+    second, run only when that bound (or the age, or a flush) says a batch may be due, counts the
+    requests with new samples up to ``max_requests`` (a LIMIT: never more rows than a batch)."""
     model_id = bindparam("model_id")
-    received = (DeletionRequest.model_id == model_id, DeletionRequest.status == RequestStatus.RECEIVED)
-    of_model = select(Model).where(Model.id == model_id)
-    first = select(of_model.with_only_columns(Model.policy).scalar_subquery(),
-                   of_model.with_only_columns(Model.flush_requested_at).scalar_subquery(),
-                   func.count(), func.min(DeletionRequest.created_at)).where(*received)
-    exact = select(func.count(), func.min(DeletionRequest.created_at)).where(*received, has_new_samples())
-    return first, exact
+    dr = DeletionRequest
+    received = (dr.model_id == model_id, dr.status == RequestStatus.RECEIVED)
+    oldest = select(dr.id).where(*received).order_by(dr.id).limit(1)
+    active = exists().where(Job.model_id == model_id, Job.status.in_(JobStatus.ACTIVE))
+    look = select(Model.policy, Model.flush_requested_at, active,
+                  oldest.scalar_subquery(), oldest.with_only_columns(dr.created_at).scalar_subquery(),
+                  select(dr.id).where(*received).order_by(dr.id.desc()).limit(1).scalar_subquery(),
+                  ).where(Model.id == model_id)
+    new = (*received, has_new_samples())
+    counted = select(dr.id).where(*new).limit(bindparam("bound")).subquery()
+    exact = select(select(func.count()).select_from(counted).scalar_subquery(),
+                   select(dr.created_at).where(*new).order_by(dr.id).limit(1).scalar_subquery())
+    return look, exact
 
 
-RECEIVED, RECEIVED_WITH_NEW_SAMPLES = _due_queries()
+LOOK, RECEIVED_WITH_NEW_SAMPLES = _due_queries()
 
 
 def maybe_due(session: Session | Connection, model_id: int, now: dt.datetime | None = None) -> bool:
     """A cheap, lock-free look: could a batch be due now? (``claim`` decides under the lock.) Keeps
-    the per-model lock off the hot path of accepting requests. The model's received requests are
-    counted first on their index alone, whether or not they have new samples: their number and age
-    bound those of the requests that do, so only a batch that may be due costs the exact count."""
+    the per-model lock off the hot path of accepting requests, and its cost off the backlog: False
+    while a job of the model is active (``claim`` would take nothing; the job's end claims what
+    waits, ``next_job``), else a bound on the number of received requests from their ids, and only
+    when that bound, their age or a flush says a batch may be due, the count of those with new
+    samples (at most ``max_requests`` rows read)."""
     now = now or utcnow()
-    policy, flush_requested, n, oldest = session.execute(RECEIVED, {"model_id": model_id}).one()
+    policy, flush_requested, active, first_id, first_at, last_id = session.execute(
+        LOOK, {"model_id": model_id}).one()
+    if active or first_id is None:
+        return False
     batching = batching_of(policy)
 
     def due(n: int, oldest: dt.datetime | None) -> bool:
@@ -121,9 +139,10 @@ def maybe_due(session: Session | Connection, model_id: int, now: dt.datetime | N
         waited = (now - _aware(oldest)).total_seconds()
         return flush_requested is not None or n >= batching.max_requests or waited >= batching.max_wait_s
 
-    if not due(n, oldest):
+    if not due(last_id - first_id + 1, first_at):
         return False
-    n, oldest = session.execute(RECEIVED_WITH_NEW_SAMPLES, {"model_id": model_id}).one()
+    n, oldest = session.execute(RECEIVED_WITH_NEW_SAMPLES, {"model_id": model_id,
+                                                            "bound": batching.max_requests}).one()
     return due(n, oldest)
 
 

@@ -135,3 +135,44 @@ def test_a_key_committed_meanwhile_is_409_and_other_integrity_errors_are_not(ser
         deletions.create(s, caller, target, idempotency_key="k-new", **args)
     with service.db.session() as s:
         assert s.scalar(select(func.count()).select_from(DeletionRequest)) == 1
+
+
+def test_whether_a_batch_is_due_is_read_without_counting_the_backlog(service, user_files):
+    """``batching.maybe_due`` bounds the number of received requests by their ids (one statement
+    whatever the backlog) and counts those with new samples, at most ``max_requests`` of them, only
+    when that bound, their age or a flush says a batch may be due; a model with an active job is
+    never due (its end claims what waits)."""
+    from service.core import batching
+    from service.core.models import Job
+
+    def look() -> tuple[bool, int]:
+        with service.db.session() as s, statements() as sent:
+            due = batching.maybe_due(s, mid)
+        return due, sum(1 for q in sent if q.lstrip().upper().startswith("SELECT"))  # SQLite adds its BEGIN
+
+    with service.client() as c:
+        mid = _ready_model(service, user_files, c, policy={"batching": {"max_requests": 4, "max_wait_s": 3600}})
+        assert look() == (False, 1)  # nothing received
+        first = _post(c, mid, [ID[1]]).json()
+        for i in (2, 3):
+            _post(c, mid, [ID[i]])
+        assert look() == (False, 1)  # 3 of 4 by their ids: not due, nothing counted
+        _post(c, mid, [ID[1]])  # a fourth request, its one sample linked to the first: nothing new
+        assert look() == (False, 2)  # the ids say 4, the count of those with new samples 3
+        # another model's requests between them widen the bound, not the count
+        other = _ready_model(service, user_files, c, name="other",
+                             policy={"batching": {"max_requests": 100, "max_wait_s": 3600}})
+        for i in range(4, 8):
+            _post(c, other, [ID[i]])
+        assert look() == (False, 2)
+        with service.db.transaction() as s:  # the answer to the last request of `mid` claimed no batch
+            assert s.scalar(select(func.count()).select_from(Job).where(Job.model_id == mid)) == 0
+        r = _post(c, mid, [ID[9]])  # the fourth with a new sample: due, claimed by the accept path itself
+        assert r.status_code == 202 and r.json()["status"] == "batched", r.text
+        assert c.get(first["links"]["self"]).json()["status"] == "batched"
+        for i in (10, 11, 12, 13):  # a job is active: four more received are not due until it ends
+            _post(c, mid, [ID[i]])
+        assert look() == (False, 1)
+        with service.db.transaction() as s:
+            s.execute(update(Job).where(Job.model_id == mid).values(status="succeeded"))
+        assert look() == (True, 2)
