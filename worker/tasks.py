@@ -117,8 +117,9 @@ def sweep() -> dict:
     registrations still pending, batches whose wait ran out, queued jobs (deletion or calibration)
     whose wake-up was lost, and running jobs whose worker stopped beating (killed): the next
     delivery takes them over. And superseded versions whose retention ran out are purged
-    (service/core/repo/retention.py), and delivered or given-up webhook messages older than
-    ``webhook_delivery_retention_days`` leave the delivery log."""
+    (service/core/repo/retention.py), delivered or given-up webhook messages older than
+    ``webhook_delivery_retention_days`` leave the delivery log, and webhook secrets whose grace
+    period after a rotation is over are forgotten."""
     ctx = worker_context()
     dispatcher = ctx.dispatcher
     now = utcnow()
@@ -147,8 +148,9 @@ def sweep() -> dict:
     pruned = webhook_repo.prune(ctx.db, now - dt.timedelta(days=ctx.settings.webhook_delivery_retention_days))
     if pruned:
         log.info("sweeper removed %d finished webhook message(s) from the delivery log", pruned)
+    expired = webhook_repo.drop_expired_secrets(ctx.db, now)
     return {"registrations": len(sent), "batches": len(claimed), "jobs": len(resent), "purged": len(purged),
-            "webhook_deliveries_pruned": pruned}
+            "webhook_deliveries_pruned": pruned, "webhook_secrets_expired": expired}
 
 
 @app.task(name=SEQUENCE)

@@ -15,9 +15,12 @@ check and the connection (DNS rebinding) cannot reach them; the Host header and,
 server name (SNI) and the certificate check stay those of the URL. No HTTP proxy is used.
 
 The endpoint's secret is decrypted with the deployment's webhook key (service/core/webhooks.py
-SecretBox) just before its attempts. A key that is missing or unreadable, or a secret that does not
-decrypt with it (encrypted under another key, altered), gives the message up at once with
-``last_error`` saying why: nothing is sent unsigned or signed with a wrong key, and the worker goes on.
+SecretBox) just before its attempts; during the grace period of a rotation the secret it superseded
+is decrypted too and both sign (the new one first, in the same ``webhook-signature`` header). A key
+that is missing or unreadable, or a secret that does not decrypt with it (encrypted under another
+key, altered), gives the message up at once with ``last_error`` saying why: nothing is sent
+unsigned or signed with a wrong key, and the worker goes on. A previous secret that does not
+decrypt is left out (logged): the current one signs alone.
 """
 
 from __future__ import annotations
@@ -92,8 +95,9 @@ def _connector(found: list[tuple]):
     return connect
 
 
-def post(attempt: webhooks.Attempt, secret: str, timeout: float, allow_private: bool = False) -> Outcome:
-    """One POST signed with ``secret`` (in clear) to the checked addresses of the endpoint's host;
+def post(attempt: webhooks.Attempt, secrets: list[str], timeout: float, allow_private: bool = False) -> Outcome:
+    """One POST signed with each of ``secrets`` (in clear: the endpoint's, then the one a rotation
+    superseded while its grace period lasts) to the checked addresses of the endpoint's host;
     redirects are not followed."""
     body = attempt.body.encode()
     timestamp = int(time.time())
@@ -101,7 +105,7 @@ def post(attempt: webhooks.Attempt, secret: str, timeout: float, allow_private: 
     try:
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "webhook-id": attempt.message_id,
                    "webhook-timestamp": str(timestamp),
-                   "webhook-signature": standard.sign(secret, attempt.message_id, timestamp, body),
+                   "webhook-signature": standard.sign_all(secrets, attempt.message_id, timestamp, body),
                    "Connection": "close"}
         url = urlsplit(attempt.url)
         https = url.scheme.lower() == "https"
@@ -126,14 +130,22 @@ def post(attempt: webhooks.Attempt, secret: str, timeout: float, allow_private: 
 
 def attempt_once(attempt: webhooks.Attempt, box: standard.SecretBox | None, key_error: str | None,
                  settings: Settings) -> Outcome:
-    """Decrypt the endpoint's secret and POST; a secret that cannot be had gives the message up."""
+    """Decrypt the endpoint's secret (and the previous one, during its grace period) and POST; a
+    secret that cannot be had gives the message up. A previous secret that cannot be had is left
+    out (the log says why): the current one still signs."""
     try:
         if box is None:
             raise standard.SecretKeyError(key_error or "no webhook key")
-        secret = box.open(attempt.encrypted_secret, attempt.tenant_id)
+        secrets = [box.open(attempt.encrypted_secret, attempt.tenant_id)]
     except standard.SecretKeyError as exc:
         return Outcome(None, f"not sent: {exc}"[:500], permanent=True)
-    return post(attempt, secret, settings.webhook_timeout_s, settings.webhook_allow_private)
+    if attempt.previous_encrypted_secret is not None:
+        try:
+            secrets.append(box.open(attempt.previous_encrypted_secret, attempt.tenant_id))
+        except standard.SecretKeyError as exc:
+            log.warning("webhook message %s to %s: signed without the previous secret: %s", attempt.message_id,
+                        attempt.url, exc)
+    return post(attempt, secrets, settings.webhook_timeout_s, settings.webhook_allow_private)
 
 
 def deliver(db: Database, settings: Settings) -> dict:

@@ -268,11 +268,12 @@ class WebhookOut(_Out):
     events: list[str]
     description: str | None
     created_at: str
+    previous_secret_expires_at: str | None  # while a rotated-out secret still signs (grace period)
     links: WebhookLinks
 
 
 class WebhookCreatedOut(WebhookOut):
-    secret: str  # shown in the answer to POST /v1/webhooks only
+    secret: str  # shown only in the answer that sets it: registration, rotate-secret
 
 
 class WebhookPage(_Out):

@@ -386,13 +386,17 @@ class ErasureCertificate(Base):
 class WebhookEndpoint(Base):
     """Where a tenant wants its events sent (service/core/repo/webhooks.py): a URL, the secret that
     signs each message, and the event types. The secret is kept encrypted under the deployment's
-    webhook key (service/core/webhooks.py SecretBox): the worker decrypts it to sign."""
+    webhook key (service/core/webhooks.py SecretBox): the worker decrypts it to sign. After a
+    rotation with a grace period, the superseded secret (encrypted the same way) signs too until
+    ``previous_secret_expires_at``; both are null when there is none."""
 
     __tablename__ = "webhook_endpoints"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     url: Mapped[str] = mapped_column(String(2048))
     encrypted_secret: Mapped[str] = mapped_column(String(512))
+    previous_encrypted_secret: Mapped[str | None] = mapped_column(String(512))
+    previous_secret_expires_at: Mapped[dt.datetime | None]
     event_types: Mapped[list[Any]]
     description: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

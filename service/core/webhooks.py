@@ -8,6 +8,11 @@ written ``whsec_`` followed by the base64 of its bytes (24 to 64 of them); the k
 The receiver recomputes the signature over the raw body and compares it in constant time
 (docs/api.md#webhooks has a verifier in a few lines).
 
+Rotation with a grace period: for ``grace_seconds`` after a new secret is set, the superseded one
+keeps signing too, so the header carries two signatures, space-separated, the new secret's first
+(:func:`sign_all`); the specification lets a header hold several, and a receiver accepts a message
+when any of them verifies, so one that has not deployed the new secret yet still accepts it.
+
 Destinations (server-side request forgery): an endpoint may not reach the service's own network
 unless ``webhook_allow_private`` says so. :func:`address_refusal` is the one rule, for every address
 the service would send to: the API refuses a URL whose host is such an address written out
@@ -57,6 +62,8 @@ SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32  # a new secret; one given must decode to 24..64 bytes, as the specification asks
 MIN_SECRET_BYTES, MAX_SECRET_BYTES = 24, 64
 MAX_URL_LENGTH = 2048
+# rotate-secret: how long the superseded secret keeps signing next to the new one (0: not at all)
+DEFAULT_GRACE_S, MAX_GRACE_S = 86_400, 7 * 86_400
 SCHEMES = ("http", "https")
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 _NUMERIC_HOST = re.compile(r"^[0-9a-fA-FxX.]+$")  # a form inet_aton reads as IPv4: 127.1, 0x7f000001, 2130706433
@@ -92,6 +99,14 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     signed = f"{message_id}.{timestamp}.".encode() + body
     digest = hmac.new(secret_key(secret), signed, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode()
+
+
+def sign_all(secrets: list[str], message_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header signed with each of ``secrets`` in their order (the current
+    secret first, then one still in its grace period), space-separated as the specification allows."""
+    if not secrets:
+        raise ValueError("a message is never sent unsigned")
+    return " ".join(sign(secret, message_id, timestamp, body) for secret in secrets)
 
 
 def new_message_id() -> str:
@@ -256,6 +271,6 @@ def new_key_text() -> str:
     return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode() + "\n"
 
 
-__all__ = ["EVENT_TYPES", "TEST_EVENT", "SecretBox", "SecretKeyError", "address_refusal", "check_url", "key_bytes",
-           "key_path", "literal_address", "load_box", "new_key_text", "new_message_id", "new_secret", "secret_key",
-           "sign"]
+__all__ = ["DEFAULT_GRACE_S", "EVENT_TYPES", "MAX_GRACE_S", "TEST_EVENT", "SecretBox", "SecretKeyError",
+           "address_refusal", "check_url", "key_bytes", "key_path", "literal_address", "load_box", "new_key_text",
+           "new_message_id", "new_secret", "secret_key", "sign", "sign_all"]

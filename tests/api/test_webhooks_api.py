@@ -230,3 +230,50 @@ def test_without_its_webhook_key_the_api_stores_no_secret(tmp_path, db_url):
         assert r.json()["type"].endswith("webhook-key-unavailable") and str(missing) not in r.text
         assert c.get("/v1/webhooks").json()["items"] == [] and not missing.exists()
         assert c.post("/v1/webhooks/1/rotate-secret").status_code == 503
+
+
+def test_a_rotation_keeps_the_old_secret_signing_for_its_grace_period(service: Service):
+    """No body: a day of grace, shown as previous_secret_expires_at (by GET too, never the secret);
+    grace_seconds 0: none. A grace period out of range is 422 naming grace_seconds and changes nothing."""
+    import datetime as dt
+
+    def expires(answer: dict) -> float | None:
+        at = answer["previous_secret_expires_at"]
+        return None if at is None else (dt.datetime.fromisoformat(at) - dt.datetime.now(dt.UTC)).total_seconds()
+
+    with service.client() as c:
+        hook = c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/h", "events": ["job.finished"]}).json()
+        assert hook["previous_secret_expires_at"] is None
+        assert c.get(f"/v1/webhooks/{hook['id']}").json()["previous_secret_expires_at"] is None
+        r = c.post(f"/v1/webhooks/{hook['id']}/rotate-secret")
+        assert r.status_code == 200, r.text
+        assert 86_400 - 60 < expires(r.json()) <= 86_400  # the default
+        shown = c.get(f"/v1/webhooks/{hook['id']}").json()
+        assert shown["previous_secret_expires_at"] == r.json()["previous_secret_expires_at"] and "secret" not in shown
+        assert all("secret" not in h for h in c.get("/v1/webhooks").json()["items"])
+        with service.db.session() as s:
+            row = s.get(WebhookEndpoint, hook["id"])
+            previous = standard.load_box(service.settings).open(row.previous_encrypted_secret, row.tenant_id)
+        assert previous == hook["secret"]  # sealed for the tenant like the current one
+
+        r = c.post(f"/v1/webhooks/{hook['id']}/rotate-secret", json={"grace_seconds": 600})
+        assert r.status_code == 200 and 540 < expires(r.json()) <= 600, r.text
+        r = c.post(f"/v1/webhooks/{hook['id']}/rotate-secret", json={})  # an empty object: the default too
+        assert r.status_code == 200 and expires(r.json()) > 86_000, r.text
+        r = c.post(f"/v1/webhooks/{hook['id']}/rotate-secret", json={"grace_seconds": 604_800})
+        assert r.status_code == 200 and expires(r.json()) > 604_000, r.text
+        r = c.post(f"/v1/webhooks/{hook['id']}/rotate-secret", json={"grace_seconds": 0})
+        assert r.status_code == 200 and r.json()["previous_secret_expires_at"] is None, r.text
+        assert c.get(f"/v1/webhooks/{hook['id']}").json()["previous_secret_expires_at"] is None
+        rotated = r.json()
+
+        before = stored_secret(service, hook["id"])
+        for grace in (-1, 604_801, 10**20, "60", 1.5, True, None, [60]):
+            r = c.post(f"/v1/webhooks/{hook['id']}/rotate-secret", json={"grace_seconds": grace})
+            assert r.status_code == 422, (grace, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert [e["field"] for e in r.json()["errors"]] == ["grace_seconds"], (grace, r.json())
+        r = c.post(f"/v1/webhooks/{hook['id']}/rotate-secret", json={"grace": 60})
+        assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["grace"], r.text
+        assert stored_secret(service, hook["id"]) == before  # nothing changed
+        assert c.get(f"/v1/webhooks/{hook['id']}").json() == {k: v for k, v in rotated.items() if k != "secret"}

@@ -217,3 +217,50 @@ def test_0010_without_the_key_fails_clearly_and_changes_nothing(db_url, tmp_path
                     } == secrets
     finally:
         engine.dispose()
+
+
+def test_0011_adds_the_previous_secret_and_drops_it_keeping_the_endpoints_and_deliveries(db_url, tmp_path,
+                                                                                         monkeypatch):
+    """Upgrading adds the two nullable columns (null for every endpoint); downgrading drops them,
+    with the endpoints and their deliveries left as they were (SQLite rebuilds the table)."""
+    import datetime as dt
+
+    from sqlalchemy import text
+
+    from service.core import webhooks
+    from service.core.migrate import upgrade as up
+
+    key = tmp_path / "webhook-key"
+    key.write_text(webhooks.new_key_text())
+    monkeypatch.setenv("UNLEARND_WEBHOOK_ENCRYPTION_KEY", str(key))
+    secrets = _at_0009_with_clear_webhook_secrets(db_url)
+    up(db_url, "0010")
+    engine = create_engine(db_url)
+
+    def columns() -> set[str]:
+        return {c["name"] for c in inspect(engine).get_columns("webhook_endpoints")}
+
+    def endpoints() -> list:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT id, tenant_id, encrypted_secret FROM webhook_endpoints ORDER BY id")).all()
+
+    try:
+        assert not columns() & {"previous_encrypted_secret", "previous_secret_expires_at"}
+        before = endpoints()
+        up(db_url, "0011")
+        assert {"previous_encrypted_secret", "previous_secret_expires_at"} <= columns()
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT previous_encrypted_secret, previous_secret_expires_at "
+                                     "FROM webhook_endpoints")).all() == [(None, None)] * len(secrets)
+            conn.execute(text("UPDATE webhook_endpoints SET previous_encrypted_secret = encrypted_secret, "
+                              "previous_secret_expires_at = :t WHERE id = 1"),
+                         {"t": dt.datetime(2026, 12, 2, tzinfo=dt.UTC)})
+        assert endpoints() == before
+        command.downgrade(alembic_config(db_url), "0010")
+        assert not columns() & {"previous_encrypted_secret", "previous_secret_expires_at"}
+        assert endpoints() == before
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT endpoint_id, message_id FROM webhook_deliveries ORDER BY endpoint_id")
+                                ).all() == [(i, f"msg_{i}") for i in secrets]
+    finally:
+        engine.dispose()

@@ -441,8 +441,8 @@ def test_a_rotated_secret_signs_the_next_attempts(db):
         hook, old = endpoint(db, acme, receiver.url, secret=receiver.secret)
         publish(db, acme)
         assert deliver(db, settings())["sent"] == 1  # signed with the old secret, answered 500
-        with db.transaction() as s:
-            _, new = webhooks.rotate_secret(s, acme, hook, box=standard.load_box(settings()))
+        with db.transaction() as s:  # no grace period: the old secret stops signing at once
+            _, new = webhooks.rotate_secret(s, acme, hook, box=standard.load_box(settings()), grace_seconds=0)
         assert new != old and standard.load_box(settings()).open(stored_secret(db, hook), acme.tenant_id) == new
         receiver.secret = new
         due_now(db)
@@ -507,3 +507,149 @@ def test_a_worker_sends_a_message_as_soon_as_its_transaction_commits(tmp_path, d
     (got,) = receiver.got
     assert got["valid"] and got["headers"]["webhook-id"] == queued["message_id"]
     assert json.loads(got["body"])["type"] == "webhook.test"
+
+
+# --------------------------------------------------------------------------- rotation with a grace period
+
+
+def signatures(got: dict) -> list[str]:
+    return got["headers"]["webhook-signature"].split()
+
+
+def verifies(secret: str, got: dict, signature: str | None = None) -> bool:
+    """``verify`` over what the receiver got, or over one of its signatures alone."""
+    headers = dict(got["headers"])
+    if signature is not None:
+        headers["webhook-signature"] = signature
+    return verify(secret, headers, got["body"])
+
+
+def rotate(db: Database, caller: Caller, hook: int, grace_seconds: int) -> str:
+    with db.transaction() as s:
+        return webhooks.rotate_secret(s, caller, hook, box=standard.load_box(settings()),
+                                      grace_seconds=grace_seconds)[1]
+
+
+def previous_secret(db: Database, hook: int) -> tuple[str | None, dt.datetime | None]:
+    with db.session() as s:
+        row = s.get(WebhookEndpoint, hook)
+        return row.previous_encrypted_secret, row.previous_secret_expires_at
+
+
+def test_sign_all_puts_each_signature_in_one_header():
+    secrets = [standard.new_secret(), standard.new_secret()]
+    header = standard.sign_all(secrets, "msg_1", 5, b"{}")
+    assert header.split() == [standard.sign(s, "msg_1", 5, b"{}") for s in secrets]
+    with pytest.raises(ValueError):
+        standard.sign_all([], "msg_1", 5, b"{}")
+
+
+def test_during_the_grace_period_the_old_and_the_new_secret_both_sign(db):
+    """A receiver that knows only the old secret keeps accepting the retries of a message after a
+    rotation, and one that has the new secret accepts them too: two signatures, the new one first.
+    A second rotation during the grace period keeps only the secret it superseded."""
+    acme = tenant(db, "acme")
+    with receiving(standard.new_secret(), [500, 500, 500]) as receiver:  # knows the old secret only
+        hook, old = endpoint(db, acme, receiver.url, secret=receiver.secret)
+        publish(db, acme)
+        assert deliver(db, settings())["sent"] == 1  # before the rotation: one signature
+        new = rotate(db, acme, hook, 3600)
+        due_now(db)
+        deliver(db, settings())
+        newer = rotate(db, acme, hook, 600)  # the second rotation, during the grace period
+        due_now(db)
+        deliver(db, settings())
+        receiver.secret = newer
+        due_now(db)
+        assert deliver(db, settings())["delivered"] == 1
+    before, during, second, last = receiver.got
+    assert len(signatures(before)) == 1 and verifies(old, before)
+    assert during["valid"]  # the receiver with the old secret only
+    assert verifies(new, during)  # a receiver with the new one
+    first, then = signatures(during)
+    assert verifies(new, during, first) and not verifies(old, during, first)  # the new secret signs first
+    assert verifies(old, during, then) and not verifies(new, during, then)
+    assert {g["headers"]["webhook-id"] for g in receiver.got} == {before["headers"]["webhook-id"]}
+    # after the second rotation: the newest secret and the one it superseded; the oldest no longer
+    assert len(signatures(second)) == 2 and verifies(newer, second) and verifies(new, second)
+    assert not verifies(old, second)
+    assert last["valid"] and len(signatures(last)) == 2
+
+
+def test_after_the_grace_period_only_the_new_secret_signs(db):
+    acme = tenant(db, "acme")
+    with receiving(standard.new_secret(), []) as receiver:
+        hook, old = endpoint(db, acme, receiver.url, secret=receiver.secret)
+        new = rotate(db, acme, hook, 3600)
+        stored, ends = previous_secret(db, hook)
+        assert stored is not None and 3590 <= (_aware(ends) - utcnow()).total_seconds() <= 3600
+        with db.transaction() as s:  # the grace period is over
+            s.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == hook)
+                      .values(previous_secret_expires_at=utcnow() - dt.timedelta(seconds=1)))
+        publish(db, acme)
+        receiver.secret = new
+        assert deliver(db, settings())["delivered"] == 1
+    (got,) = receiver.got
+    assert signatures(got) == [got["headers"]["webhook-signature"]] and got["valid"]
+    assert not verifies(old, got)
+    with db.session() as s:
+        assert webhooks.render(s.get(WebhookEndpoint, hook))["previous_secret_expires_at"] is None
+    assert webhooks.drop_expired_secrets(db, utcnow()) == 1  # the sweeper forgets it
+    assert previous_secret(db, hook) == (None, None)
+    assert webhooks.drop_expired_secrets(db, utcnow()) == 0
+
+
+def test_a_rotation_without_grace_drops_the_old_secret_at_once(db):
+    acme = tenant(db, "acme")
+    with receiving(standard.new_secret(), []) as receiver:
+        hook, old = endpoint(db, acme, receiver.url, secret=receiver.secret)
+        rotate(db, acme, hook, 3600)
+        receiver.secret = rotate(db, acme, hook, 0)  # also ends the grace period of the rotation before
+        assert previous_secret(db, hook) == (None, None)
+        publish(db, acme)
+        assert deliver(db, settings())["delivered"] == 1
+    (got,) = receiver.got
+    assert len(signatures(got)) == 1 and got["valid"] and not verifies(old, got)
+
+
+@pytest.mark.parametrize("grace", [-1, standard.MAX_GRACE_S + 1, 10**12, True, 1.5, "60", None])
+def test_a_grace_period_out_of_range_is_refused_and_changes_nothing(db, grace):
+    acme = tenant(db, "acme")
+    hook, _ = endpoint(db, acme, "http://127.0.0.1:9/a")
+    before = stored_secret(db, hook)
+    with pytest.raises(Invalid) as e, db.transaction() as s:
+        webhooks.rotate_secret(s, acme, hook, box=standard.load_box(settings()), grace_seconds=grace)
+    assert e.value.field == "grace_seconds" and str(standard.MAX_GRACE_S) in str(e.value)
+    assert stored_secret(db, hook) == before and previous_secret(db, hook) == (None, None)
+
+
+def test_a_previous_secret_that_does_not_open_is_left_out(db, caplog):
+    """A previous secret altered in the database: the current secret still signs, alone."""
+    acme = tenant(db, "acme")
+    with receiving(standard.new_secret(), []) as receiver:
+        hook, _ = endpoint(db, acme, receiver.url, secret=receiver.secret)
+        receiver.secret = rotate(db, acme, hook, 3600)
+        with db.transaction() as s:
+            s.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == hook)
+                      .values(previous_encrypted_secret="v1:0000000000000000:AAAA"))
+        publish(db, acme)
+        assert deliver(db, settings())["delivered"] == 1
+    (got,) = receiver.got
+    assert len(signatures(got)) == 1 and got["valid"]
+    assert "signed without the previous secret" in caplog.text
+
+
+def test_a_secret_the_key_cannot_open_is_not_kept_for_a_grace_period(db, tmp_path):
+    """Rotating mends an endpoint whose secret was encrypted under another key: that secret could
+    not sign, so it is not kept, whatever the grace period."""
+    acme = tenant(db, "acme")
+    hook, _ = endpoint(db, acme, "http://127.0.0.1:9/a")
+    other = tmp_path / "other-key"
+    other.write_text(standard.new_key_text())
+    with db.transaction() as s:
+        row, new = webhooks.rotate_secret(s, acme, hook, box=standard.load_box(settings(webhook_encryption_key=other)),
+                                          grace_seconds=3600)
+        assert webhooks.render(row)["previous_secret_expires_at"] is None
+    assert previous_secret(db, hook) == (None, None)
+    assert standard.load_box(settings(webhook_encryption_key=other)).open(stored_secret(db, hook),
+                                                                          acme.tenant_id) == new

@@ -1,7 +1,8 @@
 """Webhook endpoints of the tenant and their delivery log (docs/api.md#webhooks).
 
 A secret is shown in the answer that sets it only (registration, rotation) and stored encrypted
-under the deployment's webhook key (service/core/webhooks.py SecretBox)."""
+under the deployment's webhook key (service/core/webhooks.py SecretBox). A rotation keeps the
+secret it replaces signing for a grace period (``grace_seconds``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from service.api.deps import Auth, Ctx
 from service.api.pagination import paginate, parse_page
@@ -42,6 +43,16 @@ class WebhookIn(BaseModel):
                                description="whsec_ and the base64 of 24 to 64 random bytes; "
                                            "left out: the service makes one and shows it once")
     description: str | None = Field(None, max_length=200)
+
+
+class RotateSecretIn(BaseModel):
+    """The body of rotate-secret, optional: left out (or empty), the default grace period."""
+    model_config = ConfigDict(extra="forbid")
+
+    grace_seconds: StrictInt = Field(standard.DEFAULT_GRACE_S, ge=0, le=standard.MAX_GRACE_S,
+                                     description="how long the secret being replaced keeps signing next to the "
+                                                 "new one (both signatures in webhook-signature), 0 to 604800 "
+                                                 "(7 days); 0 drops it at once")
 
 
 class WebhookPatch(BaseModel):
@@ -108,11 +119,13 @@ def update_webhook(ctx: Ctx, caller: Auth, webhook_id: int, body: WebhookPatch):
 
 
 @router.post("/{webhook_id}/rotate-secret", response_model=WebhookCreatedOut,
-             summary="Give the endpoint a new secret (shown in this answer only; the old one stops signing)")
-def rotate_webhook_secret(ctx: Ctx, caller: Auth, webhook_id: int):
+             summary="Give the endpoint a new secret (shown in this answer only); the old one keeps signing "
+                     "next to it for grace_seconds")
+def rotate_webhook_secret(ctx: Ctx, caller: Auth, webhook_id: int, body: RotateSecretIn | None = None):
+    grace_seconds = (body or RotateSecretIn()).grace_seconds
     box = _secret_box(ctx)
     with ctx.db.transaction() as session:
-        row, secret = webhooks.rotate_secret(session, caller, webhook_id, box=box)
+        row, secret = webhooks.rotate_secret(session, caller, webhook_id, box=box, grace_seconds=grace_seconds)
         out = webhooks.render(row, secret=secret)
     return JSONResponse(out, headers=NO_STORE)
 

@@ -89,15 +89,46 @@ def update(session: Session, caller: Caller, endpoint_id: int, *, url: str | obj
     return row
 
 
-def rotate_secret(session: Session, caller: Caller, endpoint_id: int, *,
-                  box: webhooks.SecretBox) -> tuple[WebhookEndpoint, str]:
-    """A new secret for the endpoint, stored encrypted with ``box`` (the old one is gone): every
-    attempt from now on is signed with it, retries of earlier messages included."""
+def rotate_secret(session: Session, caller: Caller, endpoint_id: int, *, box: webhooks.SecretBox,
+                  grace_seconds: int = webhooks.DEFAULT_GRACE_S,
+                  now: dt.datetime | None = None) -> tuple[WebhookEndpoint, str]:
+    """A new secret for the endpoint, stored encrypted with ``box``: every attempt from now on is
+    signed with it, retries of earlier messages included. For ``grace_seconds`` (0 to
+    ``MAX_GRACE_S``; Invalid naming ``grace_seconds`` otherwise, and nothing changed) the secret it
+    replaces signs each attempt too, after the new one; 0 drops it at once. Only one previous secret
+    is kept: a rotation during a grace period replaces it with the secret just superseded. A current
+    secret that ``box`` cannot open (encrypted under another key, altered) is not kept: it could
+    not sign anyway, and rotating is how such an endpoint is mended."""
+    if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, int) or not (
+            0 <= grace_seconds <= webhooks.MAX_GRACE_S):
+        raise invalid("grace_seconds", f"must be a whole number of seconds from 0 to {webhooks.MAX_GRACE_S} "
+                                       "(7 days)")
     row = get(session, caller, endpoint_id)
+    previous = row.encrypted_secret if grace_seconds and _opens(box, row) else None
     secret = webhooks.new_secret()
     row.encrypted_secret = box.seal(secret, row.tenant_id)
+    row.previous_encrypted_secret = previous
+    row.previous_secret_expires_at = (
+        (now or utcnow()) + dt.timedelta(seconds=grace_seconds) if previous is not None else None)
     session.flush()
     return row, secret
+
+
+def _opens(box: webhooks.SecretBox, row: WebhookEndpoint) -> bool:
+    try:
+        box.open(row.encrypted_secret, row.tenant_id)
+    except webhooks.SecretKeyError:
+        return False
+    return True
+
+
+def drop_expired_secrets(db: Database, now: dt.datetime) -> int:
+    """Forget the previous secrets whose grace period is over (the sweeper; they sign nothing any
+    more either way: :func:`claim` leaves them out). Returns how many went."""
+    with db.transaction() as session:
+        return session.execute(
+            WebhookEndpoint.__table__.update().where(WebhookEndpoint.previous_secret_expires_at <= now)
+            .values(previous_encrypted_secret=None, previous_secret_expires_at=None)).rowcount
 
 
 def get(session: Session, caller: Caller, endpoint_id: int) -> WebhookEndpoint:
@@ -120,14 +151,25 @@ def delete(session: Session, caller: Caller, endpoint_id: int) -> None:
     retire(session, WebhookEndpoint.__tablename__, [endpoint_id])
 
 
-def render(e: WebhookEndpoint, *, secret: str | None = None) -> dict:
-    """The endpoint as the API shows it; ``secret`` (in clear) only in the answer that set it."""
+def render(e: WebhookEndpoint, *, secret: str | None = None, now: dt.datetime | None = None) -> dict:
+    """The endpoint as the API shows it; ``secret`` (in clear) only in the answer that set it.
+    ``previous_secret_expires_at``: when the superseded secret stops signing, null when none does."""
     out = {"id": e.id, "url": e.url, "events": e.event_types, "description": e.description,
-           "created_at": iso(e.created_at),
+           "created_at": iso(e.created_at), "previous_secret_expires_at": iso(grace_end(
+               e.previous_encrypted_secret, e.previous_secret_expires_at, now or utcnow())),
            "links": {"self": f"/v1/webhooks/{e.id}", "deliveries": f"/v1/webhooks/{e.id}/deliveries"}}
     if secret is not None:
         out["secret"] = secret
     return out
+
+
+def grace_end(previous: str | None, ends: dt.datetime | None, now: dt.datetime) -> dt.datetime | None:
+    """When an endpoint's previous secret (as stored) stops signing, ``ends`` its
+    ``previous_secret_expires_at``; None when it has none that still signs at ``now``."""
+    if previous is None or ends is None:
+        return None
+    ends = ends if ends.tzinfo else ends.replace(tzinfo=dt.UTC)  # SQLite gives it back naive (UTC)
+    return ends if ends > now else None
 
 
 # --- the outbox ------------------------------------------------------------------------------------
@@ -234,6 +276,8 @@ class Attempt:
     encrypted_secret: str = field(repr=False)  # as stored: the worker decrypts it (webhooks.SecretBox.open)
     message_id: str
     body: str
+    # the secret a rotation superseded, while its grace period lasts (as stored; it signs second)
+    previous_encrypted_secret: str | None = field(default=None, repr=False)
 
 
 def claim(db: Database, now: dt.datetime, limit: int, lease_s: float) -> list[Attempt]:
@@ -241,17 +285,19 @@ def claim(db: Database, now: dt.datetime, limit: int, lease_s: float) -> list[At
     one is set ``lease_s`` away, so that another worker leaves them alone meanwhile and a worker
     that dies mid-attempt leaves them to be sent again (at least once)."""
     with db.transaction() as session:
-        q = (select(WebhookDelivery, WebhookEndpoint.url, WebhookEndpoint.encrypted_secret)
+        q = (select(WebhookDelivery, WebhookEndpoint.url, WebhookEndpoint.encrypted_secret,
+                    WebhookEndpoint.previous_encrypted_secret, WebhookEndpoint.previous_secret_expires_at)
              .join(WebhookEndpoint, WebhookEndpoint.id == WebhookDelivery.endpoint_id)
              .where(WebhookDelivery.status == DeliveryStatus.PENDING, WebhookDelivery.next_attempt_at <= now)
              .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id).limit(limit))
         if is_postgres(session):
             q = q.with_for_update(of=WebhookDelivery, skip_locked=True)
         out = []
-        for d, url, secret in session.execute(q).all():
+        for d, url, secret, previous, ends in session.execute(q).all():
             d.attempts += 1
             d.last_attempt_at, d.next_attempt_at = now, now + dt.timedelta(seconds=lease_s)
-            out.append(Attempt(d.id, d.attempts, url, d.tenant_id, secret, d.message_id, d.body))
+            previous = previous if grace_end(previous, ends, now) else None
+            out.append(Attempt(d.id, d.attempts, url, d.tenant_id, secret, d.message_id, d.body, previous))
     return out
 
 
@@ -291,6 +337,6 @@ def backoff(attempts: int, base_s: float, max_s: float) -> float:
     return min(max_s, base_s * 2 ** min(attempts - 1, 40))
 
 
-__all__ = ["UNCHANGED", "Attempt", "backoff", "claim", "create", "delete", "deliveries", "emit_for_entry", "get",
-           "prune", "query", "record_attempt", "render", "render_delivery", "rotate_secret", "send_test", "update",
-           "wake_after_commit"]
+__all__ = ["UNCHANGED", "Attempt", "backoff", "claim", "create", "delete", "deliveries", "drop_expired_secrets",
+           "emit_for_entry", "get", "grace_end", "prune", "query", "record_attempt", "render", "render_delivery",
+           "rotate_secret", "send_test", "update", "wake_after_commit"]
