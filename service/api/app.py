@@ -144,8 +144,8 @@ class NoControlCharacters:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.ensure_dirs()
-    ctx = Context(settings=settings, db=Database(settings.db_url), store=LocalArtifactStore(settings.artifacts),
-                  dispatcher=Dispatcher(settings), metrics=Metrics())
+    ctx = Context(settings=settings, db=Database(settings.db_url, generic_plans=True),  # service/core/db.py
+                  store=LocalArtifactStore(settings.artifacts), dispatcher=Dispatcher(settings), metrics=Metrics())
     # a canceled job or a test message: its webhook messages go out now, not at the next beat
     webhook_repo.wake_after_commit(ctx.db, lambda: ctx.dispatcher.send(DELIVER_WEBHOOKS))
     @contextlib.asynccontextmanager

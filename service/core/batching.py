@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Connection, bindparam, exists, func, select, update
+from sqlalchemy import Boolean, Connection, Integer, bindparam, column, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
 from service.core.db import is_postgres
@@ -92,27 +92,35 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
 
 
 def _due_queries():
-    """The two looks of ``maybe_due``, built once (SQLAlchemy caches their compiled form).
+    """The two looks of ``maybe_due``, built once.
 
     The first costs a few index probes whatever the backlog: the model's policy and flush mark,
     whether a job of it is active, and the ids of its oldest and newest received requests
     (``ix_deletion_requests_model_status_id``). Ids come from one sequence, so the model has at most
-    ``newest - oldest + 1`` received requests: a bound on their number that needs no count. The
-    second, run only when that bound (or the age, or a flush) says a batch may be due, counts the
-    requests with new samples up to ``max_requests`` (a LIMIT: never more rows than a batch)."""
+    ``newest - oldest + 1`` received requests: a bound on their number that needs no count. It runs
+    after every accepted request, so it is written out as text with its columns declared: SQLAlchemy
+    then neither walks the statement for its cache key nor reads the result's shape from the cursor
+    on each call (0.07 ms a call as a composed select). The second, run only when that bound (or the
+    age, or a flush) says a batch may be due, counts the requests with new samples up to
+    ``max_requests`` (a LIMIT: never more rows than a batch)."""
+    dr, m, jobs = DeletionRequest.__table__, Model.__table__, Job.__table__
+    received = f"d.model_id = m.id AND d.status = '{RequestStatus.RECEIVED}'"
+    first = f"SELECT {{}} FROM {dr.name} d WHERE {received} ORDER BY d.id{{}} LIMIT 1"
+    active = ", ".join(f"'{status}'" for status in JobStatus.ACTIVE)  # our statuses: nothing to escape
+    look = text(f"""
+SELECT m.policy, m.flush_requested_at,
+       EXISTS (SELECT 1 FROM {jobs.name} j WHERE j.model_id = m.id AND j.status IN ({active})) AS active,
+       ({first.format("d.id", "")}) AS first_id, ({first.format("d.created_at", "")}) AS first_at,
+       ({first.format("d.id", " DESC")}) AS last_id
+FROM {m.name} m WHERE m.id = :model_id""").columns(
+        m.c.policy, m.c.flush_requested_at, column("active", Boolean), column("first_id", Integer),
+        column("first_at", dr.c.created_at.type), column("last_id", Integer))
     model_id = bindparam("model_id")
-    dr = DeletionRequest
-    received = (dr.model_id == model_id, dr.status == RequestStatus.RECEIVED)
-    oldest = select(dr.id).where(*received).order_by(dr.id).limit(1)
-    active = exists().where(Job.model_id == model_id, Job.status.in_(JobStatus.ACTIVE))
-    look = select(Model.policy, Model.flush_requested_at, active,
-                  oldest.scalar_subquery(), oldest.with_only_columns(dr.created_at).scalar_subquery(),
-                  select(dr.id).where(*received).order_by(dr.id.desc()).limit(1).scalar_subquery(),
-                  ).where(Model.id == model_id)
-    new = (*received, has_new_samples())
-    counted = select(dr.id).where(*new).limit(bindparam("bound")).subquery()
+    new = (DeletionRequest.model_id == model_id, DeletionRequest.status == RequestStatus.RECEIVED, has_new_samples())
+    counted = select(DeletionRequest.id).where(*new).limit(bindparam("bound")).subquery()
     exact = select(select(func.count()).select_from(counted).scalar_subquery(),
-                   select(dr.created_at).where(*new).order_by(dr.id).limit(1).scalar_subquery())
+                   select(DeletionRequest.created_at).where(*new).order_by(DeletionRequest.id).limit(1)
+                   .scalar_subquery())
     return look, exact
 
 

@@ -221,10 +221,12 @@ class DeletionRequest(Base):
     __tablename__ = "deletion_requests"
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key"),
-        Index("ix_deletion_requests_model_status", "model_id", "status"),
+        # a model's requests by status, oldest first (batching.maybe_due reads the oldest and
+        # newest received by it); the unique constraint above serves look-ups by tenant
+        Index("ix_deletion_requests_model_status_id", "model_id", "status", "id"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
     status: Mapped[str] = mapped_column(String(16), default=RequestStatus.RECEIVED.value)
     reason: Mapped[str] = mapped_column(String(32))

@@ -176,3 +176,26 @@ def test_whether_a_batch_is_due_is_read_without_counting_the_backlog(service, us
         with service.db.transaction() as s:
             s.execute(update(Job).where(Job.model_id == mid).values(status="succeeded"))
         assert look() == (True, 2)
+
+
+def test_the_api_plans_its_prepared_statements_once_on_postgresql(tmp_path, postgres_admin):
+    """The API's engine asks PostgreSQL for generic plans (service/core/db.py GENERIC_PLANS): a
+    prepared statement is planned once per connection, not on every call; other processes keep the
+    server's default. A statement the API runs only now and then is never prepared by psycopg, and
+    is planned with its values as before."""
+    from sqlalchemy import text
+
+    from service.api.app import create_app
+    from service.core.db import Database
+    from tests.servicekit import fresh_postgres, make_settings
+
+    with fresh_postgres(postgres_admin) as url:
+        app = create_app(make_settings(tmp_path, url))
+        plain = Database(url)
+        try:
+            for db, mode in ((app.state.ctx.db, "force_generic_plan"), (plain, "auto")):
+                with db.engine.connect() as conn:
+                    assert conn.execute(text("SHOW plan_cache_mode")).scalar() == mode
+        finally:
+            app.state.ctx.db.engine.dispose()
+            plain.engine.dispose()
