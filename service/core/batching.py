@@ -15,8 +15,9 @@ On PostgreSQL the model row is locked and the pending requests are taken with
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
-from sqlalchemy import Boolean, Connection, Integer, bindparam, column, exists, func, select, text, update
+from sqlalchemy import JSON, Boolean, Connection, Integer, bindparam, column, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
 from service.core.db import is_postgres
@@ -91,67 +92,101 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
     return job
 
 
-def _due_queries():
-    """The two looks of ``maybe_due``, built once.
+@dataclass(frozen=True)
+class Backlog:
+    """What tells whether a model's batch may be due, read without counting its backlog: its
+    batching policy and flush mark, whether a job of it is active, and the ids (and the age) of its
+    oldest and newest received requests. Ids come from one sequence, so the model has at most
+    ``last_id - first_id + 1`` received requests: a bound on their number that needs no count."""
 
-    The first costs a few index probes whatever the backlog: the model's policy and flush mark,
-    whether a job of it is active, and the ids of its oldest and newest received requests
-    (``ix_deletion_requests_model_status_id``). Ids come from one sequence, so the model has at most
-    ``newest - oldest + 1`` received requests: a bound on their number that needs no count. It runs
-    after every accepted request, so it is written out as text with its columns declared: SQLAlchemy
-    then neither walks the statement for its cache key nor reads the result's shape from the cursor
-    on each call (0.07 ms a call as a composed select). The second, run only when that bound (or the
-    age, or a flush) says a batch may be due, counts the requests with new samples up to
-    ``max_requests`` (a LIMIT: never more rows than a batch)."""
-    dr, m, jobs = DeletionRequest.__table__, Model.__table__, Job.__table__
+    batching: Batching
+    flush_requested: dt.datetime | None
+    active: bool
+    first_id: int | None
+    first_at: dt.datetime | None
+    last_id: int | None
+
+    @classmethod
+    def of_row(cls, row, policy: dict | None) -> Backlog:
+        return cls(batching_of(policy), row.flush_requested_at, bool(row.active), row.first_id, row.first_at,
+                   row.last_id)
+
+    def bound(self) -> int:
+        return 0 if self.first_id is None else self.last_id - self.first_id + 1
+
+    def due(self, n: int, oldest: dt.datetime | None, now: dt.datetime) -> bool:
+        """Whether ``n`` claimable requests, the oldest received at ``oldest``, make a batch due."""
+        if not n or self.active:
+            return False
+        return (self.flush_requested is not None or n >= self.batching.max_requests
+                or (now - _aware(oldest)).total_seconds() >= self.batching.max_wait_s)
+
+
+def backlog_sql(policy: str) -> str:
+    """The select list of a :class:`Backlog` of the model aliased ``m`` (its policy as ``policy``
+    gives it), as SQL text: a few index probes (``ix_deletion_requests_model_status_id``, the jobs'
+    ``(model_id, status)``) whatever the backlog. Written out, with its columns declared
+    (:data:`BACKLOG_COLUMNS`), because it runs for every accepted request: SQLAlchemy then neither
+    walks a composed statement for its cache key nor reads the result's shape from the cursor on
+    each call (0.07 ms a call as a composed select)."""
+    dr, jobs = DeletionRequest.__tablename__, Job.__tablename__
     received = f"d.model_id = m.id AND d.status = '{RequestStatus.RECEIVED}'"
-    first = f"SELECT {{}} FROM {dr.name} d WHERE {received} ORDER BY d.id{{}} LIMIT 1"
+    first = f"SELECT {{}} FROM {dr} d WHERE {received} ORDER BY d.id{{}} LIMIT 1"
     active = ", ".join(f"'{status}'" for status in JobStatus.ACTIVE)  # our statuses: nothing to escape
-    look = text(f"""
-SELECT m.policy, m.flush_requested_at,
-       EXISTS (SELECT 1 FROM {jobs.name} j WHERE j.model_id = m.id AND j.status IN ({active})) AS active,
+    return f"""{policy} AS policy, m.flush_requested_at,
+       EXISTS (SELECT 1 FROM {jobs} j WHERE j.model_id = m.id AND j.status IN ({active})) AS active,
        ({first.format("d.id", "")}) AS first_id, ({first.format("d.created_at", "")}) AS first_at,
-       ({first.format("d.id", " DESC")}) AS last_id
-FROM {m.name} m WHERE m.id = :model_id""").columns(
-        m.c.policy, m.c.flush_requested_at, column("active", Boolean), column("first_id", Integer),
-        column("first_at", dr.c.created_at.type), column("last_id", Integer))
+       ({first.format("d.id", " DESC")}) AS last_id"""
+
+
+BACKLOG_COLUMNS = (column("policy", JSON), column("flush_requested_at", Model.flush_requested_at.type),
+                   column("active", Boolean), column("first_id", Integer),
+                   column("first_at", DeletionRequest.created_at.type), column("last_id", Integer))
+LOOK = text(f"SELECT {backlog_sql('m.policy')} FROM {Model.__tablename__} m WHERE m.id = :model_id").columns(
+    *BACKLOG_COLUMNS)
+
+
+def _received_with_new_samples():
+    """The exact look: the received requests with new samples, counted up to ``max_requests`` (a
+    LIMIT: never more rows than a batch), and the oldest of them."""
     model_id = bindparam("model_id")
     new = (DeletionRequest.model_id == model_id, DeletionRequest.status == RequestStatus.RECEIVED, has_new_samples())
     counted = select(DeletionRequest.id).where(*new).limit(bindparam("bound")).subquery()
-    exact = select(select(func.count()).select_from(counted).scalar_subquery(),
-                   select(DeletionRequest.created_at).where(*new).order_by(DeletionRequest.id).limit(1)
-                   .scalar_subquery())
-    return look, exact
+    return select(select(func.count()).select_from(counted).scalar_subquery(),
+                  select(DeletionRequest.created_at).where(*new).order_by(DeletionRequest.id).limit(1)
+                  .scalar_subquery())
 
 
-LOOK, RECEIVED_WITH_NEW_SAMPLES = _due_queries()
+RECEIVED_WITH_NEW_SAMPLES = _received_with_new_samples()
 
 
 def maybe_due(session: Session | Connection, model_id: int, now: dt.datetime | None = None) -> bool:
     """A cheap, lock-free look: could a batch be due now? (``claim`` decides under the lock.) Keeps
-    the per-model lock off the hot path of accepting requests, and its cost off the backlog: False
-    while a job of the model is active (``claim`` would take nothing; the job's end claims what
-    waits, ``next_job``), else a bound on the number of received requests from their ids, and only
-    when that bound, their age or a flush says a batch may be due, the count of those with new
-    samples (at most ``max_requests`` rows read)."""
+    the per-model lock off the hot path of accepting requests, and its cost off the backlog: the
+    model's :class:`Backlog` (False while a job of the model is active: ``claim`` would take nothing,
+    and the job's end claims what waits, ``next_job``), and only when its bound, the age or a flush
+    says a batch may be due, the exact count of those with new samples (at most ``max_requests``)."""
     now = now or utcnow()
-    policy, flush_requested, active, first_id, first_at, last_id = session.execute(
-        LOOK, {"model_id": model_id}).one()
-    if active or first_id is None:
-        return False
-    batching = batching_of(policy)
-
-    def due(n: int, oldest: dt.datetime | None) -> bool:
-        if not n:
-            return False
-        waited = (now - _aware(oldest)).total_seconds()
-        return flush_requested is not None or n >= batching.max_requests or waited >= batching.max_wait_s
-
-    if not due(last_id - first_id + 1, first_at):
+    row = session.execute(LOOK, {"model_id": model_id}).one()
+    backlog = Backlog.of_row(row, row.policy)
+    if not backlog.due(backlog.bound(), backlog.first_at, now):
         return False
     n, oldest = session.execute(RECEIVED_WITH_NEW_SAMPLES, {"model_id": model_id,
-                                                            "bound": batching.max_requests}).one()
-    return due(n, oldest)
+                                                            "bound": backlog.batching.max_requests}).one()
+    return backlog.due(n, oldest, now)
+
+
+def may_complete_a_batch(before: Backlog | None, now: dt.datetime | None = None) -> bool:
+    """Whether a request just accepted may have made a batch due, from the model's :class:`Backlog`
+    as the request's first query saw it (before its write; None: not read, so look). Its bound
+    plus the request itself, the age of the oldest, a flush mark: if none says a batch may be due,
+    the accept path skips its look after the commit (``maybe_due``). Two requests that complete a
+    batch at the same instant may then both skip it, neither having seen the other: the model's next
+    request, or the sweeper within ``sweep_interval_s``, claims that batch."""
+    if before is None:
+        return True
+    now = now or utcnow()
+    return before.due(before.bound() + 1, before.first_at or now, now)
 
 
 def models_with_pending(session: Session) -> list[int]:

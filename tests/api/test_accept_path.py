@@ -14,7 +14,7 @@ from sqlalchemy.pool import Pool
 from service.core.errors import Conflict
 from service.core.models import ApiKey, AuditEntry, DeletionRequest, DeletionRequestSample, LogPending, utcnow
 from service.core.repo import deletions
-from tests.api.test_deletions_api import ID, _post, _ready_model
+from tests.api.test_deletions_api import ID, Wakeups, _post, _ready_model
 from tests.api.test_list_queries import statements
 from tests.api.test_tenancy import assert_problem
 
@@ -45,11 +45,13 @@ def test_an_accepted_request_takes_one_connection_and_a_fixed_number_of_statemen
             assert r.status_code == 202, r.text
             seen.append((len(sent), len(taken)))
         assert r.json()["linked_to"] and r.json()["n_new_samples"] == 1
-    # the key with the model, its ready version and what is known of the samples (one query); the
-    # request, its samples, its audit-log entry and that entry's place in the sequencer's queue (one
-    # statement on PostgreSQL, four INSERTs on SQLite, which has no data-modifying CTEs); after the
-    # commit, whether a batch is due. SQLite also sends its BEGIN IMMEDIATE for both transactions.
-    expected = 8 if service.settings.db_url.startswith("sqlite") else 3
+    # the key with the model, its ready version, what is known of the samples and (PostgreSQL) the
+    # model's batching backlog (one query); the request, its samples, its audit-log entry and that
+    # entry's place in the sequencer's queue (one statement on PostgreSQL, four INSERTs on SQLite,
+    # which has no data-modifying CTEs); on SQLite, after the commit, whether a batch is due (on
+    # PostgreSQL only when the backlog says this request may complete one: 1 of 1000 does not).
+    # SQLite also sends its BEGIN IMMEDIATE for both transactions.
+    expected = 8 if service.settings.db_url.startswith("sqlite") else 2
     assert seen == [(expected, 1)] * 3, seen
 
 
@@ -199,3 +201,34 @@ def test_the_api_plans_its_prepared_statements_once_on_postgresql(tmp_path, post
         finally:
             app.state.ctx.db.engine.dispose()
             plain.engine.dispose()
+
+
+def test_two_requests_that_complete_a_batch_at_once_are_claimed_by_the_sweeper(service, user_files):
+    """Each of two requests read the model's backlog before the other was written (they arrived at
+    the same instant): neither saw a batch complete, so neither looked again after its commit
+    (batching.may_complete_a_batch); the batch is due all the same and the sweeper's claim takes it."""
+    from service.core import batching
+    from service.core.models import Job
+
+    with service.client() as c:
+        mid = _ready_model(service, user_files, c, policy={"batching": {"max_requests": 2, "max_wait_s": 3600}})
+    key = service.key()
+    prefix = key.split("_")[1]
+    with service.db.session() as s:
+        seen = [deletions.caller_and_target(s, key, prefix, mid, [sample]) for sample in (ID[1], ID[2])]
+    with service.db.transaction() as s:
+        for (caller, target), sample in zip(seen, (ID[1], ID[2]), strict=True):
+            deletions.create(s, caller, target, sample_ids=[sample], reason="erasure", subject_ref=None,
+                             idempotency_key=None, fp=sample)
+    with service.db.session() as s:
+        assert batching.maybe_due(s, mid)  # two of two received
+        assert s.scalar(select(func.count()).select_from(Job)) == 0
+    if service.settings.db_url.startswith("sqlite"):  # no backlog read with the key: SQLite always looks
+        assert all(t.backlog is None and batching.may_complete_a_batch(t.backlog) for _, t in seen)
+    else:
+        assert [batching.may_complete_a_batch(t.backlog) for _, t in seen] == [False, False]
+    with service.db.session() as s:
+        assert batching.models_with_pending(s) == [mid]  # what the sweeper claims from
+    wakeups = Wakeups()
+    job = batching.claim_and_dispatch(service.db, wakeups, mid)
+    assert job is not None and job.n_requests == 2 and wakeups.sent == [("unlearnd.run_job", job.id)]

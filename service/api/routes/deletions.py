@@ -48,12 +48,14 @@ IDEMPOTENCY_KEY = Header(min_length=1, max_length=255, pattern=r"\S")
 def create_deletion_request(bearer: Bearer, model_id: int, body: DeletionRequestIn,
                             idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None):
     """One connection. On PostgreSQL without an Idempotency-Key, two statements in autocommit: the
-    key with the model and what is known of the samples, then the request, its samples and its
-    audit-log entry, written and committed by one statement (atomic by itself, durable when it
-    returns: no BEGIN and COMMIT round trips); otherwise one transaction (with a key: its advisory
-    lock, the look for an earlier request with it, the INSERTs, the commit). Then outside it the
-    look whether a batch is due: after the commit, so that of requests accepted at once the last to
-    look sees them all."""
+    key with the model, what is known of the samples and the model's batching backlog, then the
+    request, its samples and its audit-log entry, written and committed by one statement (atomic by
+    itself, durable when it returns: no BEGIN and COMMIT round trips); otherwise one transaction
+    (with a key: its advisory lock, the look for an earlier request with it, the INSERTs, the
+    commit). Then, when this request may have made a batch due (by the backlog the first query saw;
+    on SQLite always), the look whether one is: after the commit, so that it sees every request
+    committed before it (service/core/batching.py ``may_complete_a_batch`` says what this misses
+    and what claims it then)."""
     ctx = bearer.ctx
     sample_ids = [str(s) for s in body.sample_ids]
     fp = deletions.fingerprint(model_id, sample_ids, body.reason, body.subject_ref)
@@ -84,7 +86,8 @@ def create_deletion_request(bearer: Bearer, model_id: int, body: DeletionRequest
                     req = deletions.create(session, caller, target, sample_ids=sample_ids, reason=body.reason,
                                            subject_ref=body.subject_ref, idempotency_key=idempotency_key, fp=fp)
                 out = deletions.render(session, req)
-        if not replayed and out["status"] == RequestStatus.RECEIVED:
+        if (not replayed and out["status"] == RequestStatus.RECEIVED
+                and batching.may_complete_a_batch(target.backlog)):
             due = batching.maybe_due(connection if autocommit else ctx.db.autocommit(connection), model_id)
     if due and batching.claim_and_dispatch(ctx.db, ctx.dispatcher, model_id) is not None:
         with ctx.db.session() as session:
