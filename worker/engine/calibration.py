@@ -387,9 +387,9 @@ def check_margin(n_check: int) -> float:
 
 def penalized(s: Score, cap: float) -> float:
     """The search's objective: (ToW + ToW-MIA) / 2 less the work done past the cost cap. The plan
-    is checked before a trial runs, and a guard retry at a lower rate runs on the steps its plan
-    has left (unlearners/base.py), so a step plan is not exceeded; the penalty still holds for the
-    epoch mode, whose retries repeat the epochs."""
+    is checked before a trial runs, but a guard retry at a lower rate (base.py) adds the steps of
+    the first attempt; a policy that needs one on this model costs more than planned, and the
+    search should find the rate that does not."""
     return s.score - max(0.0, s.cost_share - cap)
 
 

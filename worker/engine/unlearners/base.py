@@ -127,15 +127,6 @@ class LoopUnlearner(Unlearner):
     this model (a learning rate that transfers badly from where the defaults were chosen): it is
     run again from the input at a quarter of the learning rate, up to ``retries`` times (2 by
     default); ``last_run`` lists the rates tried and the steps spent by all attempts.
-
-    **Retries stay within the planned steps** (the step mode: ``budget`` or ``steps``), so that a
-    job never costs more than its plan says: an attempt that may still be retried gives up once
-    ``GIVE_UP_CHECKS`` checks in a row found it outside the limit with nothing within it kept since
-    the start (two of its four checks: half its steps), and the retry runs on the steps left. Before
-    this rule a retry repeated the whole plan: one Fashion-MNIST job of the corrective step cost
-    16% of a retrain where its plan said 8%. (In the epoch mode, ``epochs``, a retry repeats the
-    epochs, as before: that mode plans passes, not a share of a retrain.) Methods whose loop dips on
-    purpose (``guard_patience = None``: DEL's reset) never give up early.
     """
 
     defaults: ClassVar[dict[str, Any]] = {key: spec.default for key, spec in LOOP.items()}
@@ -217,21 +208,16 @@ class LoopUnlearner(Unlearner):
         ctx = ctx or RunContext()
         base_plan = self.resolve(task)
         attempts = 1 + int(self.hp["retries"]) if self.hp.get("max_retain_drop") is not None else 1
-        steps_total, tried, left = 0, [], base_plan.steps
+        steps_total, tried = 0, []
         for attempt in range(attempts):
-            self.plan = replace(base_plan, lr=base_plan.lr * RETRY_LR_FACTOR**attempt, steps=left)
+            self.plan = replace(base_plan, lr=base_plan.lr * RETRY_LR_FACTOR**attempt)
             part = ctx.sub(attempt / attempts, (attempt + 1) / attempts) if attempts > 1 else ctx
-            last = attempt + 1 == attempts
-            model, run = self._attempt(model, task, runtime, part, may_give_up=not last and left is not None)
+            model, run = self._attempt(model, task, runtime, part)
             steps_total += run["steps_done"]
             tried.append(self.plan.lr)
             if run["guard"]["outcome"] != "input":
                 break
-            if left is not None:  # the step mode: a retry runs on the steps the plan has left
-                left -= run["steps_done"]
-                if left < max(1, MIN_RETRY_SHARE * base_plan.steps):
-                    break
-        run.update(attempts=len(tried), lr_tried=tried, steps_total=steps_total, steps_planned=base_plan.steps,
+        run.update(attempts=len(tried), lr_tried=tried, steps_total=steps_total,
                    cost_share=steps_total / max(base_plan.recipe_steps, 1))
         self.last_run = run
         if len(tried) < attempts:  # the attempts had slices of the progress bar; the work is done
@@ -239,9 +225,8 @@ class LoopUnlearner(Unlearner):
         return model
 
     def _attempt(self, model: nn.Module, task: UnlearningTask, runtime: Runtime,
-                 ctx: RunContext, may_give_up: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-        """One run of the loop with ``self.plan``, inside the guard; with ``may_give_up`` (a retry
-        would follow) it stops once the guard finds it hopeless (:class:`RetainGuard` ``give_up``)."""
+                 ctx: RunContext) -> tuple[nn.Module, dict[str, Any]]:
+        """One run of the loop with ``self.plan``, inside the guard."""
         gen = seed_everything(task.seed)
         # ``prepare`` may poll ``self._ctx.check()`` (it runs before the loop reports any progress).
         self._task, self._ctx, self._steps_done = task, ctx, 0
@@ -253,8 +238,7 @@ class LoopUnlearner(Unlearner):
                 # can still be undone
                 guard = RetainGuard(model, task.retain, runtime, float(self.hp["max_retain_drop"]),
                                     seed=task.seed, reference=task.reference, patience=self.guard_patience,
-                                    holdout=task.holdout,
-                                    give_up=GIVE_UP_CHECKS if may_give_up and self.guard_patience else None)
+                                    holdout=task.holdout)
             self.prepare(model, task, runtime)
             opt = self.make_optimizer(model)
             span = plan.steps if plan.steps is not None else plan.epochs
@@ -325,8 +309,6 @@ class TargetStop:
 TARGET_CHECKS = 16  # forget-accuracy checks per run under ``stop: "target"``
 PROBE_ROWS = 256  # rows per guard probe (retain, holdout)
 RETRY_LR_FACTOR = 0.25  # a run that kept nothing within the guard is retried at this times its lr
-GIVE_UP_CHECKS = 2  # checks in a row outside the limit, nothing kept, after which a retry-able attempt stops
-MIN_RETRY_SHARE = 0.1  # no retry on less than this share of the planned steps
 
 
 class RetainGuard:
@@ -341,18 +323,15 @@ class RetainGuard:
     input. A state within the limit on every probe is remembered. A state outside it is *not* a
     reason to stop: a transient dip that recovers (DEL's reset, the first steps of relabeling) is
     not damage. The loop stops early only after ``patience`` consecutive checks outside the limit
-    (None: never), or, with ``give_up``, after that many in a row when no state within it was kept
-    since the start (the run is then retried at a lower rate: ``LoopUnlearner``). :meth:`finish`
-    measures the final state: within the limit it is kept (``"within"``), else the last state that
-    was within it is restored (``"restored"``) or, if none was, the input model (``"input"``). Turn
-    it off with ``max_retain_drop: null`` (``"off"``).
+    (None: never). :meth:`finish` measures the final state: within the limit it is kept
+    (``"within"``), else the last state that was within it is restored (``"restored"``) or, if none
+    was, the input model (``"input"``). Turn it off with ``max_retain_drop: null`` (``"off"``).
     """
 
     def __init__(self, model: nn.Module, retain: View, runtime: Runtime, max_drop: float, *,
                  probe_size: int | None = None, seed: int = 0, reference: nn.Module | None = None,
-                 patience: int | None = 4, holdout: View | None = None, give_up: int | None = None):
+                 patience: int | None = 4, holdout: View | None = None):
         self.model, self.runtime, self.max_drop, self.patience = model, runtime, max_drop, patience
-        self.give_up, self.gave_up = give_up, False
         probe_size = probe_size or PROBE_ROWS
         self.probes = [_probe(retain, probe_size, seed)]
         if holdout is not None and len(holdout):
@@ -386,13 +365,8 @@ class RetainGuard:
         return False
 
     def __call__(self) -> bool:
-        """One check during the loop; False = stop now (persistent damage, or hopeless: ``give_up``)."""
-        if self.check():
-            return True
-        if self.give_up is not None and self.good_check == 0 and self.streak >= self.give_up:
-            self.gave_up = True
-            return False
-        return self.patience is None or self.streak < self.patience
+        """One check during the loop; False = stop now (persistent damage)."""
+        return self.check() or self.patience is None or self.streak < self.patience
 
     def finish(self) -> dict[str, Any]:
         """Measure the final state, restore the last good one if needed; what happened, as a dict."""
@@ -406,7 +380,7 @@ class RetainGuard:
         report = {"outcome": outcome, "max_drop": self.max_drop, "checks": self.checks + 1,
                   "checks_outside": self.outside + (outcome != "within"),
                   "retain_probe_reference": self.before[0], "retain_probe_worst": self.worst[0],
-                  "retain_probe_after": final[0], "gave_up": self.gave_up}
+                  "retain_probe_after": final[0]}
         if len(self.probes) > 1:
             report.update(holdout_probe_reference=self.before[1], holdout_probe_worst=self.worst[1],
                           holdout_probe_after=final[1])
