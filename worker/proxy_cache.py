@@ -19,8 +19,10 @@ The cache key is the canonical proxy name (aliases resolved), suffixed with a di
 proxy's parameters when a policy sets any (``holdout_retrain:1a2b…``): values computed with
 other parameters are never mixed up. Each entry is written in its own short transaction; a
 concurrent insert of the same (version, proxy) is tolerated (the first one stays).
-Arrays are stored with ``np.save`` (``.npy``, float64, one value per training row) and read back
-with ``allow_pickle=False``.
+Arrays are stored with ``np.save`` (``.npy``, float64, one value per training row, NaN for a row
+whose learning events were redacted) and read back with ``allow_pickle=False``. When retention
+redacts a model's events, it drops the model's events-proxy entries (service/core/repo/retention.py):
+the next job computes them again from the redacted file.
 """
 
 from __future__ import annotations
@@ -82,13 +84,15 @@ def to_bytes(values: np.ndarray) -> bytes:
 
 
 def load_values(ctx: WorkerContext, sha256: str, n: int) -> np.ndarray | None:
-    """The stored array, or None when it is missing or not ``n`` finite floats (then: recompute)."""
+    """The stored array, or None when it is missing or not ``n`` floats, finite but for NaN where a
+    row's learning events were redacted (then: recompute)."""
     try:
         values = np.load(ctx.store.local_path(sha256), allow_pickle=False)
     except (OSError, ValueError) as exc:
         log.warning("proxy cache blob %s unreadable (%s): recomputing", sha256, exc)
         return None
-    if not isinstance(values, np.ndarray) or values.shape != (n,) or not np.isfinite(values).all():
+    if (not isinstance(values, np.ndarray) or values.shape != (n,) or values.dtype.kind != "f"
+            or np.isinf(values).any() or np.isnan(values).all()):
         log.warning("proxy cache blob %s is not %d finite values: recomputing", sha256, n)
         return None
     return values.astype(np.float64)

@@ -106,7 +106,7 @@ def _purge_due(ctx, job_id: int) -> None:
     with ctx.db.session() as s:
         model_id = s.scalar(select(Job.model_id).where(Job.id == job_id))
     if model_id is not None:
-        purged = retention.purge_due(ctx.db, ctx.store, model_id)
+        purged = retention.purge_due(ctx.db, ctx.store, model_id, catch_up=True)
         if purged:
             log.info("purged version(s) %s of model %s (retention)", [p["version"] for p in purged], model_id)
 

@@ -119,9 +119,20 @@ class PurgedVersionOut(_Out):
     aliases_removed: list[str]
 
 
+class EventsRedactedOut(_Out):
+    rows_redacted: int
+    rows_redacted_total: int
+    sha256: str
+    previous_sha256: str
+    trigger: str
+    purged_versions: list[int]
+    proxy_cache_dropped: list[str]
+
+
 class PurgeOut(_Out):
     model_id: int
     purged: list[PurgedVersionOut]
+    events: EventsRedactedOut | None
     blobs_removed: list[str]
 
 

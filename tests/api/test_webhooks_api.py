@@ -97,13 +97,13 @@ def test_bad_webhooks_are_refused_naming_the_field(service: Service):
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_purge_reports_version_purged(service: Service, user_files):
     from tests.api.test_delete_resources import _register
-    from tests.api.test_retention import _publish_v2
+    from tests.api.test_retention import _publish
     from tests.servicekit import register_dataset
 
     with service.client() as c:
         hook = c.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/h", "events": ["version.purged"]}).json()
         mid = _register(service, c, user_files, register_dataset(c, user_files)["id"], "cnn", ok=True)
-        _publish_v2(service, mid, [3, 5])
+        _publish(service, mid, [3, 5])
         assert c.post(f"/v1/models/{mid}/purge").status_code == 200
         (message,) = c.get(f"/v1/webhooks/{hook['id']}/deliveries").json()["items"]
     assert (message["event"], message["status"]) == ("version.purged", "pending")

@@ -13,7 +13,7 @@ from worker.engine import architectures
 from worker.engine.data import from_arrays
 from worker.engine.datafile import validate_arrays
 from worker.engine.errors import Cancelled, ConfigError, DatasetError
-from worker.engine.events import LearningEvents, read_events
+from worker.engine.events import EVENT_KEYS, REDACTED, LearningEvents, read_events, redact_events
 from worker.engine.memorization import estimate_memorization
 from worker.engine.proxies import (
     PROXIES,
@@ -23,8 +23,10 @@ from worker.engine.proxies import (
     compute_proxy,
     default_proxy,
 )
+from worker.engine.refine import build_forget_set, proxy_thresholds, refine
 from worker.engine.runtime import RunContext
 from worker.engine.sample_data import digits_arrays
+from worker.engine.targets import proxy_quantiles
 from worker.engine.training import TrainConfig, train_model
 
 # (no global torch.set_num_threads here: changing it mid-process crashed later tests)
@@ -160,6 +162,52 @@ def test_events_from_a_file_give_the_same_proxy(original, digits, runtime, learn
         np.testing.assert_array_equal(memory, from_dict)
         np.testing.assert_array_equal(memory, from_path)
         np.testing.assert_array_equal(memory, unordered)
+
+
+def test_redacted_events_rows_are_blank_ignored_by_statistics_and_refused_in_a_forget_set(
+        original, digits, runtime, learning_events, tmp_path):
+    """Retention blanks the events of samples no kept version holds (service/core/repo/retention.py):
+    the file keeps every id and every other row byte for byte; the proxies give NaN there, which
+    whole-set statistics ignore and a forget set refuses loudly."""
+    path = tmp_path / "events.npz"
+    perm = np.random.default_rng(1).permutation(len(digits.train))  # a file in another row order
+    LearningEvents(learning_events.sums[perm], learning_events.count[perm]).save(path, np.asarray(digits.ids)[perm])
+    gone = [3, 5, 40]
+    ids = np.asarray(digits.ids).astype(str)
+    data, n_new, n_blank = redact_events(path, [*ids[gone], "not-an-id"])
+    assert (n_new, n_blank) == (3, 3)
+    (tmp_path / "redacted.npz").write_bytes(data)
+    with np.load(path, allow_pickle=False) as a, np.load(tmp_path / "redacted.npz", allow_pickle=False) as b:
+        assert a.files == b.files and np.array_equal(a["ids"], b["ids"])
+        blank = np.isin(b["ids"], ids[gone])
+        assert blank.sum() == 3 and (b["count"][blank] == REDACTED).all()
+        for k in a.files:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+            assert [x.tobytes() for x in a[k][~blank]] == [x.tobytes() for x in b[k][~blank]], k
+            if k in EVENT_KEYS:
+                assert np.isnan(b[k][blank]).all()
+    # blanking again changes nothing; an upload may not carry blank rows, a stored file may
+    assert redact_events(tmp_path / "redacted.npz", ids[gone])[1:] == (0, 3)
+    with pytest.raises(DatasetError, match="negative count"):
+        read_events(tmp_path / "redacted.npz", digits.ids)
+    read_events(tmp_path / "redacted.npz", digits.ids, redacted_ok=True)
+
+    full = compute_proxy("confidence", original, digits, runtime, events=path).values
+    values = compute_proxy("confidence", original, digits, runtime, events=tmp_path / "redacted.npz").values
+    assert np.isnan(values[gone]).all()
+    rest = np.setdiff1d(np.arange(len(values)), gone)
+    np.testing.assert_array_equal(values[rest], full[rest])
+    # whole-training-set statistics leave the blank rows out
+    assert proxy_thresholds(values, quantiles=[0.5]) == [float(np.quantile(full[rest], 0.5))]
+    q = proxy_quantiles(values)
+    assert np.isnan(q[gone]).all() and np.isfinite(q[rest]).all() and q[rest].max() < 1
+    for kind in ("mixed", "random"):
+        drawn = build_forget_set(values, (len(values) - 3) // 3, kind=kind).numpy()
+        assert not np.isin(drawn, gone).any()
+    # a forget set may not name one: it was forgotten already, and its value is gone
+    assert sum(len(b) for b in refine([0, 1, 2], values)) == 3
+    with pytest.raises(DatasetError, match="redacted"):
+        refine([0, 1, 3], values)
 
 
 def test_events_that_miss_rows_are_refused(original, digits, runtime, learning_events):

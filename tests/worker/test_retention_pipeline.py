@@ -1,11 +1,13 @@
 """Retention with the real pipeline (issue 11, item 3): a job publishes version 2, version 1 holds
 the erased samples until its retention runs out, the worker's sweeper purges it (its weights and
-proxy cache leave the store), and the next job starts from version 2, never from a purged version."""
+proxy cache leave the store, the erased samples' learning events are blanked), and the next job
+starts from version 2, never from a purged version, with a proxy from the blanked events."""
 
 from __future__ import annotations
 
 import datetime as dt
 
+import numpy as np
 import pytest
 from sqlalchemy import select, update
 
@@ -13,6 +15,7 @@ from service.core.models import Job, Model, ModelAlias, ModelVersion, ProxyCache
 from service.core.repo import retention
 from tests.worker.test_job_pipeline import NEGGRAD, Setup, random_rows
 from worker import pipeline
+from worker.engine.events import REDACTED
 from worker.pipeline.loading import base_version
 
 
@@ -28,6 +31,17 @@ def _proxy_blobs(s: Setup, version: int) -> set[str]:
             ModelVersion.model_id == s.model_id, ModelVersion.version == version)))
 
 
+def _events(s: Setup) -> tuple[str, dict]:
+    with s.db.session() as sess:
+        sha = sess.get(Model, s.model_id).events_sha256
+    with np.load(s.ctx.store.local_path(sha), allow_pickle=False) as f:
+        return sha, {k: f[k] for k in f.files}
+
+
+def _blank(events: dict) -> set[str]:
+    return set(events["ids"][events["count"] == REDACTED].astype(str))
+
+
 def test_the_sweeper_purges_a_superseded_version_and_the_next_job_starts_after_it(setup, monkeypatch):
     from worker import tasks
 
@@ -37,6 +51,7 @@ def test_the_sweeper_purges_a_superseded_version_and_the_next_job_starts_after_i
     assert pipeline.run_job(s.ctx, s.job([s.request(rows)], NEGGRAD)) == "succeeded"
     v1, v2 = s.versions()
     own = _proxy_blobs(s, 1)
+    original = _events(s)[0]
     assert own and s.ctx.store.exists(v1.checkpoint_sha256)
 
     # the default retention: 30 days after version 2; nothing is due yet
@@ -64,6 +79,11 @@ def test_the_sweeper_purges_a_superseded_version_and_the_next_job_starts_after_i
         r = c.get(f"/v1/models/{s.model_id}/versions/1/checkpoint")
         assert r.status_code == 410 and r.json()["type"] == "urn:unlearnd:problem:version-purged"
     assert "version.purged" in s.actions()
+    # no kept version holds the erased samples any more: their learning events are blank now
+    sha, events = _events(s)
+    assert sha != original and not s.ctx.store.exists(original) and "model.events_redacted" in s.actions()
+    assert _blank(events) == {f.sample_id for f in s.forgotten()}
+    assert _proxy_blobs(s, 2) == set()  # the events proxy carried to version 2 is computed again
 
     # a base is never a purged version, even if 'latest' named one
     with s.db.session() as sess:
@@ -78,7 +98,12 @@ def test_the_sweeper_purges_a_superseded_version_and_the_next_job_starts_after_i
     assert pipeline.run_job(s.ctx, job2) == "succeeded"
     j = s.get(Job, job2)
     assert (j.base_version, j.result_version) == (2, 3)
+    # its proxy came from the blanked file: no value for the rows forgotten earlier, one for every other
+    (entry,) = _proxy_blobs(s, 2)
+    values = np.load(s.ctx.store.local_path(entry), allow_pickle=False)
+    assert sorted(np.flatnonzero(np.isnan(values)).tolist()) == sorted(rows)
     tasks._purge_due(s.ctx, job2)
     assert [v.status for v in s.versions()] == ["purged", "purged", "ready"]
+    assert _blank(_events(s)[1]) == {f.sample_id for f in s.forgotten()} and len(s.forgotten()) == 20
     assert s.aliases()["latest"] == 3
     assert tasks.sweep()["purged"] == 0

@@ -165,7 +165,7 @@ def paired_mixed_sets(
     (already forgotten) are never drawn.
     """
     values = proxy_array(proxy_values)
-    available = np.ones(len(values), dtype=bool)
+    available = ~np.isnan(values)  # a row without a value (learning events redacted) was forgotten already
     if exclude is not None and len(exclude):
         available[exclude.cpu().numpy()] = False
     rows = np.flatnonzero(available)

@@ -6,12 +6,14 @@ batch give, per example, p_y, max_k p_k, Σ_k p_k log p_k (negative entropy) and
 The file keeps their running means over all appearances. Higher values mean *less* memorized;
 the proxies module turns them around.
 
-This module needs numpy only at import time (the API process reads events uploads); the
-recorder uses tensor methods on what the training loop hands it.
+This module needs numpy only at import time (the API process reads events uploads, and
+retention blanks the rows of erased samples: :func:`redact_events`); the recorder uses tensor
+methods on what the training loop hands it.
 """
 
 from __future__ import annotations
 
+import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,10 @@ import numpy as np
 from .errors import DatasetError
 
 EVENT_KEYS = ("confidence", "max_conf", "neg_entropy", "bi_acc")
+# The one marker of a *redacted* row (retention, service/core/repo/retention.py): ``count`` is
+# REDACTED and the four means are NaN. The row keeps its id, so the file still names every
+# training id; it carries nothing about the sample. A count of 0 means "never recorded".
+REDACTED = -1
 
 
 @dataclass
@@ -57,21 +63,34 @@ class LearningEvents:
         np.savez(path, ids=np.asarray(ids).astype(str), count=self.count, **self.means())
 
 
-def read_events(source: str | Path | BinaryIO, ids_train: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Read an events file; with ``ids_train`` the rows are reordered to the dataset's order.
-
-    Raises :class:`DatasetError` naming the problem (missing keys, lengths, unknown ids, NaN).
-    """
+def _load(source: str | Path | BinaryIO) -> dict[str, np.ndarray]:
+    """Every array of an events file (no pickles), in the file's order; the required keys present."""
     try:
         with np.load(source, allow_pickle=False) as npz:
             missing = [k for k in ("ids", "count", *EVENT_KEYS) if k not in npz.files]
             if missing:
                 raise DatasetError(f"events: missing key(s) {', '.join(missing)}")
-            out = {k: npz[k] for k in ("ids", "count", *EVENT_KEYS)}
+            return {k: npz[k] for k in npz.files}
     except DatasetError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DatasetError(f"events: not a readable .npz archive without pickles ({exc})") from exc
+
+
+def redacted(count: np.ndarray) -> np.ndarray:
+    """The rows a retention purge blanked (boolean mask)."""
+    return np.asarray(count) == REDACTED
+
+
+def read_events(source: str | Path | BinaryIO, ids_train: np.ndarray | None = None, *,
+                redacted_ok: bool = False) -> dict[str, np.ndarray]:
+    """Read an events file; with ``ids_train`` the rows are reordered to the dataset's order.
+
+    Raises :class:`DatasetError` naming the problem (missing keys, lengths, unknown ids, NaN).
+    Rows marked :data:`REDACTED` (NaN means) are accepted only with ``redacted_ok`` (the worker
+    reading a stored file); an upload records every row, so a negative count is refused there.
+    """
+    out = {k: v for k, v in _load(source).items() if k in ("ids", "count", *EVENT_KEYS)}
     n = len(out["ids"])
     for k in ("count", *EVENT_KEYS):
         if out[k].shape != (n,):
@@ -79,6 +98,10 @@ def read_events(source: str | Path | BinaryIO, ids_train: np.ndarray | None = No
     ids = out["ids"].astype(str)
     if len(np.unique(ids)) != n:
         raise DatasetError("events.ids: duplicate ids")
+    blank = redacted(out["count"])
+    if (out["count"] < 0).any() and not (redacted_ok and (out["count"][~blank] >= 0).all()):
+        raise DatasetError(f"events.count: {int((out['count'] < 0).sum())} negative count(s); every row must "
+                           "count how often it was recorded (0 or more)")
     seen = out["count"] > 0
     for k in EVENT_KEYS:
         out[k] = out[k].astype(np.float32)
@@ -95,3 +118,33 @@ def read_events(source: str | Path | BinaryIO, ids_train: np.ndarray | None = No
         ids = ids_train
     out["ids"] = ids
     return out
+
+
+def redact_events(source: str | Path | BinaryIO, sample_ids) -> tuple[bytes, int, int]:
+    """The events file with the rows of ``sample_ids`` blanked (:data:`REDACTED` count, NaN means),
+    as ``.npz`` bytes, how many rows were newly blanked and how many are blank now. Every other
+    array and row is kept as it was (same ids, same order, same dtypes but for a count that could
+    not hold -1, or integer means that cannot hold NaN); ids the file lacks are ignored, rows
+    already blank stay blank. Retention calls it (service/core/repo/retention.py)."""
+    arrays = _load(source)
+    ids = arrays["ids"].astype(str)
+    n = len(ids)
+    for k in ("count", *EVENT_KEYS):
+        if arrays[k].shape != (n,):
+            raise DatasetError(f"events.{k}: expected shape ({n},), got {arrays[k].shape}")
+    rows = np.flatnonzero(np.isin(ids, np.asarray(list(sample_ids), dtype=str)))
+    count = arrays["count"]
+    if not np.issubdtype(count.dtype, np.signedinteger):
+        count = count.astype(np.int64)
+    rows = rows[count[rows] != REDACTED]
+    count = count.copy()
+    count[rows] = REDACTED
+    arrays["count"] = count
+    for k in EVENT_KEYS:
+        v = arrays[k] if np.issubdtype(arrays[k].dtype, np.floating) else arrays[k].astype(np.float64)
+        v = v.copy()
+        v[rows] = np.nan
+        arrays[k] = v
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue(), len(rows), int(redacted(count).sum())

@@ -45,7 +45,7 @@ from torch import nn
 from .catalog import PROXY_ALIASES
 from .data import Batch, UnlearningData, View
 from .errors import CheckpointError, ConfigError, DatasetError
-from .events import EVENT_KEYS, LearningEvents, read_events
+from .events import EVENT_KEYS, LearningEvents, read_events, redacted
 from .runtime import RunContext, Runtime, predict, seed_everything
 from .training import fit, make_optimizer
 
@@ -175,23 +175,28 @@ def compute_proxy(
     """Score every training row of ``data`` with proxy ``name`` (higher = more memorized).
 
     ``events`` is a :class:`LearningEvents`, the dict :func:`read_events` returns, or the path
-    of an events file; rows are aligned to ``data.ids``. ``model`` is moved to the runtime's
-    device but never modified. Progress goes to ``ctx.report``, cancellation via ``ctx.check``.
+    of an events file; rows are aligned to ``data.ids``. A row whose events were redacted
+    (retention: :data:`~worker.engine.events.REDACTED`) scores NaN: consumers ignore it in
+    whole-training-set statistics and refuse it in a forget set (worker/engine/refine.py).
+    ``model`` is moved to the runtime's device but never modified. Progress goes to
+    ``ctx.report``, cancellation via ``ctx.check``.
     """
     info = check_proxy(name, hparams)
     ctx = ctx or RunContext(stage="proxies")
     ctx.check()
     hp = {**info.defaults, **hparams}
     start = time.perf_counter()
+    blank = np.zeros(len(data.train), dtype=bool)
     if info.needs_events:
         if events is None:
             raise ConfigError(f"proxy: {info.name!r} needs learning events recorded during training; none given")
-        raw = info.fn(_event_means(events, data), info.statistic)
+        means, blank = _event_means(events, data)
+        raw = info.fn(means, info.statistic)
     else:
         raw = info.fn(model, data, runtime, ctx, **hp)
     values = orient(info.statistic, raw)
-    if values.shape != (len(data.train),) or not np.isfinite(values).all():
-        bad = int((~np.isfinite(values)).sum()) if values.shape == (len(data.train),) else -1
+    if values.shape != (len(data.train),) or not np.isfinite(values[~blank]).all():
+        bad = int((~np.isfinite(values[~blank])).sum()) if values.shape == (len(data.train),) else -1
         error = DatasetError if info.needs_events else CheckpointError  # bad events file, or a model giving NaN
         raise error(f"proxy {info.name!r}: expected {len(data.train)} finite scores ({bad} not finite)")
     ctx.report(1.0)
@@ -201,11 +206,12 @@ def compute_proxy(
 # --------------------------------------------------------------------------- learning events
 
 
-def _event_means(events: EventsLike, data: UnlearningData) -> dict[str, np.ndarray]:
-    """Per-row means aligned with ``data``'s train rows; rows never recorded raise DatasetError."""
+def _event_means(events: EventsLike, data: UnlearningData) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-row means aligned with ``data``'s train rows, and the mask of redacted rows (their means
+    are NaN); rows never recorded raise DatasetError."""
     ids = np.asarray(data.ids).astype(str)
     if isinstance(events, str | Path):
-        events = read_events(events, ids)
+        events = read_events(events, ids, redacted_ok=True)
     if isinstance(events, LearningEvents):
         means, count = events.means(), events.count
     else:
@@ -227,10 +233,14 @@ def _event_means(events: EventsLike, data: UnlearningData) -> dict[str, np.ndarr
     for k in EVENT_KEYS:
         if np.shape(means[k]) != (n,):
             raise DatasetError(f"events.{k}: expected {n} rows (one per training row), got {np.shape(means[k])}")
-    if count is not None and (np.asarray(count) <= 0).any():
-        unseen = int((np.asarray(count) <= 0).sum())
+    if count is not None and np.shape(count) != (n,):
+        raise DatasetError(f"events.count: expected {n} rows (one per training row), got {np.shape(count)}")
+    blank = redacted(count) if count is not None else np.zeros(n, dtype=bool)
+    if count is not None and (np.asarray(count)[~blank] <= 0).any():
+        unseen = int((np.asarray(count)[~blank] <= 0).sum())
         raise DatasetError(f"events.count: {unseen} training row(s) were never recorded during training")
-    return means
+    means = {k: np.where(blank, np.nan, np.asarray(means[k], dtype=np.float64)) for k in EVENT_KEYS}
+    return means, blank
 
 
 def _from_events(means: Mapping[str, np.ndarray], statistic: str) -> np.ndarray:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .data import View
-from .errors import ConfigError
+from .errors import ConfigError, DatasetError
 from .runtime import Runtime
 
 DEFAULT_BINS = 3
@@ -73,12 +73,26 @@ class Bin:
 
 
 def proxy_array(values: np.ndarray | torch.Tensor | Sequence[float], name: str = "proxy") -> np.ndarray:
+    """Proxy values as float64. NaN marks a row without a value (its learning events were redacted
+    by retention: worker/engine/events.py): whole-training-set statistics ignore it and
+    :func:`known` refuses it where a row's own value is needed. Infinities, or no value at all,
+    are errors."""
     v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     v = v.astype(np.float64).reshape(-1)
     if len(v) == 0:
         raise ConfigError(f"{name}: no values")
-    if not np.isfinite(v).all():
+    if np.isinf(v).any() or np.isnan(v).all():
         raise ConfigError(f"{name}: {int((~np.isfinite(v)).sum())} NaN or infinite value(s)")
+    return v
+
+
+def known(values: np.ndarray, rows: np.ndarray, name: str = "proxy") -> np.ndarray:
+    """``values[rows]``, refusing rows without a value (NaN: learning events redacted)."""
+    v = values[rows]
+    if np.isnan(v).any():
+        missing = np.asarray(rows)[np.isnan(v)]
+        raise DatasetError(f"{name}: {len(missing)} row(s) have no value, e.g. rows {missing[:5].tolist()}: their "
+                           "learning events were redacted when retention purged every version that held them")
     return v
 
 
@@ -123,7 +137,7 @@ def proxy_thresholds(
             raise ConfigError(f"bins: need at least 1 bin, got {bins}")
         quantiles = [i / bins for i in range(1, bins)]
     q = check_quantiles(quantiles)
-    return [float(x) for x in np.quantile(v, q)] if q else []
+    return [float(x) for x in np.quantile(v[~np.isnan(v)], q)] if q else []
 
 
 def refine(
@@ -168,7 +182,7 @@ def bin_by_cuts(
         raise ConfigError(f"thresholds: cut points must be non-decreasing, got {cuts}")
     k = len(cuts) + 1
     names = level_names(k)
-    vals = v[rows.numpy()]
+    vals = known(v, rows.numpy())
     band = np.searchsorted(np.asarray(cuts, dtype=np.float64), vals, side="left")
     edges = [-np.inf, *cuts, np.inf]
     out = []
@@ -204,6 +218,10 @@ def forget_subsets(
     discrete proxies such as binary accuracy. Rows come back sorted.
     """
     v = proxy_array(proxy_values)
+    have = np.flatnonzero(~np.isnan(v))
+    if len(have) < len(v):  # rows without a value are never drawn
+        return {k: torch.from_numpy(have[x.numpy()]).long()
+                for k, x in forget_subsets(v[have], n_per_bin, seed=seed, center=center).items()}
     n = len(v)
     n_per_bin = int(n_per_bin)
     if n_per_bin < 1:
@@ -236,7 +254,11 @@ def build_forget_set(
         size = 3 * int(n_per_bin)
         if not 1 <= size <= len(v):
             raise ConfigError(f"n_per_bin: 3 x {n_per_bin} rows do not fit in {len(v)} training rows")
-        rows = np.random.default_rng(seed).choice(len(v), size=size, replace=False)
+        have = np.flatnonzero(~np.isnan(v))
+        if size > len(have):
+            raise ConfigError(f"n_per_bin: 3 x {n_per_bin} rows do not fit in {len(have)} training rows with a value")
+        rows = have[np.random.default_rng(seed).choice(len(have), size=size, replace=False)] if len(have) < len(v) \
+            else np.random.default_rng(seed).choice(len(v), size=size, replace=False)
         return torch.from_numpy(np.sort(rows)).long()
     subsets = forget_subsets(v, n_per_bin, seed=seed, center=center)
     if kind == "mixed":

@@ -43,6 +43,7 @@ from .refine import (
     bin_by_cuts,
     check_quantiles,
     check_thresholds,
+    known,
     proxy_array,
     proxy_thresholds,
     row_tensor,
@@ -315,6 +316,8 @@ def run_unlearning(
     values = proxy_array(proxy_values) if proxy_values is not None else None
     if values is not None and len(values) != n:
         raise ConfigError(f"proxy: expected {n} values (one per training row), got {len(values)}")
+    if values is not None:
+        known(values, forget.numpy())  # a row whose learning events were redacted is never unlearned again
 
     plan: list[tuple[Bin, Unlearner]] = []
     rest = forget
@@ -411,7 +414,7 @@ def _check_finite(model: nn.Module, where: str, probe: View, runtime: Runtime) -
 def _whole_bin(forget: torch.Tensor, values: np.ndarray | None, index: int = 0, level: str = "all") -> Bin:
     """One step's rows as a 'bin' (the plain path's whole forget set, or the corrective rows), with
     proxy stats when known."""
-    v = values[forget.numpy()] if values is not None else np.full(1, np.nan)
+    v = known(values, forget.numpy()) if values is not None else np.full(1, np.nan)
     return Bin(index, level, forget, -np.inf, np.inf, float(v.min()), float(np.median(v)), float(v.mean()),
                float(v.max()))
 

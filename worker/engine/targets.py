@@ -29,8 +29,14 @@ WINDOW = 0.05  # half-width of the rank window, as a share of the holdout rows
 
 
 def proxy_quantiles(values: np.ndarray) -> np.ndarray:
-    """The quantile in (0, 1) of every training row's proxy value among all of them (ties averaged)."""
+    """The quantile in (0, 1) of every training row's proxy value among all of them (ties averaged);
+    rows without a value (NaN: learning events redacted) are left out and get NaN."""
     values = np.asarray(values, dtype=np.float64)
+    have = ~np.isnan(values)
+    if not have.all():
+        out = np.full(len(values), np.nan)
+        out[have] = proxy_quantiles(values[have])
+        return out
     order = np.argsort(values, kind="stable")
     ranks = np.empty(len(values), dtype=np.float64)
     ranks[order] = np.arange(len(values), dtype=np.float64)

@@ -150,9 +150,9 @@ def delete_model(ctx: Ctx, caller: Auth, model_id: int):
 def purge_versions(ctx: Ctx, caller: Auth, model_id: int):
     with ctx.db.transaction() as session:
         model = models.get(session, caller, model_id, lock=True)
-        purged, digests = retention.purge(session, model, actor=caller.actor, due_only=False)
+        purged, events, digests = retention.purge(session, ctx.store, model, actor=caller.actor, due_only=False)
     removed = blobs.prune(ctx.db, ctx.store, digests)  # after the commit: a failed transaction removes nothing
-    return {"model_id": model_id, "purged": purged, "blobs_removed": removed}
+    return {"model_id": model_id, "purged": purged, "events": events, "blobs_removed": removed}
 
 
 @router.get("/{model_id}/versions", response_model=VersionPage, summary="List a model's versions")

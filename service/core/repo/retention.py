@@ -12,11 +12,25 @@ removed. The audit log records each purge (``version.purged``).
 Three callers: the sweeper purges what is due, a worker purges its model's due versions right after
 a job published (so ``purge_after_days = 0`` purges at once), and ``POST /v1/models/{id}/purge``
 purges every version that holds erased samples without waiting out the period.
+
+The model's learning events (one row of training statistics per sample, worker/engine/events.py)
+go the same way, row by row: once no kept version holds a sample (every version before the one
+that forgot it is purged), a purge rewrites the events file with that sample's row blanked (same
+ids, same order; every other row as it was), stores it as a new blob, points the model at it,
+drops the model's proxy cache entries computed from the events (the next job computes them again
+from the blanked file, at no cost) and records ``model.events_redacted``. The old file leaves the
+store when no kept row uses it. While a job of the model runs (it may read the file) the rewrite
+waits: the worker does it after that job, else the next purge or ``POST …/purge`` does.
+[Choice] This module reads and writes the file with worker/engine/events.py, the one definition of
+the format: numpy only, no torch (its own import contract), already loaded by the API for uploads;
+so the API's purge and the sweeper's run the same transaction.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
+import logging
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select
@@ -27,6 +41,11 @@ from service.core.policy import retention_of
 from service.core.repo import audit, blobs
 from service.core.repo.common import aware, iso
 from service.core.statuses import JobStatus, VersionStatus
+from worker.engine.catalog import NEEDS_EVENTS
+from worker.engine.errors import DatasetError
+from worker.engine.events import redact_events
+
+log = logging.getLogger("unlearnd.retention")
 
 MOVED_ALIASES = ("latest", "production")  # moved to the newest ready version; other aliases are removed
 
@@ -61,17 +80,31 @@ def holdings(session: Session, model: Model) -> list[Holding]:
     return out
 
 
-def purge(session: Session, model: Model, *, actor: str, due_only: bool,
-          now: dt.datetime | None = None) -> tuple[list[dict], set[str]]:
+def purge(session: Session, store, model: Model, *, actor: str, due_only: bool, now: dt.datetime | None = None,
+          catch_up: bool = False) -> tuple[list[dict], dict | None, set[str]]:
     """Purge the model's versions that hold erased samples (``due_only``: those whose retention ran
     out by ``now``), in the caller's transaction with the model row locked. A version an active job
-    starts from is left for the next sweep. Returns the tombstones and the artifacts the purged rows
-    referenced (the caller prunes them once the transaction committed: :func:`blobs.prune`)."""
+    starts from is left for the next sweep. Then blank the learning events of the samples no kept
+    version holds any more (:func:`redact`): when versions were purged, on request (not
+    ``due_only``) or with ``catch_up`` (the worker after a job: a rewrite that waited for a running
+    job), not on every sweep, which would read the file each time. Returns the tombstones, the
+    events redaction (None: nothing blanked) and the artifacts the purged rows referenced (the
+    caller prunes them once the transaction committed: :func:`blobs.prune`)."""
     now = now or utcnow()
     busy = set(session.scalars(select(Job.base_version).where(
         Job.model_id == model.id, Job.status.in_(JobStatus.ACTIVE), Job.base_version.is_not(None))))
     targets = [h for h in holdings(session, model)
                if h.version.version not in busy and (not due_only or h.due_at <= now)]
+    tombstones, digests = _purge_versions(session, model, targets, actor=actor, due_only=due_only, now=now)
+    if not (tombstones or catch_up or not due_only):
+        return tombstones, None, digests
+    events, stale = redact(session, store, model, actor=actor, trigger="retention" if due_only else "request",
+                           purged=[t["version"] for t in tombstones])
+    return tombstones, events, digests | stale
+
+
+def _purge_versions(session: Session, model: Model, targets: list[Holding], *, actor: str, due_only: bool,
+                    now: dt.datetime) -> tuple[list[dict], set[str]]:
     if not targets:
         return [], set()
     numbers = [h.version.version for h in targets]
@@ -117,16 +150,63 @@ def purge(session: Session, model: Model, *, actor: str, due_only: bool,
     return tombstones, {h.version.checkpoint_sha256 for h in targets} | {sha for _, _, sha in caches}
 
 
+def redact(session: Session, store, model: Model, *, actor: str, trigger: str,
+           purged: list[int] = ()) -> tuple[dict | None, set[str]]:
+    """Blank the learning-events rows of the model's samples that no kept version holds (forgotten in
+    version w, and no ready version before w is left), in the caller's transaction. Returns what it
+    did (None when nothing was left to blank, the model has no events, or a job of the model runs)
+    and the artifacts to prune after the commit: the old events file and the dropped events-proxy
+    cache entries' blobs."""
+    old = model.events_sha256
+    if old is None:
+        return None, set()
+    oldest_kept = session.scalar(select(func.min(ModelVersion.version)).where(
+        ModelVersion.model_id == model.id, ModelVersion.status == VersionStatus.READY))
+    if oldest_kept is None:
+        return None, set()
+    unheld = sorted(session.scalars(select(ForgottenSample.sample_id).where(
+        ForgottenSample.model_id == model.id, ForgottenSample.version <= oldest_kept)))
+    if not unheld:
+        return None, set()
+    running = session.scalar(select(Job.id).where(Job.model_id == model.id, Job.status == JobStatus.RUNNING)
+                             .limit(1))
+    if running is not None:  # its worker may be about to read the file: the next purge does it
+        return None, set()
+    try:
+        with store.open(old) as f:
+            data, n_new, n_blank = redact_events(io.BytesIO(f.read()), unheld)
+    except (OSError, DatasetError) as exc:
+        log.warning("model %s: learning events %s not redacted, unreadable (%s)", model.id, old, exc)
+        return None, set()
+    if n_new == 0:
+        return None, set()
+    new = store.put_bytes(data)
+    model.events_sha256 = new
+    entries = session.execute(select(ProxyCacheEntry.id, ProxyCacheEntry.proxy, ProxyCacheEntry.sha256).join(
+        ModelVersion, ModelVersion.id == ProxyCacheEntry.model_version_id).where(
+        ModelVersion.model_id == model.id)).all()
+    dropped = [e for e in entries if e.proxy.split(":", 1)[0] in NEEDS_EVENTS]
+    if dropped:
+        session.execute(delete(ProxyCacheEntry).where(ProxyCacheEntry.id.in_([e.id for e in dropped])))
+    details = {"rows_redacted": n_new, "rows_redacted_total": n_blank, "sha256": new, "previous_sha256": old,
+               "trigger": trigger, "purged_versions": list(purged),
+               "proxy_cache_dropped": sorted({e.sha256 for e in dropped})}
+    audit.record(session, model.tenant_id, actor, "model.events_redacted", f"model:{model.id}", details)
+    session.flush()
+    return details, {old} | {e.sha256 for e in dropped}
+
+
 def _locked(session: Session, model_id: int) -> Model | None:
     return session.scalar(select(Model).where(Model.id == model_id).with_for_update(of=Model))
 
 
-def purge_due(db, store, model_id: int, now: dt.datetime | None = None) -> list[dict]:
-    """Purge what is due of one model (a worker, after its job published): one transaction, then
-    the blobs no kept row uses."""
+def purge_due(db, store, model_id: int, now: dt.datetime | None = None, *, catch_up: bool = False) -> list[dict]:
+    """Purge what is due of one model (the sweeper; a worker after its job, with ``catch_up``): one
+    transaction, then the blobs no kept row uses."""
     with db.transaction() as session:
         model = _locked(session, model_id)
-        tombstones, digests = purge(session, model, actor="worker", due_only=True, now=now) if model else ([], set())
+        tombstones, _, digests = (purge(session, store, model, actor="worker", due_only=True, now=now,
+                                        catch_up=catch_up) if model else ([], None, set()))
     blobs.prune(db, store, digests)
     return tombstones
 
