@@ -24,11 +24,8 @@ from service.core.db import is_postgres
 from service.core.models import DeletionRequest, DeletionRequestSample, Job, Model, ModelVersion, utcnow
 from service.core.policy import Batching
 from service.core.repo import audit, requests
-from service.core.statuses import JobStatus, RequestStatus, VersionStatus
-
-
-def _aware(ts: dt.datetime) -> dt.datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
+from service.core.repo.common import aware
+from service.core.statuses import JobStatus, RequestStatus, VersionStatus, sql_list
 
 
 def batching_of(policy: dict | None) -> Batching:
@@ -69,7 +66,7 @@ def claim(session: Session, model_id: int, *, force: bool = False, now: dt.datet
             model.flush_requested_at = None
         return None
     batching = batching_of(model.policy)
-    oldest = _aware(pending[0].created_at)
+    oldest = aware(pending[0].created_at)
     due = (force or remembered or len(pending) >= batching.max_requests
            or (now - oldest).total_seconds() >= batching.max_wait_s)
     if not due:
@@ -119,7 +116,7 @@ class Backlog:
         if not n or self.active:
             return False
         return (self.flush_requested is not None or n >= self.batching.max_requests
-                or (now - _aware(oldest)).total_seconds() >= self.batching.max_wait_s)
+                or (now - aware(oldest)).total_seconds() >= self.batching.max_wait_s)
 
 
 def backlog_sql(policy: str) -> str:
@@ -132,9 +129,8 @@ def backlog_sql(policy: str) -> str:
     dr, jobs = DeletionRequest.__tablename__, Job.__tablename__
     received = f"d.model_id = m.id AND d.status = '{RequestStatus.RECEIVED}'"
     first = f"SELECT {{}} FROM {dr} d WHERE {received} ORDER BY d.id{{}} LIMIT 1"
-    active = ", ".join(f"'{status}'" for status in JobStatus.ACTIVE)  # our statuses: nothing to escape
     return f"""{policy} AS policy, m.flush_requested_at,
-       EXISTS (SELECT 1 FROM {jobs} j WHERE j.model_id = m.id AND j.status IN ({active})) AS active,
+       EXISTS (SELECT 1 FROM {jobs} j WHERE j.model_id = m.id AND j.status IN ({sql_list(JobStatus.ACTIVE)})) AS active,
        ({first.format("d.id", "")}) AS first_id, ({first.format("d.created_at", "")}) AS first_at,
        ({first.format("d.id", " DESC")}) AS last_id"""
 

@@ -28,6 +28,12 @@ class RequestStatus(StrEnum):
     TERMINAL = nonmember((COMPLETED, FAILED))
 
 
+def sql_list(statuses) -> str:
+    """``statuses`` as the inside of an SQL ``IN (...)`` written into a statement's text: our own
+    values (identifiers), nothing to escape."""
+    return ", ".join(f"'{s}'" for s in statuses)
+
+
 class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"

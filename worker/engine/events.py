@@ -64,17 +64,23 @@ class LearningEvents:
 
 
 def _load(source: str | Path | BinaryIO) -> dict[str, np.ndarray]:
-    """Every array of an events file (no pickles), in the file's order; the required keys present."""
+    """Every array of an events file (no pickles), in the file's order; the required keys present,
+    one value per id each."""
     try:
         with np.load(source, allow_pickle=False) as npz:
             missing = [k for k in ("ids", "count", *EVENT_KEYS) if k not in npz.files]
             if missing:
                 raise DatasetError(f"events: missing key(s) {', '.join(missing)}")
-            return {k: npz[k] for k in npz.files}
+            arrays = {k: npz[k] for k in npz.files}
     except DatasetError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DatasetError(f"events: not a readable .npz archive without pickles ({exc})") from exc
+    n = len(arrays["ids"])
+    for k in ("count", *EVENT_KEYS):
+        if arrays[k].shape != (n,):
+            raise DatasetError(f"events.{k}: expected shape ({n},), got {arrays[k].shape}")
+    return arrays
 
 
 def redacted(count: np.ndarray) -> np.ndarray:
@@ -92,9 +98,6 @@ def read_events(source: str | Path | BinaryIO, ids_train: np.ndarray | None = No
     """
     out = {k: v for k, v in _load(source).items() if k in ("ids", "count", *EVENT_KEYS)}
     n = len(out["ids"])
-    for k in ("count", *EVENT_KEYS):
-        if out[k].shape != (n,):
-            raise DatasetError(f"events.{k}: expected shape ({n},), got {out[k].shape}")
     ids = out["ids"].astype(str)
     if len(np.unique(ids)) != n:
         raise DatasetError("events.ids: duplicate ids")
@@ -128,10 +131,6 @@ def redact_events(source: str | Path | BinaryIO, sample_ids) -> tuple[bytes, int
     already blank stay blank. Retention calls it (service/core/repo/retention.py)."""
     arrays = _load(source)
     ids = arrays["ids"].astype(str)
-    n = len(ids)
-    for k in ("count", *EVENT_KEYS):
-        if arrays[k].shape != (n,):
-            raise DatasetError(f"events.{k}: expected shape ({n},), got {arrays[k].shape}")
     rows = np.flatnonzero(np.isin(ids, np.asarray(list(sample_ids), dtype=str)))
     count = arrays["count"]
     if not np.issubdtype(count.dtype, np.signedinteger):

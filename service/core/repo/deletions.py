@@ -36,10 +36,10 @@ from service.core.models import (
     utcnow,
 )
 from service.core.repo import audit, webhooks
-from service.core.repo.common import iso
+from service.core.repo.common import aware, iso
 from service.core.repo.datasets import MAX_ID
 from service.core.repo.models import require_ready
-from service.core.statuses import RequestStatus, VersionStatus
+from service.core.statuses import RequestStatus, VersionStatus, sql_list
 
 REASONS = ("erasure", "mislabeled", "poisoned", "other")
 MAX_SAMPLES_PER_REQUEST = 100_000
@@ -139,10 +139,6 @@ def _key_and_target_query():
             .where(keys.c.prefix == bindparam("prefix")))
 
 
-def _statuses(statuses) -> str:
-    return ", ".join(f"'{s}'" for s in statuses)  # our statuses: identifiers, nothing to escape
-
-
 KEY_AND_TARGET = _key_and_target_query()
 # PostgreSQL: the same query, with the ids as one array parameter and each looked up on its own in
 # the dataset's (dataset_id, sample_id) index (LATERAL ... LIMIT 1, which the planner cannot turn into
@@ -162,7 +158,7 @@ SELECT k.id AS key_id, k.tenant_id, k.key_hash, k.revoked_at, k.last_used_at, t.
        b.policy, b.flush_requested_at, b.active, b.first_id, b.first_at, b.last_id,
        (SELECT min(drs.request_id) FROM {DeletionRequestSample.__tablename__} drs
         WHERE drs."row" = s."row" AND drs.linked_request_id IS NULL
-          AND (SELECT dr.model_id = m.id AND dr.status IN ({_statuses(RequestStatus.ACTIVE)})
+          AND (SELECT dr.model_id = m.id AND dr.status IN ({sql_list(RequestStatus.ACTIVE)})
                FROM {DeletionRequest.__tablename__} dr WHERE dr.id = drs.request_id)) AS pending
 FROM {ApiKey.__tablename__} k
 JOIN {Tenant.__tablename__} t ON t.id = k.tenant_id
@@ -360,7 +356,7 @@ def render_page(session: Session, page: list[DeletionRequest]) -> list[dict]:
 
 
 def _render(r: DeletionRequest, n_new_samples: int, linked: list[int]) -> dict:
-    created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=dt.UTC)
+    created = aware(r.created_at)
     return {"id": r.id, "model_id": r.model_id, "status": r.status, "reason": r.reason,
             "subject_hash": r.subject_hash, "n_samples": r.n_samples, "n_new_samples": n_new_samples,
             "linked_to": linked, "job_id": r.job_id, "result_version": r.result_version, "attempts": r.attempts,

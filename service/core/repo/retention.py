@@ -29,7 +29,6 @@ so the API's purge and the sweeper's run the same transaction.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import logging
 from dataclasses import dataclass
 
@@ -174,7 +173,7 @@ def redact(session: Session, store, model: Model, *, actor: str, trigger: str,
         return None, set()
     try:
         with store.open(old) as f:
-            data, n_new, n_blank = redact_events(io.BytesIO(f.read()), unheld)
+            data, n_new, n_blank = redact_events(f, unheld)
     except (OSError, DatasetError) as exc:
         log.warning("model %s: learning events %s not redacted, unreadable (%s)", model.id, old, exc)
         return None, set()

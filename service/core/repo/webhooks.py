@@ -25,7 +25,7 @@ from service.core.db import Database, is_postgres
 from service.core.errors import Conflict, invalid, not_found
 from service.core.models import AuditEntry, Job, WebhookDelivery, WebhookEndpoint, utcnow
 from service.core.repo import datasets
-from service.core.repo.common import iso, retire
+from service.core.repo.common import aware, iso, retire
 from service.core.statuses import DeliveryStatus
 
 OUTBOX_FLAG = "unlearnd.webhooks.written"  # in Session.info: this transaction wrote messages
@@ -168,7 +168,7 @@ def grace_end(previous: str | None, ends: dt.datetime | None, now: dt.datetime) 
     ``previous_secret_expires_at``; None when it has none that still signs at ``now``."""
     if previous is None or ends is None:
         return None
-    ends = ends if ends.tzinfo else ends.replace(tzinfo=dt.UTC)  # SQLite gives it back naive (UTC)
+    ends = aware(ends)  # SQLite gives it back naive (UTC)
     return ends if ends > now else None
 
 
