@@ -12,9 +12,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
+from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import TextClause
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POOL_SIZE = 10  # connections kept open per process (SQLAlchemy's default: 5, and 10 more opened and closed on demand)
@@ -95,6 +99,35 @@ def _readable(dbapi_conn) -> bool:
 def is_postgres(engine_or_session) -> bool:
     bind = engine_or_session.get_bind() if isinstance(engine_or_session, Session) else engine_or_session
     return bind.dialect.name == "postgresql"
+
+
+class DriverStatement:
+    """A fixed PostgreSQL statement that the accept path runs on the psycopg connection under a
+    SQLAlchemy connection in autocommit, past SQLAlchemy's execution layer: for the accept path's two
+    statements that layer (execution context, result metadata from the cursor's description,
+    parameter processing) cost about as much CPU as psycopg's own work, measured in-process
+    (docs/benchmarks.md). In a session it runs as any statement does. The rows are named tuples with
+    the statement's columns; errors are SQLAlchemy's, as if it had run them (an OperationalError is
+    the API's 503), and a connection the server dropped is invalidated, as SQLAlchemy would."""
+
+    def __init__(self, statement: TextClause):
+        self.statement = statement
+        self.sql = str(statement.compile(dialect=pg_psycopg.dialect()))  # %(name)s placeholders, % escaped
+
+    def rows(self, bind: Session | Connection, params: dict) -> list:
+        if isinstance(bind, Session):
+            return bind.execute(self.statement, params).all()
+        raw = bind.connection.driver_connection
+        try:
+            with raw.cursor(row_factory=namedtuple_row) as cursor:
+                cursor.execute(self.sql, params)
+                return cursor.fetchall()
+        except psycopg.Error as exc:
+            gone = bind.dialect.is_disconnect(exc, raw, None)
+            if gone:
+                bind.invalidate(exc)
+            raise DBAPIError.instance(self.sql, params, exc, psycopg.Error, connection_invalidated=gone,
+                                      dialect=bind.dialect) from exc
 
 
 class Database:

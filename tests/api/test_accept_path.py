@@ -203,6 +203,48 @@ def test_the_api_plans_its_prepared_statements_once_on_postgresql(tmp_path, post
             plain.engine.dispose()
 
 
+def test_a_driver_statement_fails_as_sqlalchemy_would(postgres_admin):
+    """The accept path's statements run on psycopg directly (service/core/db.py DriverStatement): their
+    rows are named as the statement's columns, in a session as on a connection; a constraint broken
+    is SQLAlchemy's IntegrityError (the accept path tells a reused Idempotency-Key by it), and a
+    connection the server dropped is SQLAlchemy's OperationalError (the API's 503) and is
+    invalidated, so that the pool never hands it out again."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from service.core.db import Database, DriverStatement
+    from tests.servicekit import fresh_postgres
+
+    insert = DriverStatement(text("INSERT INTO t (k) VALUES (:k) RETURNING k AS key, 100 % 7 AS rest"))
+    with fresh_postgres(postgres_admin) as url:
+        db = Database(url)
+        try:
+            with db.engine.begin() as conn:
+                conn.execute(text("CREATE TABLE t (k integer PRIMARY KEY)"))
+            with db.connect() as conn:
+                auto = db.autocommit(conn)
+                assert [tuple(r) for r in insert.rows(auto, {"k": 1})] == [(1, 2)]
+                assert insert.rows(auto, {"k": 2})[0].key == 2
+                with pytest.raises(IntegrityError) as caught:
+                    insert.rows(auto, {"k": 1})
+                assert caught.value.orig.sqlstate == "23505"
+                assert insert.rows(auto, {"k": 3})[0].key == 3  # still usable: autocommit, nothing to roll back
+            with db.transaction() as session:
+                assert insert.rows(session, {"k": 4})[0].rest == 2
+            with db.connect() as conn:
+                auto = db.autocommit(conn)
+                pid = auto.execute(text("SELECT pg_backend_pid()")).scalar()
+                with db.engine.connect() as other:
+                    other.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                with pytest.raises(OperationalError) as caught:
+                    insert.rows(auto, {"k": 5})
+                assert caught.value.connection_invalidated and conn.invalidated
+            with db.engine.connect() as conn:
+                assert conn.execute(text("SELECT array_agg(k ORDER BY k) FROM t")).scalar() == [1, 2, 3, 4]
+        finally:
+            db.dispose()
+
+
 def test_two_requests_that_complete_a_batch_at_once_are_claimed_by_the_sweeper(service, user_files):
     """Each of two requests read the model's backlog before the other was written (they arrived at
     the same instant): neither saw a batch complete, so neither looked again after its commit

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
+import psycopg
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -15,17 +16,31 @@ from tests.servicekit import register_dataset, register_model
 
 @contextlib.contextmanager
 def statements():
-    """Counts the SQL statements every engine of this process sends meanwhile."""
+    """Counts the SQL statements every engine of this process sends meanwhile: on SQLite as
+    SQLAlchemy sends them, on PostgreSQL as psycopg does (the accept path runs two statements on
+    psycopg directly: service/core/db.py ``DriverStatement``)."""
     sent: list[str] = []
 
     def count(conn, cursor, statement, *args):
-        sent.append(statement)
+        if conn.dialect.name != "postgresql":
+            sent.append(statement)
 
+    def counted(method):
+        def send(self, query, *args, **kwargs):
+            sent.append(query)
+            return method(self, query, *args, **kwargs)
+        return send
+
+    originals = {name: getattr(psycopg.Cursor, name) for name in ("execute", "executemany")}
     event.listen(Engine, "before_cursor_execute", count)
+    for name, method in originals.items():
+        setattr(psycopg.Cursor, name, counted(method))
     try:
         yield sent
     finally:
         event.remove(Engine, "before_cursor_execute", count)
+        for name, method in originals.items():
+            setattr(psycopg.Cursor, name, method)
 
 
 def _count(c, url: str) -> int:

@@ -47,10 +47,11 @@ IDEMPOTENCY_KEY = Header(min_length=1, max_length=255, pattern=r"\S")
              summary="Ask a model to forget samples (committed before the answer; batched into a job)")
 def create_deletion_request(bearer: Bearer, model_id: int, body: DeletionRequestIn,
                             idempotency_key: Annotated[str | None, IDEMPOTENCY_KEY] = None):
-    """One connection. On PostgreSQL without an Idempotency-Key, two statements in autocommit: the
-    key with the model, what is known of the samples and the model's batching backlog, then the
-    request, its samples and its audit-log entry, written and committed by one statement (atomic by
-    itself, durable when it returns: no BEGIN and COMMIT round trips); otherwise one transaction
+    """One connection. On PostgreSQL without an Idempotency-Key, two statements in autocommit, sent
+    by psycopg itself (service/core/db.py ``DriverStatement``): the key with the model, what is known
+    of the samples and the model's batching backlog, then the request, its samples and its audit-log
+    entry, written and committed by one statement (atomic by itself, durable when it returns: no
+    BEGIN and COMMIT round trips); otherwise one transaction
     (with a key: its advisory lock, the look for an earlier request with it, the INSERTs, the
     commit). Then, when this request may have made a batch due (by the backlog the first query saw;
     on SQLite always), the look whether one is: after the commit, so that it sees every request
@@ -65,13 +66,13 @@ def create_deletion_request(bearer: Bearer, model_id: int, body: DeletionRequest
     with ctx.db.connect() as connection:
         autocommit = idempotency_key is None and deletions.writes_in_one_statement(connection)
         if autocommit:
-            # a session whose every statement commits on its own (its commit and rollback send nothing)
-            with ctx.db.transaction(ctx.db.autocommit(connection)) as session:
-                caller, target = deletions.caller_and_target(session, bearer.key, bearer.prefix, model_id,
-                                                             sample_ids)
-                req = deletions.create(session, caller, target, sample_ids=sample_ids, reason=body.reason,
-                                       subject_ref=body.subject_ref, idempotency_key=None, fp=fp)
-                out = deletions.render(session, req)
+            # on the connection itself, every statement committing on its own: no ORM session (nothing
+            # here is an ORM object) and no BEGIN or COMMIT round trips
+            connection = ctx.db.autocommit(connection)
+            caller, target = deletions.caller_and_target(connection, bearer.key, bearer.prefix, model_id, sample_ids)
+            req = deletions.create(connection, caller, target, sample_ids=sample_ids, reason=body.reason,
+                                   subject_ref=body.subject_ref, idempotency_key=None, fp=fp)
+            out = deletions.render(connection, req)
         else:
             with ctx.db.transaction(connection) as session:
                 caller, target = deletions.caller_and_target(session, bearer.key, bearer.prefix, model_id,

@@ -14,13 +14,13 @@ import json
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from sqlalchemy import Integer, and_, bindparam, column, func, or_, select, text
+from sqlalchemy import Connection, Integer, and_, bindparam, column, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.core.auth import KEY_COLUMNS, Caller, caller_of
 from service.core.batching import BACKLOG_COLUMNS, Backlog, backlog_sql
-from service.core.db import is_postgres
+from service.core.db import DriverStatement, is_postgres
 from service.core.errors import Conflict, Invalid, not_found
 from service.core.models import (
     ApiKey,
@@ -145,12 +145,13 @@ KEY_AND_TARGET = _key_and_target_query()
 # a join). An IN list of ids, or = ANY(array), was planned as a scan of every sample of the dataset
 # filtered by id whenever the statistics were stale (a fresh database: 0.23 ms for 1,197 samples
 # against 0.02 ms, and the scan grows with the dataset), and SQLAlchemy renders an IN list anew on
-# every call. Its columns are declared (as the SQLite query's), so that SQLAlchemy keeps the result's
-# metadata with the compiled statement instead of building it from the cursor on every call. It also
+# every call. The accept path runs it on psycopg directly (service/core/db.py ``DriverStatement``);
+# in a session (a request with an Idempotency-Key) its declared columns let SQLAlchemy keep the
+# result's metadata with the compiled statement instead of building it from the cursor. It also
 # reads the model's batching backlog (service/core/batching.py ``Backlog``, a few index probes, the
 # policy's batching part only): with it the accept path looks again after its commit only when this
 # request may have made a batch due.
-KEY_AND_TARGET_PG = text(f"""
+KEY_AND_TARGET_PG = DriverStatement(text(f"""
 SELECT k.id AS key_id, k.tenant_id, k.key_hash, k.revoked_at, k.last_used_at, t.name AS tenant, m.id AS model,
        EXISTS (SELECT 1 FROM {ModelVersion.__tablename__} mv
                WHERE mv.model_id = m.id AND mv.status = '{VersionStatus.READY}') AS ready,
@@ -171,7 +172,7 @@ LEFT JOIN LATERAL (
 ) AS s ON true
 LEFT JOIN {ForgottenSample.__tablename__} fs ON fs.model_id = m.id AND fs."row" = s."row"
 WHERE k.prefix = :prefix""").columns(*(column(c.name, c.type) for c in KEY_AND_TARGET.selected_columns[:-1]),
-                                    *BACKLOG_COLUMNS, column("pending", Integer))
+                                    *BACKLOG_COLUMNS, column("pending", Integer)))
 INSERT_REQUEST = DeletionRequest.__table__.insert().returning(DeletionRequest.__table__.c.id)
 INSERT_SAMPLES = DeletionRequestSample.__table__.insert()
 
@@ -194,19 +195,20 @@ def _collect(found: Target | None, model_id: int, rows) -> Target | None:
     return found
 
 
-def caller_and_target(session: Session, key: str, prefix: str, model_id: int,
+def caller_and_target(session: Session | Connection, key: str, prefix: str, model_id: int,
                       sample_ids: list[str]) -> tuple[Caller, Target]:
     """The accept path's first query: the caller of the bearer key (``service.core.auth.bearer_key``;
     401 when it is not valid) and the caller's model (404 otherwise): whether it has a ready version,
     the rows of the named samples, those the model forgot already and those named by a request still
-    pending. One query (a chunk of ids a query)."""
+    pending. One query (a chunk of ids a query), in a session or on a plain connection."""
     caller, found = None, None
     sample_ids = list(dict.fromkeys(sample_ids))
     # an id out of range matches no model (0 is never one), and the key is still checked first
     params = {"prefix": prefix, "model_id": model_id if 0 < model_id <= MAX_ID else 0}
-    query = KEY_AND_TARGET_PG if is_postgres(session) else KEY_AND_TARGET
+    postgres = is_postgres(session)
     for start in range(0, max(len(sample_ids), 1), LOOKUP_CHUNK):
-        rows = session.execute(query, params | {"ids": sample_ids[start:start + LOOKUP_CHUNK]}).all()
+        chunk = params | {"ids": sample_ids[start:start + LOOKUP_CHUNK]}
+        rows = KEY_AND_TARGET_PG.rows(session, chunk) if postgres else session.execute(KEY_AND_TARGET, chunk).all()
         if caller is None:
             caller = caller_of(session, rows[0] if rows else None, key, prefix)  # 401
         found = _collect(found, model_id, rows)
@@ -215,13 +217,15 @@ def caller_and_target(session: Session, key: str, prefix: str, model_id: int,
     return caller, found  # type: ignore[return-value]
 
 
-def create(session: Session, caller: Caller, t: Target, *, sample_ids: list[str], reason: str,
+def create(session: Session | Connection, caller: Caller, t: Target, *, sample_ids: list[str], reason: str,
            subject_ref: str | None, idempotency_key: str | None, fp: str) -> SimpleNamespace:
     """Validate and insert one request with its samples and its audit-log entry, in the caller's
     transaction: on PostgreSQL one statement (:data:`INSERT_ALL`), elsewhere four INSERTs (the request,
-    its samples, the entry, its place in the sequencer's queue)."""
+    its samples, the entry, its place in the sequencer's queue). ``session`` may be a plain connection
+    (PostgreSQL, autocommit: the accept path), on which the rare paths that need ORM objects open a
+    session of their own."""
     if not t.ready:
-        require_ready(session, session.get(Model, t.model_id))  # 409, and why
+        _require_ready(session, t.model_id)  # 409, and why
     unique = list(dict.fromkeys(sample_ids))
     rows = t.rows
     unknown = [s for s in unique if s not in rows]
@@ -269,6 +273,14 @@ def create(session: Session, caller: Caller, t: Target, *, sample_ids: list[str]
     return req
 
 
+def _require_ready(session: Session | Connection, model_id: int) -> None:
+    if isinstance(session, Session):
+        require_ready(session, session.get(Model, model_id))
+        return
+    with Session(bind=session) as orm:  # on the connection: its statements are the connection's
+        require_ready(orm, orm.get(Model, model_id))
+
+
 def _key_just_taken() -> Conflict:
     """The request's Idempotency-Key was committed meanwhile by another process (the unique index)."""
     return Conflict("Idempotency-Key: a request with this key was just accepted; "
@@ -288,7 +300,7 @@ _R, _S, _E, _P = (DeletionRequest.__table__, DeletionRequestSample.__table__, Au
                   LogPending.__table__)
 _REQUEST_COLUMNS = ("tenant_id", "model_id", "reason", "status", "result_version", "completed_at", "subject_hash",
                     "n_samples", "idempotency_key", "fingerprint", "attempts", "created_at", "updated_at")
-INSERT_ALL = text(f"""
+INSERT_ALL = DriverStatement(text(f"""
 WITH r AS (INSERT INTO {_R.name} ({", ".join(_REQUEST_COLUMNS)})
            VALUES ({", ".join(":" + c for c in _REQUEST_COLUMNS)}) RETURNING id),
 s AS (INSERT INTO {_S.name} (request_id, "row", sample_id, linked_request_id)
@@ -301,23 +313,24 @@ e AS (INSERT INTO {_E.name} (tenant_id, created_at, actor, action, resource, det
 p AS (INSERT INTO {_P.name} (entry_id, tenant_id) SELECT e.id, :tenant_id FROM e)
 SELECT r.id, e.id AS entry_id FROM r, e""").bindparams(
     bindparam("created_at", type_=_R.c.created_at.type), bindparam("updated_at", type_=_R.c.updated_at.type),
-    bindparam("completed_at", type_=_R.c.completed_at.type)).columns(id=_R.c.id.type, entry_id=_E.c.id.type)
+    bindparam("completed_at", type_=_R.c.completed_at.type)).columns(id=_R.c.id.type, entry_id=_E.c.id.type))
 
 
 def writes_in_one_statement(bind) -> bool:
-    """Whether :func:`create` writes a request in one statement (PostgreSQL), which needs no
+    """Whether :func:`create` writes a request in one statement (PostgreSQL, while the request's
+    audit-log entry reports no webhook event: that would be a second write), which needs no
     transaction around it: a caller without other writes to make may run it in autocommit."""
-    return is_postgres(bind)
+    return is_postgres(bind) and RECEIVED not in webhooks.EVENTS_OF
 
 
-def _insert_all(session: Session, values: dict, samples: list[dict], caller: Caller, details: dict) -> int:
+def _insert_all(session: Session | Connection, values: dict, samples: list[dict], caller: Caller, details: dict) -> int:
     """The request, its samples, its audit-log entry (as ``audit.record`` appends one) and the
     entry's place in the sequencer's queue, in one statement (PostgreSQL): the request's id."""
-    request_id, entry_id = session.execute(INSERT_ALL, values | {
+    [(request_id, entry_id)] = INSERT_ALL.rows(session, values | {
         "sample_rows": [s["row"] for s in samples], "sample_ids": [s["sample_id"] for s in samples],
         "links": [s["linked_request_id"] for s in samples], "actor": caller.actor, "action": RECEIVED,
-        "details": json.dumps(details)}).one()
-    if RECEIVED in webhooks.EVENTS_OF:  # as audit.record does (this action reports no event today)
+        "details": json.dumps(details)})
+    if RECEIVED in webhooks.EVENTS_OF:  # as audit.record does (none today; then not in autocommit)
         webhooks.emit_for_entry(session, AuditEntry(
             id=entry_id, tenant_id=caller.tenant_id, created_at=values["created_at"], actor=caller.actor,
             action=RECEIVED, resource=f"deletion_request:{request_id}", details=details))
@@ -331,11 +344,11 @@ def query(caller: Caller, model_id: int | None = None, status: RequestStatus | N
     return q.where(DeletionRequest.status == status) if status else q
 
 
-def render(session: Session, r: DeletionRequest | SimpleNamespace) -> dict:
+def render(session: Session | Connection, r: DeletionRequest | SimpleNamespace) -> dict:
     return render_page(session, [r])[0]
 
 
-def render_page(session: Session, page: list[DeletionRequest]) -> list[dict]:
+def render_page(session: Session | Connection, page: list[DeletionRequest]) -> list[dict]:
     """The requests as shown, with their samples' counts and links read in two queries for the page
     (none for a request created in this session: ``create`` noted them)."""
     shown = session.info.get(_SHOWN, {})
