@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from service.core.repo.common import aware
 from service.core.repo.deletions import ERASURE_DEADLINE
 from service.core.report import (
     REPORT_SCHEMA,
@@ -113,10 +114,6 @@ class ReportInputs:
         return ["latest", "production"] if self.audit.passed else ["latest"]
 
 
-def _aware(ts: dt.datetime) -> dt.datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
-
-
 def request_entries(record: JobRecord) -> list[RequestEntry]:
     """One entry per request of the job: reason, subject hash, received and due dates, samples."""
     by_request: dict[int, list] = {r.id: [] for r in record.requests}
@@ -125,7 +122,7 @@ def request_entries(record: JobRecord) -> list[RequestEntry]:
     out = []
     for r in record.requests:
         samples = by_request.get(r.id, [])
-        received = _aware(r.created_at)
+        received = aware(r.created_at)
         out.append(RequestEntry(
             id=r.id, reason=r.reason, subject_hash=r.subject_hash, received_at=received,
             due_by=received + ERASURE_DEADLINE, n_samples=r.n_samples,
@@ -153,9 +150,9 @@ def build_report(inputs: ReportInputs) -> JobReport:
         schema=REPORT_SCHEMA,
         job=JobInfo(id=job.id, model_id=model.id, model_name=model.name, status="succeeded",
                     base_version=record.base.version, new_version=record.next_version, attempts=run.attempt,
-                    created_at=_aware(job.created_at),
-                    started_at=_aware(job.started_at) if job.started_at else None,
-                    finished_at=_aware(run.finished_at), timings=clean(run.timings), device=run.device,
+                    created_at=aware(job.created_at),
+                    started_at=aware(job.started_at) if job.started_at else None,
+                    finished_at=aware(run.finished_at), timings=clean(run.timings), device=run.device,
                     worker=run.worker, policy_revision=job.policy_revision),
         dataset=DatasetInfo(id=dataset.id, name=dataset.name, sha256=dataset.sha256, n_train=dataset.n_train,
                             n_test=dataset.n_test),
