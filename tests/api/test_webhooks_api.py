@@ -277,3 +277,32 @@ def test_a_rotation_keeps_the_old_secret_signing_for_its_grace_period(service: S
         assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["grace"], r.text
         assert stored_secret(service, hook["id"]) == before  # nothing changed
         assert c.get(f"/v1/webhooks/{hook['id']}").json() == {k: v for k, v in rotated.items() if k != "secret"}
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_real_worker_signs_with_both_secrets_during_the_grace_period(tmp_path, db_url):
+    """rotate-secret with a grace period over HTTP, the message delivered by a worker process: the
+    API stored both secrets encrypted, the worker (the embedded default key, found in the data
+    directory the API made it in) opens both and signs with each, the new secret first. A receiver
+    that still holds only the old secret accepts the message, and so would one with the new."""
+    from tests.servicekit import wait_for, worker_process
+    from tests.worker.test_webhooks import receiving, signatures, verifies
+
+    settings = make_settings(tmp_path, db_url, webhook_allow_private=True)
+    old = standard.new_secret()
+    with (receiving(old, []) as receiver, running_service(settings) as service,
+          worker_process(settings, tmp_path / "worker.log", beat=True, UNLEARND_WEBHOOK_INTERVAL_S="3600",
+                         UNLEARND_WEBHOOK_ALLOW_PRIVATE="true"),
+          service.client() as c):
+        hook = c.post("/v1/webhooks", json={"url": receiver.url, "events": ["job.finished"], "secret": old}).json()
+        r = c.post(f"/v1/webhooks/{hook['id']}/rotate-secret", json={"grace_seconds": 3600})
+        assert r.status_code == 200, r.text
+        new = r.json()["secret"]
+        queued = c.post(f"/v1/webhooks/{hook['id']}/test").json()
+        wait_for(lambda: [d for d in c.get(f"/v1/webhooks/{hook['id']}/deliveries").json()["items"]
+                          if d["status"] == "delivered"], timeout=30, what="the test message delivered")
+    (got,) = receiver.got
+    assert got["valid"] and got["headers"]["webhook-id"] == queued["message_id"]
+    first, then = signatures(got)
+    assert verifies(new, got, first) and not verifies(old, got, first)
+    assert verifies(old, got, then) and not verifies(new, got, then)
