@@ -2,9 +2,21 @@
 
 Uploads are streamed into a staging file with a size limit (never held in memory), validated
 there, then committed: renamed atomically into ``<root>/<aa>/<sha256>``. A blob is never
-overwritten; committing one that exists already is a no-op. :class:`ArtifactStore` is the
-interface a shared volume or an S3-compatible store implements; :class:`LocalArtifactStore`
+overwritten; committing one that exists already only leases it (below). :class:`ArtifactStore` is
+the interface a shared volume or an S3-compatible store implements; :class:`LocalArtifactStore`
 is the local-directory one (also right for a shared volume mounted on every node).
+
+Removal without a lock across processes (docs/architecture.md#the-artifact-store). A blob is
+removed when no committed row references it (service/core/repo/blobs.py), but a writer that stored
+the same bytes may not have committed its row yet. So a writer that finds its blob stored sets the
+blob's mtime ``LEASE_S`` into the future, and a remover first renames the blob aside (atomic), then
+decides from what it holds: it puts the blob back if it is leased (mtime in the future) or its
+caller's ``keep`` (references in the database, the collector's grace) says so, else deletes it. A
+lease taken before the rename is seen on the blob set aside; one tried after it finds no file and
+writes the blob anew from the writer's staged copy, and the remover then leaves that one alone. A
+blob written anew is not leased (else deleting what was just uploaded would have to wait): pruning
+only takes blobs whose rows it saw deleted, which a writer of the same bytes finds and leases, and
+the collector only blobs untouched for its grace.
 """
 
 from __future__ import annotations
@@ -12,13 +24,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import secrets
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 CHUNK = 1 << 20
+# How long a writer that found its bytes stored may take to commit the row that references them.
+LEASE_S = 24 * 3600.0
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class TooLarge(Exception):
@@ -51,7 +69,8 @@ class ArtifactStore(Protocol):
     def stage(self, source: BinaryIO, max_bytes: int) -> Staged: ...
 
     def commit(self, staged: Staged) -> bool:
-        """Store the staged file under its sha256; True if it was new (False: it existed)."""
+        """Store the staged file under its sha256; True if it was new (False: it existed, and is
+        now leased to the caller: removers leave it alone until its row can have committed)."""
 
     def exists(self, sha256: str) -> bool: ...
 
@@ -63,7 +82,19 @@ class ArtifactStore(Protocol):
         """A local file with the blob's bytes (the worker reads tensors from it)."""
 
     def delete(self, sha256: str) -> None:
-        """Remove a blob (only for one that no row references, e.g. after a failed commit)."""
+        """Remove a blob (only for one that no row references, e.g. after a failed commit) unless
+        another writer leased it meanwhile."""
+
+    def remove(self, sha256: str, keep: Callable[[float], bool]) -> bool:
+        """Remove a blob unless it is leased or ``keep(mtime)``, asked with the blob out of reach of
+        new leases; True if it was removed."""
+
+    def blobs(self) -> Iterator[tuple[str, float]]:
+        """Every blob's sha256 and mtime (when it was written, or until when it is leased)."""
+
+    def tidy(self, before: float) -> int:
+        """Undo what stopped processes left before ``before``: put back the blobs a remover had set
+        aside, remove staging files; returns the staging files removed."""
 
     def put_bytes(self, data: bytes) -> str: ...
 
@@ -74,10 +105,12 @@ class LocalArtifactStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.tmp = self.root / "tmp"
+        self.trash = self.root / "trash"  # blobs a remover set aside: <sha256>.<when>.<random>
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.trash.mkdir(exist_ok=True)
 
     def path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not SHA256.fullmatch(sha256):
             raise ValueError(f"not a sha256: {sha256!r}")
         return self.root / sha256[:2] / sha256
 
@@ -99,21 +132,23 @@ class LocalArtifactStore:
 
     def commit(self, staged: Staged) -> bool:
         dest = self.path(staged.sha256)
-        if dest.exists():
-            staged.discard()
-            return False
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(staged.path, 0o444)
-        # os.link fails if dest appeared meanwhile (another writer): never overwrite.
         try:
-            os.link(staged.path, dest)
-            new = True
-        except FileExistsError:
-            new = False
-        staged.discard()
-        if new:
-            _fsync_dir(dest.parent)
-        return new
+            while True:
+                until = time.time() + LEASE_S
+                try:
+                    os.utime(dest, (until, until))  # stored already: lease it (works on 0o444: we own it)
+                except FileNotFoundError:  # not stored, or set aside by a remover: write it
+                    try:
+                        os.link(staged.path, dest)  # fails rather than overwrite
+                    except FileExistsError:  # put back, or written by another writer, meanwhile
+                        continue
+                    _fsync_dir(dest.parent)
+                    return True
+                return False
+        finally:
+            staged.discard()
 
     def put_bytes(self, data: bytes) -> str:
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="put-")
@@ -145,8 +180,56 @@ class LocalArtifactStore:
         return self.path(sha256)
 
     def delete(self, sha256: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path(sha256).unlink()
+        self.remove(sha256, lambda mtime: False)
+
+    def remove(self, sha256: str, keep: Callable[[float], bool]) -> bool:
+        dest = self.path(sha256)
+        aside = self.trash / f"{sha256}.{int(time.time())}.{secrets.token_hex(4)}"
+        try:
+            os.rename(dest, aside)  # from now on a writer finds no blob to lease and writes its own
+        except FileNotFoundError:
+            return False
+        gone = False
+        try:
+            mtime = aside.stat().st_mtime
+            gone = mtime <= time.time() and not keep(mtime)
+        finally:
+            if not gone:
+                with contextlib.suppress(FileExistsError):  # written anew meanwhile: that one stays
+                    os.link(aside, dest)
+            aside.unlink()
+        return gone
+
+    def blobs(self) -> Iterator[tuple[str, float]]:
+        with os.scandir(self.root) as shards:
+            dirs = [d.path for d in shards if len(d.name) == 2 and d.is_dir()]  # not tmp/, trash/
+        for shard in dirs:
+            with os.scandir(shard) as entries:
+                for entry in entries:
+                    if not SHA256.fullmatch(entry.name):  # e.g. an NFS client's .nfs… file
+                        continue
+                    try:
+                        mtime = entry.stat().st_mtime
+                    except FileNotFoundError:  # removed meanwhile
+                        continue
+                    yield entry.name, mtime
+
+    def tidy(self, before: float) -> int:
+        # A remover holds a blob aside for a moment; one left for longer stopped before it decided.
+        for aside in self.trash.iterdir():
+            sha256, when, _ = aside.name.split(".")
+            if int(when) < before:
+                with contextlib.suppress(FileExistsError, FileNotFoundError):  # or another tidy did
+                    os.link(aside, self.path(sha256))
+                with contextlib.suppress(FileNotFoundError):
+                    aside.unlink()
+        removed = 0
+        for staging in self.tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # committed or discarded meanwhile
+                if staging.stat().st_mtime < before:
+                    staging.unlink()
+                    removed += 1
+        return removed
 
     def iter_range(self, sha256: str, start: int, end: int) -> Iterator[bytes]:
         """Bytes ``start..end`` inclusive, in chunks."""

@@ -7,6 +7,7 @@ from sqlalchemy import func, select
 
 from service.core.models import Job, Model, ModelAlias, ModelVersion, PolicyRevision, ProxyCacheEntry
 from service.core.repo import models as model_repo
+from tests.core.test_artifact_store import age
 from tests.servicekit import register_dataset, register_model
 from worker.engine.sample_data import digits_arrays
 
@@ -55,6 +56,7 @@ def test_an_invalid_model_says_so_and_deleting_it_frees_its_name(service, user_f
         assert c.delete(f"/v1/models/{pending}").status_code == 204  # its check finds nothing left to mark
 
         ckpt = c.get(f"/v1/models/{mid}").json()["latest_version"]["checkpoint"]["sha256"]
+        age(service.store, ckpt, 1)  # the lease model "pending"'s upload of the same weights took: over
         r = c.delete(f"/v1/models/{mid}")
         assert r.status_code == 204 and r.content == b""
         assert _problem(c.get(f"/v1/models/{mid}"), 404, "not-found")
@@ -112,6 +114,8 @@ def test_deleting_a_model_removes_its_rows_and_the_blobs_no_row_references(servi
         # the dataset goes once no model uses it, and every blob with the last reference to it
         p = _problem(c.delete(f"/v1/datasets/{ds['id']}"), 409, "dataset-in-use")
         assert p["model_ids"] == [keep]
+        for sha in (shown, entry["details"]["events_sha256"]):  # leased by the second upload: over now
+            age(store, sha, 1)
         assert c.delete(f"/v1/models/{keep}").status_code == 204
         assert not store.exists(shown)
         assert c.delete(f"/v1/datasets/{ds['id']}").status_code == 204

@@ -12,9 +12,10 @@ import numpy as np
 from sqlalchemy import select
 
 from service.core.models import ForgottenSample, Job, Model, ModelVersion, ProxyCacheEntry, utcnow
+from service.core.repo import blobs, retention
 from service.core.repo import models as model_repo
-from service.core.repo import retention
 from tests.api.test_delete_resources import _problem, _register
+from tests.core.test_artifact_store import age
 from tests.servicekit import register_dataset, register_model
 from worker.engine.events import EVENT_KEYS, REDACTED
 from worker.engine.sample_data import digits_arrays
@@ -125,7 +126,10 @@ def test_purge_leaves_a_tombstone_answers_410_moves_aliases_and_keeps_shared_blo
         assert c.post(f"/v1/models/{mid}/purge").json() == {"model_id": mid, "purged": [], "events": None,
                                                          "blobs_removed": []}
 
-        # a tombstone is no reference: once the other model goes, version 1's weights go
+        # a tombstone is no reference: once the other model goes, version 1's weights go (once the
+        # lease that the second upload of the same weights took is over: its row might not have
+        # been committed yet)
+        age(store, v1["checkpoint"]["sha256"], 1)
         assert c.delete(f"/v1/models/{keep}").status_code == 204
         assert not store.exists(v1["checkpoint"]["sha256"])
         assert _problem(c.post("/v1/models/999999/purge"), 404, "not-found")
@@ -156,14 +160,20 @@ def test_the_sweeper_purges_what_is_due(service, user_files):
         assert "retention.purge_after_days = 0 ran out" in c.get(f"/v1/models/{now}/versions/1").json()["purge_reason"]
         assert c.get(f"/v1/models/{mid}/versions/1").json()["status"] == "ready"
         assert retention.sweep(service.db, service.store, now=t0 + dt.timedelta(days=29, hours=23)) == []
+        age(service.store, weights, 1)  # 30 days on, the lease the second upload took is long over
         (p,) = retention.sweep(service.db, service.store, now=t0 + dt.timedelta(days=30, seconds=1))
         assert p["version"] == 1 and c.get(f"/v1/models/{mid}/versions/1").json()["status"] == "purged"
         _problem(c.get(f"/v1/models/{mid}/versions/1/checkpoint"), 410, "version-purged")
         assert not service.store.exists(weights)
         assert retention.sweep(service.db, service.store, now=t0 + dt.timedelta(days=60)) == []
-        # a process stopped between a purge's commit and its pruning: the next sweep removes the blob
+        # a process stopped between a purge's commit and its pruning: the blob is an orphan, which
+        # the sweeper's collector removes once untouched for the grace (until then it could be a
+        # new upload of the same weights whose row is not committed yet)
         assert service.store.put_file(user_files.weights) == weights
-        assert retention.sweep(service.db, service.store) == [] and not service.store.exists(weights)
+        assert blobs.collect(service.db, service.store, grace_s=3600) == ([], 0)
+        age(service.store, weights, 3601)
+        assert blobs.collect(service.db, service.store, grace_s=3600) == ([weights], 0)
+        assert not service.store.exists(weights)
         actors = {e["actor"] for e in c.get("/v1/audit-log", params={"max_results": 1000}).json()["items"]
                   if e["action"] == "version.purged"}
         assert actors == {"worker"}

@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import select, update
 
 from service.core import webhooks as standard
+from service.core.artifacts import LocalArtifactStore
 from service.core.auth import Caller
 from service.core.db import Database
 from service.core.errors import Invalid
@@ -311,7 +312,7 @@ def test_a_message_claimed_twice_is_recorded_once(db):
                                        retry_max_s=1) == "delivered"
 
 
-def test_the_sweeper_prunes_finished_messages_past_their_retention(db, monkeypatch):
+def test_the_sweeper_prunes_finished_messages_past_their_retention(db, monkeypatch, tmp_path):
     """Delivered and given-up messages whose last attempt is older than
     webhook_delivery_retention_days leave the delivery log; recent ones and pending ones stay."""
     from types import SimpleNamespace
@@ -330,7 +331,8 @@ def test_the_sweeper_prunes_finished_messages_past_their_retention(db, monkeypat
                                            ("pending", old), ("failed", None)], strict=True):
             s.execute(update(WebhookDelivery).where(WebhookDelivery.id == i).values(
                 status=status, last_attempt_at=last, created_at=old))
-    ctx = SimpleNamespace(db=db, settings=settings(webhook_delivery_retention_days=30), dispatcher=None, store=None)
+    ctx = SimpleNamespace(db=db, settings=settings(webhook_delivery_retention_days=30), dispatcher=None,
+                          store=LocalArtifactStore(tmp_path / "artifacts"))
     monkeypatch.setattr(tasks, "worker_context", lambda: ctx)
     assert tasks.sweep()["webhook_deliveries_pruned"] == 3
     assert [(r.id, r.status) for r in rows(db)] == [(ids[2], "delivered"), (ids[3], "pending")]

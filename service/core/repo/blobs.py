@@ -1,10 +1,19 @@
 """Which artifacts rows still reference: a blob is removed only when no row of any tenant names it
 (identical uploads share one blob, service/core/artifacts.py). A purged version's tombstone keeps
-its checkpoint's sha256 but not the blob: it is no reference (service/core/repo/retention.py)."""
+its checkpoint's sha256 but not the blob: it is no reference (service/core/repo/retention.py).
+
+Two removers, both through the store's ``remove``, which sets the blob aside before the references
+are checked again, so a row committed meanwhile, or a writer's lease, keeps it: :func:`prune` after
+a transaction deleted rows, and :func:`collect` (the sweeper) for what no transaction owns: a blob
+stored for a transaction that then failed or never came (a crashed job's checkpoint, an upload
+whose insert failed, a purge stopped before it pruned) and a stopped process's staging files."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterable
+from functools import partial
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -15,6 +24,7 @@ from service.core.statuses import VersionStatus
 # every column that holds an artifact's sha256
 REFERENCES = (Dataset.sha256, Model.events_sha256, ModelVersion.checkpoint_sha256, ProxyCacheEntry.sha256,
               Job.report_sha256, Job.report_html_sha256)
+CHUNK = 500  # digests per reference query (SQLite's older builds take at most 999 parameters)
 
 
 def unreferenced(session: Session, digests: Iterable[str | None]) -> list[str]:
@@ -30,12 +40,39 @@ def unreferenced(session: Session, digests: Iterable[str | None]) -> list[str]:
     return sorted(left)
 
 
+def _remove(db, store, digests: list[str], cutoff: float = math.inf) -> list[str]:
+    """Remove the blobs of ``digests`` (found unreferenced) unless, once set aside, one was touched
+    at or after ``cutoff`` or a row references it now; returns the removed digests."""
+    def keep(digest: str, mtime: float) -> bool:
+        if mtime >= cutoff:
+            return True
+        with db.session() as session:
+            return not unreferenced(session, [digest])
+
+    return [d for d in digests if store.remove(d, partial(keep, d))]
+
+
 def prune(db, store, digests: Iterable[str | None]) -> list[str]:
     """Remove the blobs of ``digests`` that no committed row references (after the transaction
-    that deleted their rows); returns the removed digests. Checked just before the removal, so a
-    blob that a newer row shares (the same bytes uploaded again) stays."""
+    that deleted their rows); returns the removed digests. Checked again with each blob set aside,
+    so a blob that a newer row shares (the same bytes uploaded again) stays, committed or not yet:
+    its writer leased it (a blob so kept is collected later if that row never comes)."""
     with db.session() as session:
         gone = unreferenced(session, digests)
-    for digest in gone:
-        store.delete(digest)
-    return gone
+    return _remove(db, store, gone)
+
+
+def collect(db, store, *, grace_s: float) -> tuple[list[str], int]:
+    """Remove the blobs no row references that were neither written nor leased in the last
+    ``grace_s`` (a writer has that long to commit the row that uses its blob), and the staging
+    files older than that. One walk of the store, one query per column per :data:`CHUNK` of the
+    old blobs. Returns the removed digests and the number of staging files removed."""
+    cutoff = time.time() - grace_s
+    staging = store.tidy(cutoff)
+    old = sorted(d for d, mtime in store.blobs() if mtime < cutoff)
+    removed = []
+    for i in range(0, len(old), CHUNK):
+        with db.session() as session:
+            gone = unreferenced(session, old[i:i + CHUNK])
+        removed += _remove(db, store, gone, cutoff)
+    return removed, staging

@@ -219,23 +219,12 @@ def candidates(session: Session) -> list[int]:
         .where(ModelVersion.status == VersionStatus.READY).order_by(ModelVersion.model_id)))
 
 
-def leftovers(db, store) -> list[str]:
-    """Remove the checkpoints of purged versions that are still in the store and that no kept row
-    uses: a process stopped between a purge's commit and its pruning. Returns the removed digests."""
-    with db.session() as session:
-        digests = set(session.scalars(select(ModelVersion.checkpoint_sha256).where(
-            ModelVersion.status == VersionStatus.PURGED)))
-    return blobs.prune(db, store, [d for d in digests if store.exists(d)])
-
-
 def sweep(db, store, now: dt.datetime | None = None) -> list[dict]:
-    """The sweeper's part: purge every model's due versions (one transaction per model), and
-    finish the pruning of earlier purges that a stopped process left undone."""
+    """The sweeper's part: purge every model's due versions (one transaction per model). A blob left
+    by a purge stopped between its commit and its pruning is an orphan: :func:`blobs.collect`."""
     with db.session() as session:
         model_ids = candidates(session)
-    purged = [t for m in model_ids for t in purge_due(db, store, m, now)]
-    leftovers(db, store)
-    return purged
+    return [t for m in model_ids for t in purge_due(db, store, m, now)]
 
 
 def sample_versions(session: Session, model_id: int, forgotten_in: int | None) -> dict:

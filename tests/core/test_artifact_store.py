@@ -1,0 +1,216 @@
+"""The artifact store's removers (service/core/artifacts.py, service/core/repo/blobs.py) on SQLite
+and PostgreSQL databases made by the migrations: the sweeper's collector removes the blobs no row
+references once untouched for the grace, and old staging files; pruning and the collector never
+remove a blob that a writer of the same bytes stored meanwhile. The interleavings of a writer and a
+remover are played step by step: the remover's ``keep`` runs while it holds the blob aside."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import delete, event, select
+
+from service.core.artifacts import LEASE_S, LocalArtifactStore, Staged
+from service.core.models import Dataset, Tenant
+from service.core.repo import blobs
+from service.core.settings import Settings
+
+DAY = 24 * 3600.0
+
+
+def age(store: LocalArtifactStore, sha256: str, seconds: float) -> None:
+    """The blob was last written (or its lease ran out) ``seconds`` ago."""
+    t = time.time() - seconds
+    os.utime(store.path(sha256), (t, t))
+
+
+@pytest.fixture
+def db(migrated_db):
+    return migrated_db
+
+
+@pytest.fixture
+def store(tmp_path) -> LocalArtifactStore:
+    return LocalArtifactStore(tmp_path / "artifacts")
+
+
+def reference(db, sha256: str) -> int:
+    """A committed row that references the blob (a dataset's file); returns its id."""
+    with db.transaction() as s:
+        tenant = s.scalar(select(Tenant).where(Tenant.name == "acme")) or Tenant(name="acme")
+        s.add(tenant)
+        s.flush()
+        row = Dataset(tenant_id=tenant.id, name=sha256[:8], sha256=sha256, size_bytes=1, num_classes=2,
+                      input_shape=[2], dtype="float32", n_train=1, n_test=1)
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def unreference(db, dataset_id: int) -> None:
+    with db.transaction() as s:
+        s.execute(delete(Dataset).where(Dataset.id == dataset_id))
+
+
+def staged(store: LocalArtifactStore, data: bytes) -> Staged:
+    """An upload of ``data``, streamed to the staging directory, not committed yet."""
+    return store.stage(io.BytesIO(data), max_bytes=1 << 20)
+
+
+def test_the_collector_removes_old_orphans_and_staging_files_and_keeps_the_rest(db, store):
+    used, orphan, young = (store.put_bytes(b) for b in (b"referenced", b"orphan", b"young orphan"))
+    reference(db, used)
+    for sha in (used, orphan):
+        age(store, sha, DAY + 60)
+    age(store, young, DAY - 60)
+    assert oct(store.path(orphan).stat().st_mode & 0o777) == "0o444"  # read-only blobs go all the same
+    crashed = store.tmp / "upload-crashed"
+    crashed.write_bytes(b"half an upload")
+    os.utime(crashed, (time.time() - DAY - 60,) * 2)
+    writing = store.tmp / "upload-now"
+    writing.write_bytes(b"an upload under way")
+
+    assert blobs.collect(db, store, grace_s=DAY) == ([orphan], 1)
+    assert not store.exists(orphan) and store.exists(used) and store.exists(young)
+    assert not crashed.exists() and writing.exists()
+    assert list(store.trash.iterdir()) == []
+    assert blobs.collect(db, store, grace_s=DAY) == ([], 0)
+    assert blobs.collect(db, store, grace_s=30) == ([young], 0)  # a shorter grace (the setting)
+
+
+def test_nothing_to_collect_costs_one_walk_and_one_query_per_column_per_chunk(db, store, monkeypatch):
+    digests = [store.put_bytes(f"referenced {i}".encode()) for i in range(5)]
+    for sha in digests:
+        reference(db, sha)
+        age(store, sha, DAY + 60)
+    monkeypatch.setattr(blobs, "CHUNK", 2)
+    statements = []
+    event.listen(db.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    assert blobs.collect(db, store, grace_s=DAY) == ([], 0)
+    selects = [q for q in statements if q.lstrip().upper().startswith("SELECT")]
+    assert 0 < len(selects) <= 3 * len(blobs.REFERENCES)  # 3 chunks of 2 digests, never one per blob
+
+
+def test_a_blob_set_aside_by_a_stopped_remover_is_put_back_then_judged(db, store):
+    used, orphan = store.put_bytes(b"referenced"), store.put_bytes(b"orphan")
+    reference(db, used)
+    stopped = int(time.time() - DAY - 60)
+    for sha in (used, orphan):
+        age(store, sha, DAY + 60)
+        os.rename(store.path(sha), store.trash / f"{sha}.{stopped}.0000")
+    just_now = store.put_bytes(b"being removed right now")
+    os.rename(store.path(just_now), store.trash / f"{just_now}.{int(time.time())}.0000")
+
+    assert blobs.collect(db, store, grace_s=DAY) == ([orphan], 0)
+    assert store.exists(used) and not store.exists(orphan)
+    assert [p.name.split(".")[0] for p in store.trash.iterdir()] == [just_now]  # its remover decides
+
+
+def test_prune_leaves_a_blob_a_writer_just_stored_again_until_its_lease_is_over(db, store):
+    sha = store.put_bytes(b"weights")
+    row = reference(db, sha)
+    unreference(db, row)
+    assert store.put_bytes(b"weights") == sha  # an upload of the same bytes, its row not committed yet
+    assert store.path(sha).stat().st_mtime > time.time() + LEASE_S - 60  # leased
+    assert blobs.prune(db, store, [sha]) == [] and store.exists(sha)
+    assert blobs.collect(db, store, grace_s=DAY) == ([], 0) and store.exists(sha)
+
+    reference(db, sha)  # the upload's row committed: the blob stays for it, lease or not
+    age(store, sha, DAY + 60)
+    assert blobs.prune(db, store, [sha]) == [] and store.exists(sha)
+
+    fresh = store.put_bytes(b"just uploaded, then deleted")  # written, never leased: pruned at once
+    assert blobs.prune(db, store, [fresh, sha]) == [fresh] and not store.exists(fresh)
+    assert list(store.trash.iterdir()) == []
+
+
+@pytest.mark.parametrize("remover", ["prune", "collect"])
+def test_a_writer_that_finds_the_blob_set_aside_writes_it_anew(db, store, remover):
+    """Remover: blob set aside, then (in ``keep``) a writer stores the same bytes: its lease finds
+    no file, so it writes the blob anew; the remover, whatever it decides, leaves that one."""
+    sha = store.put_bytes(b"weights")
+    age(store, sha, DAY + 60)
+    committed = []
+
+    def keep(mtime: float) -> bool:
+        assert not store.exists(sha) and mtime < time.time() - DAY
+        upload = staged(store, b"weights")
+        committed.append(store.commit(upload))
+        return False  # no reference committed yet: the remover deletes what it holds
+
+    assert store.remove(sha, keep) is True
+    assert committed == [True] and store.exists(sha) and store.open(sha).read() == b"weights"
+    assert list(store.trash.iterdir()) == []
+    # and through the repo functions, with the writer's row committed before the remover looks again
+    real = store.remove
+
+    def racing(digest, keep):
+        def writer_then_keep(mtime):
+            upload = staged(store, b"weights")
+            assert store.commit(upload) is True
+            reference(db, digest)
+            return keep(mtime)
+        return real(digest, writer_then_keep)
+
+    age(store, sha, DAY + 60)
+    store.remove = racing
+    removed = blobs.prune(db, store, [sha]) if remover == "prune" else blobs.collect(db, store, grace_s=DAY)[0]
+    assert removed == [] and store.exists(sha) and list(store.trash.iterdir()) == []
+
+
+def test_a_lease_taken_before_the_blob_was_set_aside_puts_it_back(db, store):
+    sha = store.put_bytes(b"weights")
+    age(store, sha, DAY + 60)
+    upload = staged(store, b"weights")
+    assert store.commit(upload) is False  # stored already: leased
+    assert store.remove(sha, lambda mtime: False) is False  # the lease is seen on the blob set aside
+    assert store.exists(sha) and list(store.trash.iterdir()) == []
+    store.delete(sha)  # a failed upload's rollback leaves another writer's lease alone too
+    assert store.exists(sha)
+
+
+def test_a_blob_put_back_between_a_writers_two_steps_is_leased(store, monkeypatch):
+    """The writer's lease finds no file (set aside), and the remover puts it back before the writer
+    writes its own: the write fails rather than overwrite, and the writer leases the one put back."""
+    sha = store.put_bytes(b"weights")
+    age(store, sha, 60)
+    real, calls = os.utime, []
+
+    def utime(path, times=None, **kw):
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileNotFoundError(path)
+        return real(path, times, **kw)
+
+    monkeypatch.setattr(os, "utime", utime)
+    upload = staged(store, b"weights")
+    assert store.commit(upload) is False and len(calls) == 2
+    monkeypatch.undo()
+    assert store.path(sha).stat().st_mtime > time.time() + LEASE_S - 60
+
+
+def test_a_remover_whose_check_fails_puts_the_blob_back(store):
+    sha = store.put_bytes(b"weights")
+
+    def keep(mtime: float) -> bool:
+        raise ConnectionError("the database is down")
+
+    with pytest.raises(ConnectionError):
+        store.remove(sha, keep)
+    assert store.exists(sha) and list(store.trash.iterdir()) == []
+
+
+def test_the_sweeper_collects(db, store, monkeypatch):
+    from worker import tasks
+
+    orphan = store.put_bytes(b"a crashed job's checkpoint")
+    age(store, orphan, 2 * 3600)
+    ctx = SimpleNamespace(db=db, store=store, settings=Settings(artifact_grace_s=3600), dispatcher=None)
+    monkeypatch.setattr(tasks, "worker_context", lambda: ctx)
+    out = tasks.sweep()
+    assert (out["blobs_collected"], out["staging_files_removed"]) == (1, 0) and not store.exists(orphan)
+    assert tasks.sweep()["blobs_collected"] == 0
