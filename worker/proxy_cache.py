@@ -155,7 +155,8 @@ def get_or_compute(
             found = _entry(ctx, ancestor_id, key)
             if found is None:
                 continue
-            values = load_values(ctx, found.sha256, n_train)
+            # leased first: a purge of the ancestor meanwhile must not remove the blob the new row names
+            values = load_values(ctx, found.sha256, n_train) if ctx.store.lease(found.sha256) else None
             if values is None:
                 break
             _store(ctx, base_id, key, found.sha256, "carried", found.compute_seconds)

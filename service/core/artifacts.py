@@ -72,6 +72,10 @@ class ArtifactStore(Protocol):
         """Store the staged file under its sha256; True if it was new (False: it existed, and is
         now leased to the caller: removers leave it alone until its row can have committed)."""
 
+    def lease(self, sha256: str) -> bool:
+        """Lease a stored blob for a row about to reference it without committing its bytes (as
+        ``commit`` of the same bytes does); False if it is not stored (or set aside by a remover)."""
+
     def exists(self, sha256: str) -> bool: ...
 
     def size(self, sha256: str) -> int: ...
@@ -135,20 +139,24 @@ class LocalArtifactStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(staged.path, 0o444)
         try:
-            while True:
-                until = time.time() + LEASE_S
+            while not self.lease(staged.sha256):  # not stored, or set aside by a remover: write it
                 try:
-                    os.utime(dest, (until, until))  # stored already: lease it (works on 0o444: we own it)
-                except FileNotFoundError:  # not stored, or set aside by a remover: write it
-                    try:
-                        os.link(staged.path, dest)  # fails rather than overwrite
-                    except FileExistsError:  # put back, or written by another writer, meanwhile
-                        continue
-                    _fsync_dir(dest.parent)
-                    return True
-                return False
+                    os.link(staged.path, dest)  # fails rather than overwrite
+                except FileExistsError:  # put back, or written by another writer, meanwhile
+                    continue
+                _fsync_dir(dest.parent)
+                return True
+            return False
         finally:
             staged.discard()
+
+    def lease(self, sha256: str) -> bool:
+        until = time.time() + LEASE_S
+        try:
+            os.utime(self.path(sha256), (until, until))  # works on a 0o444 file: we own it
+        except FileNotFoundError:
+            return False
+        return True
 
     def put_bytes(self, data: bytes) -> str:
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="put-")

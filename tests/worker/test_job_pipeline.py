@@ -292,6 +292,9 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
                                       ProxyCacheEntry.sha256).order_by(ProxyCacheEntry.id)).all()
     assert [(e[0], e[1]) for e in entries] == [(v1.id, "computed"), (s.versions()[1].id, "carried")]
     assert entries[0][2] == entries[1][2]
+    # the carried row shares the blob: leased as the row was written, as a commit of the same bytes
+    # would (service/core/artifacts.py), so that a purge of version 1 meanwhile could not remove it
+    assert s.ctx.store.path(entries[1][2]).stat().st_mtime > time.time() + 3600
 
     # an attempt that published and was killed before it finished: the next delivery finishes the
     # bookkeeping and publishes no second version
