@@ -13,7 +13,10 @@ and what batching buys.
    no job starts: this measures the API and the database) and runs both apps one after the other,
    the order alternating between repeats so that drift in a shared machine's load cancels out.
    Reports, for each P, requests per second and p50 / p99 latency of both, their ratio, requests
-   lost (answered 202 but not in the database), per repeat and as median with a 95% interval.
+   lost (answered 202 but not in the database), per repeat and as median with a 95% interval; and
+   the CPU time per request of each app's processes and of PostgreSQL's (Linux ``/proc``), with
+   ``cpu_ratio`` = floor's / ours: CPU time is what a request costs, whatever else (other work,
+   a hypervisor's steal) slows the machine, so it compares runs that rates cannot.
 2. Batching: with a real worker, N deletion requests answered by one batched job
    (``max_requests = N``) against the same N requests arriving one after the other, each answered
    by a job of its own (``max_requests = 1``; the next request is sent when the previous one is
@@ -21,7 +24,8 @@ and what batching buys.
    arrive while a job runs are claimed together when it ends: a batch takes every pending request.)
 
 ``--json`` prints one row per P with the keys ``processes``, ``accept_rps``, ``accept_p99_ms``,
-``floor_rps``, ``floor_p99_ms``, ``ratio`` (medians over the repeats) and their intervals.
+``floor_rps``, ``floor_p99_ms``, ``ratio``, ``accept_cpu_ms``, ``floor_cpu_ms``,
+``accept_pg_cpu_ms``, ``floor_pg_cpu_ms``, ``cpu_ratio`` (medians over the repeats) and their intervals.
 Needs PostgreSQL (127.0.0.1:5432, trust) and Redis (127.0.0.1:6379), as the tests do. Not run in CI.
 """
 
@@ -96,6 +100,7 @@ def processes(db_url: str, workdir: Path, worker: bool, api_workers: int = 1, fl
     for name, cmd in commands.items():
         with open(workdir / f"{name}.log", "wb") as log:
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log))
+        env[f"{name.upper()}_PID"] = str(procs[-1].pid)  # for cpu_seconds; not passed to a child
     url = f"http://127.0.0.1:{port}"
     try:
         for name, ready in (("api", f"{url}/readyz"), ("floor", f"http://127.0.0.1:{floor_port}/openapi.json")):
@@ -119,6 +124,47 @@ def processes(db_url: str, workdir: Path, worker: bool, api_workers: int = 1, fl
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time the processes used so far (Linux ``/proc``; a process gone counts 0).
+    CPU time, not wall time: what a request costs a process, whatever else shares the machine."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / HZ
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (an app's uvicorn workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def postgres_processes() -> list[int]:
+    """The local PostgreSQL server's processes (its backends, WAL writer, checkpointer)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "postgres":
+                    pids.append(int(entry.name))
+    return pids
 
 
 def _files(workdir: Path) -> dict:
@@ -221,10 +267,16 @@ def acceptance(files: dict, n_requests: int, concurrency: int, api_workers: int,
                     "floor": (env["FLOOR_URL"], f"/v1/models/{mid}/deletion-requests", {}, "floor_requests")}
             for name in (("accept", "floor") if seed % 2 == 0 else ("floor", "accept")):
                 base, path, hdrs, table = runs[name]
+                app = process_tree(int(env["API_PID" if name == "accept" else "FLOOR_PID"]))
+                app_cpu, pg_cpu = cpu_seconds(app), cpu_seconds(pg := postgres_processes())
                 r = burst(base, path, hdrs, bodies, concurrency)
+                sent = r["requests"] + 20  # with the warm-up
+                r["cpu_ms"] = 1000 * (cpu_seconds(app) - app_cpu) / sent
+                r["pg_cpu_ms"] = 1000 * (cpu_seconds(pg) - pg_cpu) / sent
                 r["lost"] = _lost(db_url, table, r.pop("ids"))
                 row[name] = r
             row["ratio"] = row["accept"]["per_second"] / row["floor"]["per_second"]
+            row["cpu_ratio"] = row["floor"]["cpu_ms"] / row["accept"]["cpu_ms"]
             out.append(row)
     return out
 
@@ -281,7 +333,9 @@ def median_ci(values: list[float]) -> tuple[float, float, float]:
 
 ROW_KEYS = (("accept_rps", "accept", "per_second"), ("accept_p50_ms", "accept", "p50_ms"),
             ("accept_p99_ms", "accept", "p99_ms"), ("floor_rps", "floor", "per_second"),
-            ("floor_p50_ms", "floor", "p50_ms"), ("floor_p99_ms", "floor", "p99_ms"))
+            ("floor_p50_ms", "floor", "p50_ms"), ("floor_p99_ms", "floor", "p99_ms"),
+            ("accept_cpu_ms", "accept", "cpu_ms"), ("floor_cpu_ms", "floor", "cpu_ms"),
+            ("accept_pg_cpu_ms", "accept", "pg_cpu_ms"), ("floor_pg_cpu_ms", "floor", "pg_cpu_ms"))
 
 
 def summarize(rounds: list[dict], processes: int) -> dict:
@@ -291,8 +345,9 @@ def summarize(rounds: list[dict], processes: int) -> dict:
     for key, app, measure in ROW_KEYS:
         m, lo, hi = median_ci([r[app][measure] for r in mine])
         row[key], row[f"{key}_ci"] = m, [lo, hi]
-    m, lo, hi = median_ci([r["ratio"] for r in mine])
-    row["ratio"], row["ratio_ci"] = m, [lo, hi]
+    for key in ("ratio", "cpu_ratio"):
+        m, lo, hi = median_ci([r[key] for r in mine])
+        row[key], row[f"{key}_ci"] = m, [lo, hi]
     row["accept_lost"] = sum(r["accept"]["lost"] for r in mine)
     row["floor_lost"] = sum(r["floor"]["lost"] for r in mine)
     row["accept_non_202"] = sum(r["accept"]["requests"] - r["accept"]["accepted"] for r in mine)
@@ -331,14 +386,17 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "service.json").write_text(json.dumps(result, indent=2))
     lines = []
     if rows:
-        lines += ["| API processes | accepted / s | p99 (ms) | floor / s | floor p99 (ms) | ratio | lost |",
-                  "|---:|---|---|---|---|---|---:|"]
+        lines += ["| API processes | accepted / s | p99 (ms) | floor / s | floor p99 (ms) | ratio | lost "
+                  "| API CPU ms / request: ours, floor | PostgreSQL CPU ms / request: ours, floor | CPU ratio |",
+                  "|---:|---|---|---|---|---|---:|---|---|---|"]
         for r in rows:
             def cell(k, f="{:.1f}", r=r):
                 lo, hi = r[f"{k}_ci"]
                 return f"{f.format(r[k])} ({f.format(lo)} – {f.format(hi)})"
             lines.append(f"| {r['processes']} | {cell('accept_rps')} | {cell('accept_p99_ms')} | {cell('floor_rps')} | "
-                         f"{cell('floor_p99_ms')} | {cell('ratio', '{:.2f}')} | {r['accept_lost']} |")
+                         f"{cell('floor_p99_ms')} | {cell('ratio', '{:.2f}')} | {r['accept_lost']} | "
+                         f"{r['accept_cpu_ms']:.2f}, {r['floor_cpu_ms']:.2f} | "
+                         f"{r['accept_pg_cpu_ms']:.2f}, {r['floor_pg_cpu_ms']:.2f} | {cell('cpu_ratio', '{:.2f}')} |")
     if batches:
         lines += ["", "| measure | median | 95% CI of the mean |", "|---|---|---|"]
         for k, label in (("batched_s", f"{args.n} requests, one batched job (s)"),
