@@ -41,7 +41,9 @@ The table shows mean ± half-width of the 95% t-interval over seeds (``metrics.m
 interval with one seed). ``share`` = seconds / retrain seconds; ``test_drop`` = the original's
 test accuracy minus the row's; ``ASR`` (poisoned only) = attack success rate of the trigger on
 the test rows not of the target class. The original model and the reference itself are listed
-for context (the reference has ToW = 1 by definition). JSON rows carry ``scenario``,
+for context (the reference has ToW = 1 by definition), and so is ``retrain_other``, a second
+retrain with another seed scored against the reference: the noise floor of the scores, what the
+exact answer itself gets (no method can be expected to score above it). JSON rows carry ``scenario``,
 ``test_drop``, ``asr`` (poisoned) and, in common, ``recipe`` (the original's training recipe,
 :class:`worker.engine.recipe.Recipe`), ``train_acc_original`` and ``asr_original`` /
 ``asr_reference``. ``--time-budget`` skips the runs that would start after it (listed as skipped).
@@ -81,6 +83,7 @@ from worker.engine.training import TrainConfig, accuracy, train_model
 from worker.engine.unlearners import REGISTRY, UnlearningTask, get_unlearner
 
 EXCLUDED_METHODS = ("retrain", "none")
+OTHER_SEED = 10_000  # the second retrain's seed offset (row ``retrain_other``)
 COLUMNS = (("tow", "ToW"), ("tow_mia", "ToW-MIA"), ("acc_forget", "acc F"), ("acc_retain", "acc R"),
            ("acc_test", "acc T"), ("test_drop", "test_drop"), ("mia", "MIA"), ("seconds", "seconds"),
            ("share", "share"))
@@ -199,6 +202,12 @@ def run_seed(args, data, spec: dict, seed: int, methods: list[str], runtime: Run
     common["bins_n"] = [len(b) for b in bins_for_audit]
     add("original", False, original, 0.0, {}, orig)
     add("retrain", False, reference, retrain_seconds, {}, dict(ref))
+    # the noise floor: a second retrain (another seed: initialization and batch order) scored
+    # against the reference, i.e. what the exact answer itself scores; no method can be expected above it
+    t0 = time.perf_counter()
+    other_task = UnlearningTask(forget, retain, data.num_classes, seed + OTHER_SEED)
+    other = retrain.unlearn(copy.deepcopy(original), other_task, runtime)
+    add("retrain_other", False, other, time.perf_counter() - t0, {})
 
     for method, rum, policy in method_runs(methods, name):
         if deadline is not None and time.perf_counter() > deadline:

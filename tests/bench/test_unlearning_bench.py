@@ -32,8 +32,8 @@ def test_poisoned_smoke(digits_file, tmp_path, capsys):
     assert rc == 0
     rows = json.loads(out.read_text())
     methods = {(r["method"], r["rum"]) for r in rows}
-    assert methods == {("original", False), ("retrain", False), ("finetune", False), ("finetune", True),
-                       ("rum_default", True), ("corrective", False)}
+    assert methods == {("original", False), ("retrain", False), ("retrain_other", False), ("finetune", False),
+                       ("finetune", True), ("rum_default", True), ("corrective", False)}
     fix = next(r for r in rows if r["method"] == "corrective")  # what the service runs for reason=poisoned
     assert fix["config"]["method"] == "rum" and fix["cost_share"] > 0
     for r in rows:
@@ -46,6 +46,8 @@ def test_poisoned_smoke(digits_file, tmp_path, capsys):
     ref = next(r for r in rows if r["method"] == "retrain")
     assert orig["test_drop"] == 0.0
     assert ref["test_drop"] == pytest.approx(orig["acc_test"] - ref["acc_test"])
+    other = next(r for r in rows if r["method"] == "retrain_other")  # the noise floor: another seed
+    assert 0 < other["tow"] < 1 and other["seconds"] > 0
     printed = capsys.readouterr().out
     head = next(line for line in printed.splitlines() if line.startswith("method"))
     assert "test_drop" in head and "ASR" in head
