@@ -129,15 +129,21 @@ def processes(db_url: str, workdir: Path, worker: bool, api_workers: int = 1, fl
 HZ = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User and system CPU time the processes used so far (Linux ``/proc``; a process gone counts 0).
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User and system CPU time each process used so far (Linux ``/proc``; one gone is left out).
     CPU time, not wall time: what a request costs a process, whatever else shares the machine."""
-    total = 0
+    used = {}
     for pid in pids:
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / HZ
+            used[pid] = (int(fields[11]) + int(fields[12])) / HZ  # utime, stime
+    return used
+
+
+def cpu_since(before: dict[int, float], pids: list[int]) -> float:
+    """CPU seconds ``pids`` used since ``before`` was read; a process started since counts from 0
+    (a PostgreSQL backend for a connection the pool opened meanwhile)."""
+    return sum(t - before.get(pid, 0.0) for pid, t in cpu_seconds(pids).items())
 
 
 def process_tree(root: int) -> list[int]:
@@ -267,12 +273,12 @@ def acceptance(files: dict, n_requests: int, concurrency: int, api_workers: int,
                     "floor": (env["FLOOR_URL"], f"/v1/models/{mid}/deletion-requests", {}, "floor_requests")}
             for name in (("accept", "floor") if seed % 2 == 0 else ("floor", "accept")):
                 base, path, hdrs, table = runs[name]
-                app = process_tree(int(env["API_PID" if name == "accept" else "FLOOR_PID"]))
-                app_cpu, pg_cpu = cpu_seconds(app), cpu_seconds(pg := postgres_processes())
+                app = int(env["API_PID" if name == "accept" else "FLOOR_PID"])
+                app_cpu, pg_cpu = cpu_seconds(process_tree(app)), cpu_seconds(postgres_processes())
                 r = burst(base, path, hdrs, bodies, concurrency)
                 sent = r["requests"] + 20  # with the warm-up
-                r["cpu_ms"] = 1000 * (cpu_seconds(app) - app_cpu) / sent
-                r["pg_cpu_ms"] = 1000 * (cpu_seconds(pg) - pg_cpu) / sent
+                r["cpu_ms"] = 1000 * cpu_since(app_cpu, process_tree(app)) / sent
+                r["pg_cpu_ms"] = 1000 * cpu_since(pg_cpu, postgres_processes()) / sent
                 r["lost"] = _lost(db_url, table, r.pop("ids"))
                 row[name] = r
             row["ratio"] = row["accept"]["per_second"] / row["floor"]["per_second"]
