@@ -129,13 +129,29 @@ def processes(db_url: str, workdir: Path, worker: bool, api_workers: int = 1, fl
 HZ = os.sysconf("SC_CLK_TCK")
 
 
+def _stat(pid: int | str) -> tuple[str, list[str]]:
+    """A process's name and the fields of ``/proc/<pid>/stat`` after it (OSError once it is gone)."""
+    head, _, rest = Path(f"/proc/{pid}/stat").read_text().rpartition(")")
+    return head.partition("(")[2], rest.split()
+
+
+def _processes() -> list[tuple[int, str, list[str]]]:
+    """Every process: its pid, name and stat fields."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                found.append((int(entry), *_stat(entry)))
+    return found
+
+
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
     """User and system CPU time each process used so far (Linux ``/proc``; one gone is left out).
     CPU time, not wall time: what a request costs a process, whatever else shares the machine."""
     used = {}
     for pid in pids:
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat(pid)[1]
             used[pid] = (int(fields[11]) + int(fields[12])) / HZ  # utime, stime
     return used
 
@@ -149,11 +165,8 @@ def cpu_since(before: dict[int, float], pids: list[int]) -> float:
 def process_tree(root: int) -> list[int]:
     """``root`` and every process below it (an app's uvicorn workers)."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
+    for pid, _name, fields in _processes():
+        children.setdefault(int(fields[1]), []).append(pid)  # by parent
     found, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -164,13 +177,7 @@ def process_tree(root: int) -> list[int]:
 
 def postgres_processes() -> list[int]:
     """The local PostgreSQL server's processes (its backends, WAL writer, checkpointer)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "postgres":
-                    pids.append(int(entry.name))
-    return pids
+    return [pid for pid, name, _fields in _processes() if name == "postgres"]
 
 
 def _files(workdir: Path) -> dict:
