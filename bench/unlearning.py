@@ -66,11 +66,13 @@ from bench import scenarios
 from worker.engine import architectures, metrics
 from worker.engine.calibration import CalibrationSettings, calibrate
 from worker.engine.data import load_dataset
+from worker.engine.errors import ConfigError
 from worker.engine.events import LearningEvents
 from worker.engine.recipe import Recipe
 from worker.engine.refine import entanglement_score, refine
 from worker.engine.rum import (
     PlainConfig,
+    RumConfig,
     bin_audit,
     default_corrective_config,
     default_rum_config,
@@ -118,15 +120,19 @@ def recipe_of(cfg: TrainConfig, n_train: int) -> Recipe:
                   momentum=cfg.momentum, weight_decay=cfg.weight_decay, schedule=cfg.schedule)
 
 
-def method_runs(methods: list[str], scenario: str = "mixed") -> list[tuple[str, bool, object]]:
+def method_runs(methods: list[str], scenario: str = "mixed",
+                extra: dict[str, object] | None = None) -> list[tuple[str, bool, object]]:
     """(method, rum, policy) of every unlearning run: the service's defaults first (so that a
     ``--time-budget`` never skips them: ``corrective`` for scenarios whose rows have wrong labels,
-    then the default pipeline), then each method alone and as RUM^F. ``corrective``'s policy is
-    None: run_seed passes the whole forget set as ``corrective_rows``."""
+    then the default pipeline), then the ``--policy`` rows (``extra``: name -> parsed policy),
+    then each method alone and as RUM^F. ``corrective``'s policy is None: run_seed passes the
+    whole forget set as ``corrective_rows``."""
     runs: list[tuple[str, bool, object]] = []
     if scenario in scenarios.CORRECTIVE_SCENARIOS:
         runs.append(("corrective", False, None))
     runs.append(("rum_default", True, default_rum_config()))
+    for name, policy in (extra or {}).items():
+        runs.append((name, isinstance(policy, RumConfig), policy))
     for m in methods:
         runs.append((m, False, PlainConfig(m)))
         runs.append((m, True, rum_same_method(m)))
@@ -209,7 +215,7 @@ def run_seed(args, data, spec: dict, seed: int, methods: list[str], runtime: Run
     other = retrain.unlearn(copy.deepcopy(original), other_task, runtime)
     add("retrain_other", False, other, time.perf_counter() - t0, {})
 
-    for method, rum, policy in method_runs(methods, name):
+    for method, rum, policy in method_runs(methods, name, args.policies):
         if deadline is not None and time.perf_counter() > deadline:
             log(f"seed {seed} {method} rum={rum}: SKIPPED (--time-budget spent)")
             rows.append({"method": method, "rum": rum, **common, "skipped": "time budget"})
@@ -321,6 +327,8 @@ def header(args, rows: list[dict], n: int, kwargs: dict, runtime: Runtime) -> li
         fix = default_corrective_config()
         out.append(f"# corrective (a request's reason says the labels are wrong): "
                    f"{fix.method}{json.dumps(fix.hparams)} on the whole forget set")
+    for name, policy in getattr(args, "policies", {}).items():
+        out.append(f"# {name} (--policy): {json.dumps(policy.to_dict())}")
     out.append("# mean ± 95% t-interval half-width over seeds; share = seconds / retrain seconds; "
                "test_drop = original's test acc − row's; RUM^F = same method in every tertile bin")
     return out
@@ -352,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-seed", type=int, default=0,
                     help="first seed (to run seeds of one table in separate processes and merge the JSON)")
     ap.add_argument("--methods", default=None, help="comma-separated (default: all registered but retrain, none)")
+    ap.add_argument("--policy", action="append", default=[], metavar="NAME=JSON",
+                    help="add a row NAME running this policy (the API's policy JSON, e.g. "
+                         "'cand={\"method\": \"rum\", \"bins\": [\"none\", \"finetune\", \"salun\"]}'); repeatable")
     ap.add_argument("--calibrate", action="store_true",
                     help="add rum_calibrated: the policy a calibration on disjoint sets recommends")
     ap.add_argument("--calibration-trials", type=int, default=CalibrationSettings.n_trials,
@@ -388,6 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
         ap.error(f"--methods: unknown {unknown}; registered: {sorted(REGISTRY)}")
+    args.policies = {}
+    for item in args.policy:
+        name, sep, text = item.partition("=")
+        if not sep or not name or name in args.policies or name in REGISTRY or name.startswith("rum_default"):
+            ap.error(f"--policy: expected a new row name NAME=JSON, got {item!r}")
+        try:
+            args.policies[name] = parse_policy(json.loads(text))
+        except (json.JSONDecodeError, ConfigError) as exc:
+            ap.error(f"--policy {name}: {exc}")
     try:
         kwargs = json.loads(args.arch_kwargs)
     except json.JSONDecodeError as exc:

@@ -95,3 +95,27 @@ def test_gpu_script_fails_fast_without_cuda(tmp_path):
     assert proc.returncode == 2
     assert "CUDA is not available" in proc.stderr
     assert not list(tmp_path.glob("*.json"))  # nothing was run
+
+
+def test_policy_rows_run_the_given_policy(digits_file, tmp_path, capsys):
+    """``--policy NAME=JSON`` adds a row running that policy (its config in the JSON rows, the
+    policy in the header); a bad one is refused before anything is trained."""
+    out = tmp_path / "rows.json"
+    cand = {"method": "rum", "bins": ["none", "none", {"method": "salun", "hparams": {
+        "budget": 0.03, "lr_scale": 0.22, "label_mode": "runner_up"}}]}
+    plain = {"method": "finetune", "hparams": {"budget": 0.02}}
+    rc = unlearning.main(["--data", str(digits_file), "--mean", "0.5", "--std", "0.5", "--methods", "none",
+                          "--seeds", "1", "--epochs", "1", "--arch", "mlp", "--threads", "1", "--device", "cpu",
+                          "--forget-size", "30", "--json", str(out),
+                          "--policy", "cand=" + json.dumps(cand), "--policy", "ft2=" + json.dumps(plain)])
+    assert rc == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    assert rows["cand"]["rum"] is True and rows["ft2"]["rum"] is False
+    assert rows["cand"]["config"]["bins"][2]["hparams"]["label_mode"] == "runner_up"
+    assert rows["ft2"]["config"]["method"] == "finetune"
+    assert "# cand (--policy):" in capsys.readouterr().out
+    for bad in ("cand", "x={", "rum_default={}", 'x={"method": "nope"}', "none=" + json.dumps(plain)):
+        with pytest.raises(SystemExit) as exc:
+            unlearning.main(["--data", str(digits_file), "--policy", bad])
+        assert exc.value.code == 2
+    assert "--policy" in capsys.readouterr().err
