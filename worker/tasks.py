@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from service.core import batching
 from service.core.celery_app import (
+    COLLECT_ARTIFACTS,
     DELIVER_WEBHOOKS,
     REGISTER_VERSION,
     RUN_CALIBRATION,
@@ -117,10 +118,10 @@ def sweep() -> dict:
     registrations still pending, batches whose wait ran out, queued jobs (deletion or calibration)
     whose wake-up was lost, and running jobs whose worker stopped beating (killed): the next
     delivery takes them over. And superseded versions whose retention ran out are purged
-    (service/core/repo/retention.py), blobs no row references and staging files untouched for
-    ``artifact_grace_s`` leave the artifact store (service/core/repo/blobs.py), delivered or
-    given-up webhook messages older than ``webhook_delivery_retention_days`` leave the delivery
-    log, and webhook secrets whose grace period after a rotation is over are forgotten."""
+    (service/core/repo/retention.py), delivered or given-up webhook messages older than
+    ``webhook_delivery_retention_days`` leave the delivery log, and webhook secrets whose grace
+    period after a rotation is over are forgotten. The artifact store's orphans are not collected
+    here but by :func:`collect_artifacts`, on an interval of its own: it walks the whole store."""
     ctx = worker_context()
     dispatcher = ctx.dispatcher
     now = utcnow()
@@ -146,17 +147,27 @@ def sweep() -> dict:
     purged = retention.sweep(ctx.db, ctx.store)
     if purged:
         log.info("sweeper purged %d version(s) (retention)", len(purged))
-    collected, staging = blobs.collect(ctx.db, ctx.store, grace_s=ctx.settings.artifact_grace_s)
-    if collected or staging:
-        log.info("sweeper removed %d blob(s) no row references and %d staging file(s), untouched for %gs",
-                 len(collected), staging, ctx.settings.artifact_grace_s)
     pruned = webhook_repo.prune(ctx.db, now - dt.timedelta(days=ctx.settings.webhook_delivery_retention_days))
     if pruned:
         log.info("sweeper removed %d finished webhook message(s) from the delivery log", pruned)
     expired = webhook_repo.drop_expired_secrets(ctx.db, now)
     return {"registrations": len(sent), "batches": len(claimed), "jobs": len(resent), "purged": len(purged),
-            "blobs_collected": len(collected), "staging_files_removed": staging,
             "webhook_deliveries_pruned": pruned, "webhook_secrets_expired": expired}
+
+
+@app.task(name=COLLECT_ARTIFACTS)
+def collect_artifacts() -> dict:
+    """The artifact store's collector (beat, every ``artifact_collect_interval_s``): blobs no row
+    references and staging files, both untouched for ``artifact_grace_s``, leave the store
+    (service/core/repo/blobs.py): a crashed job's checkpoint, an upload whose insert failed, a
+    purge stopped before it pruned. It walks the whole store, and nothing becomes collectable
+    faster than the grace, hence an interval of its own rather than every sweep."""
+    ctx = worker_context()
+    collected, staging = blobs.collect(ctx.db, ctx.store, grace_s=ctx.settings.artifact_grace_s)
+    if collected or staging:
+        log.info("collector removed %d blob(s) no row references and %d staging file(s), untouched for %gs",
+                 len(collected), staging, ctx.settings.artifact_grace_s)
+    return {"blobs_collected": len(collected), "staging_files_removed": staging}
 
 
 @app.task(name=SEQUENCE)

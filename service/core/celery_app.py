@@ -1,10 +1,11 @@
 """The Celery application: configuration only, no torch (the API imports it to send tasks by name).
 
 Queues: ``gpu`` for heavy work (registration checks, unlearning jobs, calibrations) and ``default`` for
-bookkeeping (the sweeper, the transparency log's sequencer, webhook deliveries). Long tasks are acknowledged late with
-a prefetch of one, so a worker killed mid-task leaves its message to be redelivered; the database
-stays the system of record and the sweeper re-sends wake-ups that were lost anyway. CUDA is not
-fork-safe: workers run the solo (or threads) pool, one process per GPU.
+bookkeeping (the sweeper, the transparency log's sequencer, webhook deliveries, the artifact store's
+collector). Long tasks are acknowledged late with a prefetch of one, so a worker killed mid-task
+leaves its message to be redelivered; the database stays the system of record and the sweeper
+re-sends wake-ups that were lost anyway. CUDA is not fork-safe: workers run the solo (or threads)
+pool, one process per GPU.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ RUN_CALIBRATION = "unlearnd.run_calibration"
 SWEEP = "unlearnd.sweep"
 SEQUENCE = "unlearnd.sequence"  # the transparency log's sequencer (service/core/repo/transparency.py)
 DELIVER_WEBHOOKS = "unlearnd.deliver_webhooks"  # the webhook outbox (worker/webhooks.py)
+COLLECT_ARTIFACTS = "unlearnd.collect_artifacts"  # the artifact store's collector (service/core/repo/blobs.py)
 QUEUES = ("gpu", "default")
 TASK_QUEUES = {REGISTER_VERSION: "gpu", RUN_JOB: "gpu", RUN_CALIBRATION: "gpu", SWEEP: "default", SEQUENCE: "default",
-               DELIVER_WEBHOOKS: "default"}
+               DELIVER_WEBHOOKS: "default", COLLECT_ARTIFACTS: "default"}
 JOB_TASKS = {"deletion": RUN_JOB, "calibration": RUN_CALIBRATION}  # jobs.kind → the task that runs it
 
 
@@ -45,12 +47,15 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options=_transport_options(settings.broker),
         worker_hijack_root_logger=False,
-        # a sequencer or webhook run that waited longer than its interval is dropped: the next one does its work
+        # a sequencer, webhook or collector run that waited longer than its interval is dropped: the next
+        # one does its work
         beat_schedule={"sweep": {"task": SWEEP, "schedule": settings.sweep_interval_s},
                        "sequence": {"task": SEQUENCE, "schedule": settings.sequence_interval_s,
                                     "options": {"expires": settings.sequence_interval_s}},
                        "webhooks": {"task": DELIVER_WEBHOOKS, "schedule": settings.webhook_interval_s,
-                                    "options": {"expires": settings.webhook_interval_s}}},
+                                    "options": {"expires": settings.webhook_interval_s}},
+                       "collect": {"task": COLLECT_ARTIFACTS, "schedule": settings.artifact_collect_interval_s,
+                                   "options": {"expires": settings.artifact_collect_interval_s}}},
         timezone="UTC",
     )
     return app

@@ -77,11 +77,14 @@ class Settings(BaseSettings):
     # Delivered and given-up messages leave the delivery log this many days after their last
     # attempt (the sweeper).
     webhook_delivery_retention_days: float = Field(30.0, ge=0)
-    # The artifact store: the sweeper removes a blob no row references, and a staging file, once
+    # The artifact store: the collector removes a blob no row references, and a staging file, once
     # neither was written (or leased by a writer of the same bytes) for this long; a writer, e.g. a
     # job holding its checkpoint until it publishes, has this long to commit the row that uses its
     # blob (service/core/repo/blobs.py).
     artifact_grace_s: float = Field(24 * 3600.0, gt=0)
+    # How often beat runs the collector, a task of its own: it walks the whole store, and nothing
+    # becomes collectable faster than artifact_grace_s, so not on every sweep.
+    artifact_collect_interval_s: float = Field(3600.0, gt=0)
     # Jobs: a running job's worker touches heartbeat_at every job_heartbeat_s; a job whose heartbeat
     # is older than job_stale_after_s (its worker was killed) is taken over by the next delivery.
     job_heartbeat_s: float = 5.0

@@ -167,7 +167,7 @@ def test_the_sweeper_purges_what_is_due(service, user_files):
         assert not service.store.exists(weights)
         assert retention.sweep(service.db, service.store, now=t0 + dt.timedelta(days=60)) == []
         # a process stopped between a purge's commit and its pruning: the blob is an orphan, which
-        # the sweeper's collector removes once untouched for the grace (until then it could be a
+        # the collector removes once untouched for the grace (until then it could be a
         # new upload of the same weights whose row is not committed yet)
         assert service.store.put_file(user_files.weights) == weights
         assert blobs.collect(service.db, service.store, grace_s=3600) == ([], 0)

@@ -1,8 +1,9 @@
 """The artifact store's removers (service/core/artifacts.py, service/core/repo/blobs.py) on SQLite
-and PostgreSQL databases made by the migrations: the sweeper's collector removes the blobs no row
-references once untouched for the grace, and old staging files; pruning and the collector never
-remove a blob that a writer of the same bytes stored meanwhile. The interleavings of a writer and a
-remover are played step by step: the remover's ``keep`` runs while it holds the blob aside."""
+and PostgreSQL databases made by the migrations: the collector (a task of its own, not the
+sweeper's) removes the blobs no row references once untouched for the grace, and old staging
+files; pruning and the collector never remove a blob that a writer of the same bytes stored
+meanwhile. The interleavings of a writer and a remover are played step by step: the remover's
+``keep`` runs while it holds the blob aside."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import delete, event, select
 
 from service.core.artifacts import LEASE_S, LocalArtifactStore, Staged
+from service.core.celery_app import COLLECT_ARTIFACTS, SWEEP, make_celery
 from service.core.models import Dataset, Tenant
 from service.core.repo import blobs
 from service.core.settings import Settings
@@ -93,6 +96,76 @@ def test_nothing_to_collect_costs_one_walk_and_one_query_per_column_per_chunk(db
     assert blobs.collect(db, store, grace_s=DAY) == ([], 0)
     selects = [q for q in statements if q.lstrip().upper().startswith("SELECT")]
     assert 0 < len(selects) <= 3 * len(blobs.REFERENCES)  # 3 chunks of 2 digests, never one per blob
+
+
+def test_orphans_are_checked_again_together_in_one_session_not_one_by_one(db, store, monkeypatch):
+    """Each orphan is set aside before its references are checked again, but the check is one
+    query per column for a group of them (ASIDE), in one session, whatever their number."""
+    orphans = sorted(store.put_bytes(f"orphan {i}".encode()) for i in range(10))
+    for sha in orphans:
+        age(store, sha, DAY + 60)
+    monkeypatch.setattr(blobs, "CHUNK", 5)
+    statements, checkouts = [], []
+    event.listen(db.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    event.listen(db.engine, "checkout", lambda *a: checkouts.append(a))
+    assert blobs.collect(db, store, grace_s=DAY) == (orphans, 0)
+    assert not any(store.exists(sha) for sha in orphans) and list(store.trash.iterdir()) == []
+    selects = [q for q in statements if q.lstrip().upper().startswith("SELECT")]
+    # 2 chunks of 5: one look and one check again per chunk (one by one: 2 looks and 10 checks)
+    assert 0 < len(selects) <= 2 * 2 * len(blobs.REFERENCES)
+    assert len(checkouts) == 2 * 2  # the session's connection, a transaction each (one by one: 12)
+
+
+def test_a_group_set_aside_together_keeps_each_leased_young_or_referenced_blob(db, store, monkeypatch):
+    """Groups of three (ASIDE): a blob the remover finds leased (its ``keep`` is not asked), one
+    written within the grace meanwhile, and one whose row committed while the group was being set
+    aside each stay; the orphans around them go; nothing is left aside."""
+    shas = sorted(store.put_bytes(f"blob {i}".encode()) for i in range(7))
+    for sha in shas:
+        age(store, sha, DAY + 60)
+    leased, young, referenced = shas[1], shas[2], shas[4]
+    monkeypatch.setattr(blobs, "ASIDE", 3)
+    real, held = store.remove, []
+
+    def racing(digest, keep):
+        """Just before the remover sets each blob aside, a writer acts."""
+        if digest == leased:
+            assert store.commit(staged(store, store.open(leased).read())) is False  # stored already: leased
+        if digest == young:
+            age(store, young, 60)
+        if digest == referenced:
+            reference(db, referenced)
+
+        def holding(mtime):
+            held.append(digest)
+            assert not store.exists(digest)
+            return keep(mtime)
+        return real(digest, holding)
+
+    store.remove = racing
+    removed, _ = blobs.collect(db, store, grace_s=DAY)
+    assert removed == [s for s in shas if s not in (leased, young, referenced)]
+    assert all(store.exists(s) for s in (leased, young, referenced)) and list(store.trash.iterdir()) == []
+    assert leased not in held and young in held and referenced in held
+
+
+def test_a_failed_check_puts_the_whole_group_back(db, store, monkeypatch):
+    orphans = sorted(store.put_bytes(f"orphan {i}".encode()) for i in range(3))
+    for sha in orphans:
+        age(store, sha, DAY + 60)
+    real, calls = blobs.unreferenced, []
+
+    def unreferenced(session, digests):
+        calls.append(list(digests))
+        if len(calls) == 2:  # the check with the blobs set aside
+            assert not any(store.exists(sha) for sha in orphans)
+            raise ConnectionError("the database is down")
+        return real(session, digests)
+
+    monkeypatch.setattr(blobs, "unreferenced", unreferenced)
+    with pytest.raises(ConnectionError):
+        blobs.collect(db, store, grace_s=DAY)
+    assert all(store.exists(sha) for sha in orphans) and list(store.trash.iterdir()) == []
 
 
 def test_a_blob_set_aside_by_a_stopped_remover_is_put_back_then_judged(db, store):
@@ -204,7 +277,7 @@ def test_a_remover_whose_check_fails_puts_the_blob_back(store):
     assert store.exists(sha) and list(store.trash.iterdir()) == []
 
 
-def test_the_sweeper_collects(db, store, monkeypatch):
+def test_the_collector_is_a_task_of_its_own_and_the_sweeper_leaves_the_store_alone(db, store, monkeypatch):
     from worker import tasks
 
     orphan = store.put_bytes(b"a crashed job's checkpoint")
@@ -212,5 +285,28 @@ def test_the_sweeper_collects(db, store, monkeypatch):
     ctx = SimpleNamespace(db=db, store=store, settings=Settings(artifact_grace_s=3600), dispatcher=None)
     monkeypatch.setattr(tasks, "worker_context", lambda: ctx)
     out = tasks.sweep()
-    assert (out["blobs_collected"], out["staging_files_removed"]) == (1, 0) and not store.exists(orphan)
-    assert tasks.sweep()["blobs_collected"] == 0
+    assert "blobs_collected" not in out and "staging_files_removed" not in out and store.exists(orphan)
+    collect = tasks.app.tasks[COLLECT_ARTIFACTS]  # what beat sends, by name
+    assert collect() == {"blobs_collected": 1, "staging_files_removed": 0}
+    assert not store.exists(orphan)
+    assert tasks.collect_artifacts() == {"blobs_collected": 0, "staging_files_removed": 0}
+
+
+def test_beat_runs_the_collector_every_artifact_collect_interval_s_on_the_default_queue(monkeypatch):
+    def entry(settings: Settings) -> dict:
+        conf = make_celery(settings).conf
+        assert conf.task_routes[COLLECT_ARTIFACTS] == conf.task_routes[SWEEP] == {"queue": "default"}
+        return conf.beat_schedule["collect"]
+
+    monkeypatch.delenv("UNLEARND_ARTIFACT_COLLECT_INTERVAL_S", raising=False)
+    assert Settings().artifact_collect_interval_s == 3600
+    # a run that waited longer than the interval is dropped: a backlog of store walks does not pile up
+    assert entry(Settings()) == {"task": COLLECT_ARTIFACTS, "schedule": 3600, "options": {"expires": 3600}}
+    assert entry(Settings(artifact_collect_interval_s=600))["schedule"] == 600
+    monkeypatch.setenv("UNLEARND_ARTIFACT_COLLECT_INTERVAL_S", "120")
+    assert entry(Settings()) == {"task": COLLECT_ARTIFACTS, "schedule": 120, "options": {"expires": 120}}
+    settings = Settings(sweep_interval_s=30)
+    assert make_celery(settings).conf.beat_schedule["sweep"] == {"task": SWEEP, "schedule": 30}  # its own interval
+    for bad in (0, -1):
+        with pytest.raises(ValidationError):
+            Settings(artifact_collect_interval_s=bad)

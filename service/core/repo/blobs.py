@@ -4,16 +4,17 @@ its checkpoint's sha256 but not the blob: it is no reference (service/core/repo/
 
 Two removers, both through the store's ``remove``, which sets the blob aside before the references
 are checked again, so a row committed meanwhile, or a writer's lease, keeps it: :func:`prune` after
-a transaction deleted rows, and :func:`collect` (the sweeper) for what no transaction owns: a blob
+a transaction deleted rows, and :func:`collect` (a task of its own, worker/tasks.py
+``collect_artifacts``, every ``artifact_collect_interval_s``) for what no transaction owns: a blob
 stored for a transaction that then failed or never came (a crashed job's checkpoint, an upload
-whose insert failed, a purge stopped before it pruned) and a stopped process's staging files."""
+whose insert failed, a purge stopped before it pruned) and a stopped process's staging files. Both
+check the blobs they set aside a group at a time, in one query per column (:func:`_remove`)."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Iterable
-from functools import partial
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -25,6 +26,9 @@ from service.core.statuses import VersionStatus
 REFERENCES = (Dataset.sha256, Model.events_sha256, ModelVersion.checkpoint_sha256, ProxyCacheEntry.sha256,
               Job.report_sha256, Job.report_html_sha256)
 CHUNK = 500  # digests per reference query (SQLite's older builds take at most 999 parameters)
+# orphans set aside at once for one check of their references (:func:`_remove_together`: each one
+# held adds a few frames to the stack)
+ASIDE = 100
 
 
 def unreferenced(session: Session, digests: Iterable[str | None]) -> list[str]:
@@ -40,39 +44,75 @@ def unreferenced(session: Session, digests: Iterable[str | None]) -> list[str]:
     return sorted(left)
 
 
-def _remove(db, store, digests: list[str], cutoff: float = math.inf) -> list[str]:
-    """Remove the blobs of ``digests`` (found unreferenced) unless, once set aside, one was touched
-    at or after ``cutoff`` or a row references it now; returns the removed digests."""
-    def keep(digest: str, mtime: float) -> bool:
-        if mtime >= cutoff:
-            return True
-        with db.session() as session:
-            return not unreferenced(session, [digest])
-
-    return [d for d in digests if store.remove(d, partial(keep, d))]
-
-
 def prune(db, store, digests: Iterable[str | None]) -> list[str]:
     """Remove the blobs of ``digests`` that no committed row references (after the transaction
     that deleted their rows); returns the removed digests. Checked again with each blob set aside,
     so a blob that a newer row shares (the same bytes uploaded again) stays, committed or not yet:
     its writer leased it (a blob so kept is collected later if that row never comes)."""
     with db.session() as session:
-        gone = unreferenced(session, digests)
-    return _remove(db, store, gone)
+        with session.begin():
+            gone = unreferenced(session, digests)
+        return _remove(session, store, gone)
 
 
 def collect(db, store, *, grace_s: float) -> tuple[list[str], int]:
     """Remove the blobs no row references that were neither written nor leased in the last
     ``grace_s`` (a writer has that long to commit the row that uses its blob), and the staging
-    files older than that. One walk of the store, one query per column per :data:`CHUNK` of the
-    old blobs. Returns the removed digests and the number of staging files removed."""
+    files older than that. One walk of the store, then in one session one query per column per
+    :data:`CHUNK` of the old blobs, and per :data:`ASIDE` of the orphans found among them to check
+    them again once set aside (:func:`_remove`). Returns the removed digests and the number of
+    staging files removed."""
     cutoff = time.time() - grace_s
     staging = store.tidy(cutoff)
     old = sorted(d for d, mtime in store.blobs() if mtime < cutoff)
     removed = []
-    for i in range(0, len(old), CHUNK):
-        with db.session() as session:
-            gone = unreferenced(session, old[i:i + CHUNK])
-        removed += _remove(db, store, gone, cutoff)
+    with db.session() as session:
+        for i in range(0, len(old), CHUNK):
+            with session.begin():
+                gone = unreferenced(session, old[i:i + CHUNK])
+            removed += _remove(session, store, gone, cutoff)
     return removed, staging
+
+
+def _remove(session: Session, store, digests: list[str], cutoff: float = math.inf) -> list[str]:
+    """Remove the blobs of ``digests`` (found unreferenced) unless, once set aside, one was touched
+    at or after ``cutoff`` or a row references it now; returns the removed digests. One check of
+    the references per :data:`ASIDE` of them (:func:`_remove_together`)."""
+    removed: set[str] = set()
+    for i in range(0, len(digests), ASIDE):
+        removed.update(_remove_together(session, store, digests[i:i + ASIDE], cutoff))
+    return [d for d in digests if d in removed]
+
+
+def _remove_together(session: Session, store, digests: list[str], cutoff: float) -> list[str]:
+    """:func:`_remove` for a few blobs set aside together, checked in one transaction. The store
+    removes one blob a call and asks its ``keep`` with that blob set aside, so the calls nest: each
+    blob's ``keep`` sets the next one aside, the last asks the database for all of them, in a
+    transaction begun once every one was set aside (as each ``keep`` asked alone would), and each
+    blob is then removed or put back as the calls return. A failed check puts them all back."""
+    held: dict[str, float] = {}  # set aside and asked: the mtime it was found with
+    referenced: set[str] = set()
+    removed: list[str] = []
+
+    def check() -> None:
+        candidates = [d for d, mtime in held.items() if mtime < cutoff]
+        with session.begin():  # a new transaction: it sees every row committed until now
+            referenced.update(set(candidates) - set(unreferenced(session, candidates)))
+
+    def aside(i: int) -> None:
+        if i == len(digests):
+            return check()
+        digest = digests[i]
+
+        def keep(mtime: float) -> bool:
+            held[digest] = mtime
+            aside(i + 1)
+            return mtime >= cutoff or digest in referenced
+
+        if store.remove(digest, keep):
+            removed.append(digest)
+        if digest not in held:  # gone meanwhile, or leased: not asked, not held
+            aside(i + 1)
+
+    aside(0)
+    return removed
