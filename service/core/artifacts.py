@@ -11,12 +11,14 @@ removed when no committed row references it (service/core/repo/blobs.py), but a 
 the same bytes may not have committed its row yet. So a writer that finds its blob stored sets the
 blob's mtime ``LEASE_S`` into the future, and a remover first renames the blob aside (atomic), then
 decides from what it holds: it puts the blob back if it is leased (mtime in the future) or its
-caller's ``keep`` (references in the database, the collector's grace) says so, else deletes it. A
-lease taken before the rename is seen on the blob set aside; one tried after it finds no file and
-writes the blob anew from the writer's staged copy, and the remover then leaves that one alone. A
-blob written anew is not leased (else deleting what was just uploaded would have to wait): pruning
-only takes blobs whose rows it saw deleted, which a writer of the same bytes finds and leases, and
-the collector only blobs untouched for its grace.
+caller's ``keep`` (references in the database, the collector's grace) says so, else deletes it.
+``remove`` takes a group of blobs: it sets every one aside, then asks ``keep`` once for all of them
+(one check of the references), then removes or puts back each; if anything fails, it puts every
+one back. A lease taken before the rename is seen on the blob set aside; one tried after it finds
+no file and writes the blob anew from the writer's staged copy, and the remover then leaves that
+one alone. A blob written anew is not leased (else deleting what was just uploaded would have to
+wait): pruning only takes blobs whose rows it saw deleted, which a writer of the same bytes finds
+and leases, and the collector only blobs untouched for its grace.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -89,9 +91,12 @@ class ArtifactStore(Protocol):
         """Remove a blob (only for one that no row references, e.g. after a failed commit) unless
         another writer leased it meanwhile."""
 
-    def remove(self, sha256: str, keep: Callable[[float], bool]) -> bool:
-        """Remove a blob unless it is leased or ``keep(mtime)``, asked with the blob out of reach of
-        new leases; True if it was removed."""
+    def remove(self, digests: Sequence[str], keep: Callable[[dict[str, float]], set[str]]) -> list[str]:
+        """Remove the blobs of ``digests`` unless leased or kept: set every one aside, out of reach
+        of new leases (one not stored is skipped, one found leased is put back at once), then, with
+        all of them set aside, call ``keep`` once with {sha256: mtime} of the others (not at all if
+        none): those in the set it returns are put back, the rest removed. If anything fails,
+        ``keep`` included, every one is put back. Returns the removed digests, in the order given."""
 
     def blobs(self) -> Iterator[tuple[str, float]]:
         """Every blob's sha256 and mtime (when it was written, or until when it is leased)."""
@@ -188,25 +193,49 @@ class LocalArtifactStore:
         return self.path(sha256)
 
     def delete(self, sha256: str) -> None:
-        self.remove(sha256, lambda mtime: False)
+        self.remove([sha256], lambda held: set())
 
-    def remove(self, sha256: str, keep: Callable[[float], bool]) -> bool:
-        dest = self.path(sha256)
-        aside = self.trash / f"{sha256}.{int(time.time())}.{secrets.token_hex(4)}"
+    def remove(self, digests: Sequence[str], keep: Callable[[dict[str, float]], set[str]]) -> list[str]:
+        aside: dict[str, Path] = {}  # set aside, not decided yet: put back unless removed
+        asked: dict[str, float] = {}  # of those, the ones not leased: their mtime
+        removed = []
         try:
-            os.rename(dest, aside)  # from now on a writer finds no blob to lease and writes its own
-        except FileNotFoundError:
-            return False
-        gone = False
-        try:
-            mtime = aside.stat().st_mtime
-            gone = mtime <= time.time() and not keep(mtime)
+            for sha256 in dict.fromkeys(digests):
+                dest = self.path(sha256)
+                path = self.trash / f"{sha256}.{int(time.time())}.{secrets.token_hex(4)}"
+                try:
+                    os.rename(dest, path)  # from now on a writer finds no blob to lease and writes its own
+                except FileNotFoundError:
+                    continue
+                aside[sha256] = path
+                mtime = path.stat().st_mtime
+                if mtime > time.time():  # leased: put back at once, not asked
+                    self._put_back({sha256: aside.pop(sha256)})
+                else:
+                    asked[sha256] = mtime
+            kept = keep(dict(asked)) if asked else set()  # every one of the group is set aside now
+            for sha256 in asked:
+                if sha256 not in kept:
+                    aside[sha256].unlink()
+                    del aside[sha256]
+                    removed.append(sha256)
         finally:
-            if not gone:
+            self._put_back(aside)
+        return removed
+
+    def _put_back(self, aside: dict[str, Path]) -> None:
+        """Link each blob set aside back in place (one written anew meanwhile stays: the path is
+        taken), then drop it from trash/; every one is tried, the first failure raised after."""
+        failed: OSError | None = None
+        for sha256, path in aside.items():
+            try:
                 with contextlib.suppress(FileExistsError):  # written anew meanwhile: that one stays
-                    os.link(aside, dest)
-            aside.unlink()
-        return gone
+                    os.link(path, self.path(sha256))
+                path.unlink()
+            except OSError as e:  # left in trash/: tidy() puts it back
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
     def blobs(self) -> Iterator[tuple[str, float]]:
         with os.scandir(self.root) as shards:

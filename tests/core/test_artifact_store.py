@@ -3,7 +3,7 @@ and PostgreSQL databases made by the migrations: the collector (a task of its ow
 sweeper's) removes the blobs no row references once untouched for the grace, and old staging
 files; pruning and the collector never remove a blob that a writer of the same bytes stored
 meanwhile. The interleavings of a writer and a remover are played step by step: the remover's
-``keep`` runs while it holds the blob aside."""
+``keep`` runs once per group, while it holds every blob of the group aside."""
 
 from __future__ import annotations
 
@@ -125,28 +125,36 @@ def test_a_group_set_aside_together_keeps_each_leased_young_or_referenced_blob(d
         age(store, sha, DAY + 60)
     leased, young, referenced = shas[1], shas[2], shas[4]
     monkeypatch.setattr(blobs, "ASIDE", 3)
-    real, held = store.remove, []
+    real, held, groups = store.remove, [], []
+    real_rename = os.rename
 
-    def racing(digest, keep):
+    def rename(src, dst):
         """Just before the remover sets each blob aside, a writer acts."""
+        digest = os.path.basename(src)
         if digest == leased:
             assert store.commit(staged(store, store.open(leased).read())) is False  # stored already: leased
         if digest == young:
             age(store, young, 60)
         if digest == referenced:
             reference(db, referenced)
+        return real_rename(src, dst)
 
-        def holding(mtime):
-            held.append(digest)
-            assert not store.exists(digest)
-            return keep(mtime)
-        return real(digest, holding)
+    def racing(digests, keep):
+        groups.append(list(digests))
 
+        def holding(mtimes):
+            held.extend(mtimes)
+            assert not any(store.exists(d) for d in mtimes)
+            return keep(mtimes)
+        return real(digests, holding)
+
+    monkeypatch.setattr(os, "rename", rename)
     store.remove = racing
     removed, _ = blobs.collect(db, store, grace_s=DAY)
     assert removed == [s for s in shas if s not in (leased, young, referenced)]
     assert all(store.exists(s) for s in (leased, young, referenced)) and list(store.trash.iterdir()) == []
     assert leased not in held and young in held and referenced in held
+    assert groups == [shas[0:3], shas[3:6], shas[6:]]
 
 
 def test_a_failed_check_puts_the_whole_group_back(db, store, monkeypatch):
@@ -209,25 +217,26 @@ def test_a_writer_that_finds_the_blob_set_aside_writes_it_anew(db, store, remove
     age(store, sha, DAY + 60)
     committed = []
 
-    def keep(mtime: float) -> bool:
-        assert not store.exists(sha) and mtime < time.time() - DAY
+    def keep(held: dict[str, float]) -> set[str]:
+        assert list(held) == [sha] and not store.exists(sha) and held[sha] < time.time() - DAY
         upload = staged(store, b"weights")
         committed.append(store.commit(upload))
-        return False  # no reference committed yet: the remover deletes what it holds
+        return set()  # no reference committed yet: the remover deletes what it holds
 
-    assert store.remove(sha, keep) is True
+    assert store.remove([sha], keep) == [sha]
     assert committed == [True] and store.exists(sha) and store.open(sha).read() == b"weights"
     assert list(store.trash.iterdir()) == []
     # and through the repo functions, with the writer's row committed before the remover looks again
     real = store.remove
 
-    def racing(digest, keep):
-        def writer_then_keep(mtime):
-            upload = staged(store, b"weights")
-            assert store.commit(upload) is True
-            reference(db, digest)
-            return keep(mtime)
-        return real(digest, writer_then_keep)
+    def racing(digests, keep):
+        def writer_then_keep(held):
+            for digest in held:
+                upload = staged(store, b"weights")
+                assert store.commit(upload) is True
+                reference(db, digest)
+            return keep(held)
+        return real(digests, writer_then_keep)
 
     age(store, sha, DAY + 60)
     store.remove = racing
@@ -240,7 +249,9 @@ def test_a_lease_taken_before_the_blob_was_set_aside_puts_it_back(db, store):
     age(store, sha, DAY + 60)
     upload = staged(store, b"weights")
     assert store.commit(upload) is False  # stored already: leased
-    assert store.remove(sha, lambda mtime: False) is False  # the lease is seen on the blob set aside
+    asked = []
+    assert store.remove([sha], asked.append) == []  # the lease is seen on the blob set aside
+    assert asked == []  # and its remover's keep is not asked
     assert store.exists(sha) and list(store.trash.iterdir()) == []
     store.delete(sha)  # a failed upload's rollback leaves another writer's lease alone too
     assert store.exists(sha)
@@ -269,12 +280,60 @@ def test_a_blob_put_back_between_a_writers_two_steps_is_leased(store, monkeypatc
 def test_a_remover_whose_check_fails_puts_the_blob_back(store):
     sha = store.put_bytes(b"weights")
 
-    def keep(mtime: float) -> bool:
+    def keep(held: dict[str, float]) -> set[str]:
         raise ConnectionError("the database is down")
 
     with pytest.raises(ConnectionError):
-        store.remove(sha, keep)
+        store.remove([sha], keep)
     assert store.exists(sha) and list(store.trash.iterdir()) == []
+
+
+def test_a_group_is_asked_once_with_every_blob_set_aside_and_removed_or_put_back_each(store):
+    """One call removes a group: every blob is set aside (one not stored is skipped, one leased is
+    put back unasked), then ``keep`` is asked once for all the others; those it keeps go back."""
+    shas = [store.put_bytes(f"blob {i}".encode()) for i in range(4)]
+    for sha in shas:
+        age(store, sha, 60)
+    kept, leased = shas[1], shas[3]
+    assert store.lease(leased)
+    missing = "0" * 64
+    calls = []
+
+    def keep(held: dict[str, float]) -> set[str]:
+        calls.append(dict(held))
+        assert not any(store.exists(sha) for sha in held)  # the whole group is aside at once
+        assert len(list(store.trash.iterdir())) == len(held)
+        return {kept}
+
+    assert store.remove([shas[2], missing, *shas], keep) == [shas[2], shas[0]]  # in the order given
+    assert len(calls) == 1 and sorted(calls[0]) == sorted([shas[0], kept, shas[2]])
+    assert all(time.time() - 120 < mtime < time.time() for mtime in calls[0].values())
+    assert store.exists(kept) and store.exists(leased) and not store.exists(shas[0]) and not store.exists(shas[2])
+    assert list(store.trash.iterdir()) == []
+    assert store.remove([missing], keep) == [] and len(calls) == 1  # nothing set aside: nothing to ask
+
+
+def test_a_failure_puts_every_blob_of_the_group_back(store):
+    """An exception in ``keep`` (the database is down), or while the group is being set aside (a bad
+    digest), puts back every blob set aside so far; none is removed."""
+    shas = [store.put_bytes(f"blob {i}".encode()) for i in range(3)]
+    for sha in shas:
+        age(store, sha, 60)
+    calls = []
+
+    def keep(held: dict[str, float]) -> set[str]:
+        calls.append(sorted(held))
+        raise ConnectionError("the database is down")
+
+    with pytest.raises(ConnectionError):
+        store.remove(shas, keep)
+    assert calls == [sorted(shas)]
+    assert all(store.exists(sha) for sha in shas) and list(store.trash.iterdir()) == []
+
+    with pytest.raises(ValueError, match="not a sha256"):
+        store.remove([*shas, "not a digest"], keep)
+    assert len(calls) == 1  # never asked
+    assert all(store.exists(sha) for sha in shas) and list(store.trash.iterdir()) == []
 
 
 def test_the_collector_is_a_task_of_its_own_and_the_sweeper_leaves_the_store_alone(db, store, monkeypatch):

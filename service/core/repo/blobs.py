@@ -2,13 +2,14 @@
 (identical uploads share one blob, service/core/artifacts.py). A purged version's tombstone keeps
 its checkpoint's sha256 but not the blob: it is no reference (service/core/repo/retention.py).
 
-Two removers, both through the store's ``remove``, which sets the blob aside before the references
+Two removers, both through the store's ``remove``, which sets a blob aside before its references
 are checked again, so a row committed meanwhile, or a writer's lease, keeps it: :func:`prune` after
 a transaction deleted rows, and :func:`collect` (a task of its own, worker/tasks.py
 ``collect_artifacts``, every ``artifact_collect_interval_s``) for what no transaction owns: a blob
 stored for a transaction that then failed or never came (a crashed job's checkpoint, an upload
 whose insert failed, a purge stopped before it pruned) and a stopped process's staging files. Both
-check the blobs they set aside a group at a time, in one query per column (:func:`_remove`)."""
+hand the store a group of blobs at a time, set aside together and checked again in one query per
+column (:func:`_remove`)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,7 @@ from service.core.statuses import VersionStatus
 REFERENCES = (Dataset.sha256, Model.events_sha256, ModelVersion.checkpoint_sha256, ProxyCacheEntry.sha256,
               Job.report_sha256, Job.report_html_sha256)
 CHUNK = 500  # digests per reference query (SQLite's older builds take at most 999 parameters)
-# orphans set aside at once for one check of their references (:func:`_remove_together`: each one
-# held adds a few frames to the stack)
-ASIDE = 100
+ASIDE = 100  # blobs set aside at once, in one call of the store's ``remove``, for one check of their references
 
 
 def unreferenced(session: Session, digests: Iterable[str | None]) -> list[str]:
@@ -76,43 +75,17 @@ def collect(db, store, *, grace_s: float) -> tuple[list[str], int]:
 
 def _remove(session: Session, store, digests: list[str], cutoff: float = math.inf) -> list[str]:
     """Remove the blobs of ``digests`` (found unreferenced) unless, once set aside, one was touched
-    at or after ``cutoff`` or a row references it now; returns the removed digests. One check of
-    the references per :data:`ASIDE` of them (:func:`_remove_together`)."""
-    removed: set[str] = set()
-    for i in range(0, len(digests), ASIDE):
-        removed.update(_remove_together(session, store, digests[i:i + ASIDE], cutoff))
-    return [d for d in digests if d in removed]
+    at or after ``cutoff`` or a row references it now; returns the removed digests. The store sets
+    aside :data:`ASIDE` of them at a time and asks ``keep`` once for the group: one query per
+    column, in a transaction begun after every one was set aside. A failed check puts them all back."""
 
-
-def _remove_together(session: Session, store, digests: list[str], cutoff: float) -> list[str]:
-    """:func:`_remove` for a few blobs set aside together, checked in one transaction. The store
-    removes one blob a call and asks its ``keep`` with that blob set aside, so the calls nest: each
-    blob's ``keep`` sets the next one aside, the last asks the database for all of them, in a
-    transaction begun once every one was set aside (as each ``keep`` asked alone would), and each
-    blob is then removed or put back as the calls return. A failed check puts them all back."""
-    held: dict[str, float] = {}  # set aside and asked: the mtime it was found with
-    referenced: set[str] = set()
-    removed: list[str] = []
-
-    def check() -> None:
-        candidates = [d for d, mtime in held.items() if mtime < cutoff]
+    def keep(held: dict[str, float]) -> set[str]:
+        young = {d for d, mtime in held.items() if mtime >= cutoff}
+        old = set(held) - young
         with session.begin():  # a new transaction: it sees every row committed until now
-            referenced.update(set(candidates) - set(unreferenced(session, candidates)))
+            return young | (old - set(unreferenced(session, old)))
 
-    def aside(i: int) -> None:
-        if i == len(digests):
-            return check()
-        digest = digests[i]
-
-        def keep(mtime: float) -> bool:
-            held[digest] = mtime
-            aside(i + 1)
-            return mtime >= cutoff or digest in referenced
-
-        if store.remove(digest, keep):
-            removed.append(digest)
-        if digest not in held:  # gone meanwhile, or leased: not asked, not held
-            aside(i + 1)
-
-    aside(0)
+    removed = []
+    for i in range(0, len(digests), ASIDE):
+        removed += store.remove(digests[i:i + ASIDE], keep)
     return removed
