@@ -10,6 +10,7 @@ import torch
 
 from worker.engine.errors import Cancelled, ConfigError
 from worker.engine.metrics import snapshot
+from worker.engine.recipe import Recipe
 from worker.engine.refine import build_forget_set, refine
 from worker.engine.rum import (
     BinStep,
@@ -230,6 +231,22 @@ def test_guard_budget_is_shared_across_bins(original, digits, runtime, proxy, mi
     assert after >= before - 0.08  # one 0.05 budget (plus probe sampling error), not three
     assert all("guard" in s.to_dict() for s in result.steps)
     assert any(s.run["guard"]["outcome"] in ("restored", "input") for s in result.steps)
+
+
+def test_a_job_never_spends_past_its_cost_cap_on_retries(original, digits, runtime, proxy, mixed):
+    """Guard retries stop at ``max_cost_share`` of the original's steps (or at the plan, if that is
+    more): a policy whose bins are too hot for the model retries while it fits and no further."""
+    hot = {"lr": 10.0, "budget": 0.02, "momentum": 0.0}
+    policy = rum_same_method("finetune", hot)
+    planned = 3 * round(0.02 * Recipe.infer(len(digits.train)).steps)
+    free = run_unlearning(copy.deepcopy(original), digits, mixed, proxy, policy, runtime, max_cost_share=None)
+    assert free.cost_share > 0.06 + 1e-9  # retried in every bin: up to three times the plan
+    for cap in (0.05, 0.08):
+        result = run_unlearning(copy.deepcopy(original), digits, mixed, proxy, policy, runtime, max_cost_share=cap)
+        steps = sum(s.run["steps_total"] for s in result.steps)
+        assert steps <= max(round(cap * result.recipe.steps), planned)
+        assert any("retry_skipped" in s.run for s in result.steps)
+    assert run_unlearning(copy.deepcopy(original), digits, mixed, proxy, policy, runtime).cost_share <= 0.10 + 1e-9
 
 
 def test_retain_guard_measures_against_the_reference(original, digits, runtime, mixed):

@@ -467,6 +467,25 @@ def test_a_run_that_kept_nothing_is_retried_at_a_lower_rate(make_original, task,
     assert run["steps_total"] > run["steps_done"]  # the cost of every attempt is counted
 
 
+def test_a_retry_runs_only_if_the_job_can_pay_for_it(make_original, task, runtime):
+    """``task.max_steps`` (the job's cost cap): a run of 20 steps that keeps nothing within the
+    guard is not retried when the cap leaves no room for 20 more, is retried once with room for
+    one, and says why it stopped retrying."""
+    import dataclasses
+
+    hot = {"lr": 3.0, "steps": 20, "momentum": 0.0, "max_retain_drop": 0.03}
+    capped = get_unlearner("finetune", **hot)
+    capped.unlearn(make_original(), dataclasses.replace(task, max_steps=39), runtime)
+    run = capped.last_run
+    assert run["attempts"] == 1 and run["steps_total"] == 20 and run["guard"]["outcome"] == "input"
+    assert "retry_skipped" in run and "leaves 19" in run["retry_skipped"]
+
+    room = get_unlearner("finetune", **hot)
+    room.unlearn(make_original(), dataclasses.replace(task, max_steps=40), runtime)
+    assert room.last_run["attempts"] == 2 and room.last_run["lr_tried"] == [3.0, 0.75]
+    assert room.last_run["steps_total"] == 40
+
+
 def test_guard_keeps_a_transient_dip_that_recovers(make_original, task, runtime):
     """A check outside the limit is not a reason to stop or to restore when the end is within it."""
     from worker.engine.unlearners.base import RetainGuard

@@ -220,8 +220,9 @@ class _Evaluator:
 
     def __init__(self, model: nn.Module, data: UnlearningData, forget_rows: torch.Tensor, proxy: np.ndarray,
                  recipe: Recipe, runtime: Runtime, excluded: torch.Tensor | None, seed: int,
-                 reference: _Reference) -> None:
+                 reference: _Reference, cost_cap: float | None = None) -> None:
         self.model, self.data, self.forget_rows, self.proxy = model, data, forget_rows, proxy
+        self.cost_cap = cost_cap  # a job's cap: guard retries stop at it (run_unlearning)
         self.recipe, self.runtime, self.excluded, self.seed = recipe, runtime, excluded, seed
         self.ref = reference
         self.forget = data.view("train", forget_rows)
@@ -237,7 +238,7 @@ class _Evaluator:
         t0 = time.perf_counter()
         result = run_unlearning(copy.deepcopy(self.model), self.data, self.forget_rows, self.proxy, parsed,
                                 self.runtime, ctx, excluded_rows=self.excluded, seed=self.seed, recipe=self.recipe,
-                                after_step=after_step)
+                                after_step=after_step, max_cost_share=self.cost_cap)
         seconds = time.perf_counter() - t0
         return self.score_model(result.model, result.cost_share, seconds)
 
@@ -287,8 +288,10 @@ def calibrate(
     out = torch.cat([set_a, set_b] + ([excluded] if excluded is not None and len(excluded) else []))
     reference = _Reference(model, data, torch.unique(out), recipe, runtime, settings.seed,
                            ctx.sub(0.0, 0.3, "reference"))
-    evaluator_a = _Evaluator(model, data, set_a, proxy, recipe, runtime, excluded, settings.seed, reference)
-    evaluator_b = _Evaluator(model, data, set_b, proxy, recipe, runtime, excluded, settings.seed, reference)
+    evaluator_a = _Evaluator(model, data, set_a, proxy, recipe, runtime, excluded, settings.seed, reference,
+                             settings.cost_cap)
+    evaluator_b = _Evaluator(model, data, set_b, proxy, recipe, runtime, excluded, settings.seed, reference,
+                             settings.cost_cap)
     retrain_seconds = reference.seconds
 
     default = default_policy(settings.space)
@@ -301,12 +304,16 @@ def calibrate(
     if not study.trials:
         for start in warm_starts(settings.space)[: settings.n_trials]:
             study.enqueue_trial(as_params(start, settings), skip_if_exists=True)
-    # The budget is planned work (optimizer steps, in retrain-equivalents: deterministic, whatever
-    # the machine's load): the reference, every trial that ran, and a reserve for the two check
-    # runs. The search stops before a trial that could overdraw it. Wall time is measured and
-    # reported (``cost_retrains``); on small models the audits' forward passes make it larger.
+    # The budget is work in optimizer steps (in retrain-equivalents: deterministic, whatever the
+    # machine's load): the reference, every trial that ran (the steps it spent, guard retries
+    # included, or its plan if it was pruned while running), and a reserve for the next trial and
+    # the two check runs, none of which can spend more than ``cost_cap`` (a run stops retrying at
+    # it: run_unlearning's ``max_cost_share``). The search stops before a trial that could overdraw
+    # it. Wall time is measured and reported (``cost_retrains``); on small models the audits'
+    # forward passes make it larger.
     def planned_spent(study) -> float:
-        return 1.0 + sum(t.user_attrs.get("planned_cost", 0.0) for t in study.trials if t.user_attrs.get("ran"))
+        return 1.0 + sum(t.user_attrs.get("cost_share", t.user_attrs.get("planned_cost", 0.0))
+                         for t in study.trials if t.user_attrs.get("ran"))
 
     def budget_left(study) -> bool:
         return planned_spent(study) + 3 * settings.cost_cap <= settings.max_retrains + 1e-9
@@ -387,9 +394,9 @@ def check_margin(n_check: int) -> float:
 
 def penalized(s: Score, cap: float) -> float:
     """The search's objective: (ToW + ToW-MIA) / 2 less the work done past the cost cap. The plan
-    is checked before a trial runs, but a guard retry at a lower rate (base.py) adds the steps of
-    the first attempt; a policy that needs one on this model costs more than planned, and the
-    search should find the rate that does not."""
+    is checked before a trial runs and guard retries stop at the cap (run_unlearning), so only a
+    step whose work is not known before it runs (explicit ``epochs``, IAU's line search) can pass
+    it; the search should then prefer one that does not."""
     return s.score - max(0.0, s.cost_share - cap)
 
 

@@ -108,7 +108,8 @@ def default_policy(space: str = "rum") -> dict[str, Any]:
 def warm_starts(space: str = "rum") -> list[dict[str, Any]]:
     """The first trials of every study, before the sampler takes over: the default, then (``rum``)
     the default's shape with each other high-bin method at its own defaults, or (``plain``) each
-    method; for ``rum`` also the default with runner-up labels in the high bin. Which method
+    method; for ``rum`` also the default with the other choice of labels in the high bin (random
+    labels where the default takes the runner-up class, and the reverse). Which method
     forgets best differs between models (on the held-out Fashion-MNIST rows SCRUB and random labels
     beat SalUn in the high bin; on digits SalUn wins), and a search of 16 trials that samples the
     method at random may never try the right one."""
@@ -121,9 +122,11 @@ def warm_starts(space: str = "rum") -> list[dict[str, Any]]:
             bins = [dict(b) for b in default["bins"]]
             bins[2] = {"method": method, "hparams": {}}
             starts.append({**default, "bins": bins})
-    if default["bins"][2]["method"] in RELABELING:
+    if default["bins"][2]["method"] in RELABELING:  # and the default with the other choice of labels
         bins = [dict(b) for b in default["bins"]]
-        bins[2] = {"method": bins[2]["method"], "hparams": {**bins[2].get("hparams", {}), "label_mode": "runner_up"}}
+        hp = bins[2].get("hparams", {})
+        other = next(m for m in LABEL_MODES if m != hp.get("label_mode", "any"))
+        bins[2] = {"method": bins[2]["method"], "hparams": {**hp, "label_mode": other}}
         starts.append({**default, "bins": bins})
     return starts
 

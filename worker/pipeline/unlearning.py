@@ -31,7 +31,8 @@ def unlearn(progress: Progress, loaded: Loaded, proxy: CachedProxy, sets: Sets) 
                                 loaded.engine_policy, inputs.runtime, progress.run_context(),
                                 excluded_rows=sets.excluded_or_none, seed=loaded.policy.seed, recipe=inputs.recipe,
                                 corrective_rows=wrong or None,
-                                corrective=rum.PlainConfig(**corrective.engine_config()) if wrong else None)
+                                corrective=rum.PlainConfig(**corrective.engine_config()) if wrong else None,
+                                max_cost_share=loaded.policy.calibration.cost_cap)
     return Unlearned(result, result.model.eval())
 
 

@@ -48,6 +48,10 @@ class UnlearningTask:
     # (worker/engine/targets.py; None: no estimate, e.g. no holdout split). A loop with
     # ``stop: "accuracy"`` or ``"confidence"`` stops once the forget rows are down to it.
     forget_target: dict[str, float] | None = None
+    # The most optimizer steps this call may spend in all its attempts (run_unlearning's share of
+    # the job's cost cap). The first attempt always runs; a guard retry runs only if it fits.
+    # None: no limit.
+    max_steps: int | None = None
 
     def the_recipe(self) -> Recipe:
         return self.recipe if self.recipe is not None else Recipe.infer(max(1, len(self.forget) + len(self.retain)))
@@ -126,7 +130,9 @@ class LoopUnlearner(Unlearner):
     says which in ``last_run["guard"]``. A run that kept nothing within the limit was too hot for
     this model (a learning rate that transfers badly from where the defaults were chosen): it is
     run again from the input at a quarter of the learning rate, up to ``retries`` times (2 by
-    default); ``last_run`` lists the rates tried and the steps spent by all attempts.
+    default), as long as the retry fits in ``task.max_steps`` (the job's cost cap, from
+    ``run_unlearning``; ``last_run["retry_skipped"]`` says when one did not); ``last_run`` lists
+    the rates tried and the steps spent by all attempts.
     """
 
     defaults: ClassVar[dict[str, Any]] = {key: spec.default for key, spec in LOOP.items()}
@@ -143,16 +149,21 @@ class LoopUnlearner(Unlearner):
         hp, recipe = self.hp, task.the_recipe()
         lr = float(hp["lr"]) if hp["lr"] is not None else float(hp["lr_scale"]) * recipe.lr
         batch = int(hp["batch_size"]) if hp["batch_size"] is not None else recipe.batch_size
-        if hp["epochs"] is not None:
-            steps, epochs = None, int(hp["epochs"])
-        else:
-            steps = int(hp["steps"]) if hp["steps"] is not None else recipe.steps_for(float(hp["budget"]))
-            epochs = 1_000_000  # an upper bound; the loop stops after ``steps``
+        steps = self.planned_steps(recipe)
+        # explicit epochs: full passes; otherwise an upper bound, the loop stops after ``steps``
+        epochs = int(hp["epochs"]) if steps is None else 1_000_000
         return LoopPlan(steps=steps, epochs=epochs, lr=lr, batch_size=batch,
                         optimizer=hp["optimizer"] or recipe.optimizer,
                         weight_decay=float(hp["weight_decay"] if hp["weight_decay"] is not None
                                            else recipe.weight_decay),
                         recipe_steps=recipe.steps)
+
+    def planned_steps(self, recipe: Recipe) -> int | None:
+        """Optimizer steps of one attempt on ``recipe`` (None: explicit ``epochs``, counted as run)."""
+        hp = self.hp
+        if hp["epochs"] is not None:
+            return None
+        return int(hp["steps"]) if hp["steps"] is not None else recipe.steps_for(float(hp["budget"]))
 
     @property
     def batch_size(self) -> int:
@@ -208,17 +219,27 @@ class LoopUnlearner(Unlearner):
         ctx = ctx or RunContext()
         base_plan = self.resolve(task)
         attempts = 1 + int(self.hp["retries"]) if self.hp.get("max_retain_drop") is not None else 1
-        steps_total, tried = 0, []
+        steps_total, tried, skipped, last_steps = 0, [], None, 0
         for attempt in range(attempts):
+            if attempt and task.max_steps is not None:
+                # a retry does the work of the attempt before it again: only if the job can pay for it
+                need = base_plan.steps if base_plan.steps is not None else last_steps
+                if steps_total + need > task.max_steps:
+                    skipped = (f"a retry needs {need} more steps; the job's cost cap leaves "
+                               f"{max(task.max_steps - steps_total, 0)}")
+                    break
             self.plan = replace(base_plan, lr=base_plan.lr * RETRY_LR_FACTOR**attempt)
             part = ctx.sub(attempt / attempts, (attempt + 1) / attempts) if attempts > 1 else ctx
             model, run = self._attempt(model, task, runtime, part)
             steps_total += run["steps_done"]
+            last_steps = run["steps_done"]
             tried.append(self.plan.lr)
             if run["guard"]["outcome"] != "input":
                 break
         run.update(attempts=len(tried), lr_tried=tried, steps_total=steps_total,
                    cost_share=steps_total / max(base_plan.recipe_steps, 1))
+        if skipped is not None:
+            run["retry_skipped"] = skipped
         self.last_run = run
         if len(tried) < attempts:  # the attempts had slices of the progress bar; the work is done
             ctx.report(1.0)
