@@ -177,12 +177,13 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
     r3 = s.request(first[:3], links={r: r1 for r in first[:3]})
     job1 = s.job([r1, r2], NEGGRAD)
 
-    seen, recipes = [], []
+    seen, recipes, caps = [], [], []
     real = rum.run_unlearning
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("excluded_rows"))
         recipes.append(kwargs.get("recipe"))
+        caps.append(kwargs.get("max_cost_share"))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rum, "run_unlearning", spy)
@@ -190,6 +191,7 @@ def test_a_job_publishes_a_version_and_the_next_job_builds_on_it(setup, monkeypa
     assert seen == [None]  # nothing forgotten before
     # the model's recipe on the dataset's training rows (registered without one: every field inferred)
     assert recipes[0].n_train == s.n_train and recipes[0].inferred and recipes[0].epochs == 30
+    assert caps == [0.10]  # the model policy's calibration.cost_cap bounds the job's guard retries
 
     j = s.get(Job, job1)
     assert (j.status, j.stage, j.progress, j.base_version, j.result_version, j.attempts, j.error) == (
