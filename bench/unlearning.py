@@ -239,7 +239,8 @@ def run_seed(args, data, spec: dict, seed: int, methods: list[str], runtime: Run
 def calibrated_row(args, original, data, forget_rows, proxy, recipe, runtime, seed, retrain_seconds, add, log):
     """``rum_calibrated``: calibrate on two sets disjoint from the evaluated forget set (it is excluded
     from every calibration set), then run the recommended policy on the evaluated set."""
-    settings = CalibrationSettings(n_trials=args.calibration_trials, seed=seed)
+    settings = CalibrationSettings(n_trials=args.calibration_trials, forget_fraction=args.calibration_forget_fraction,
+                                   seed=seed)
     t0 = time.perf_counter()
     cal = calibrate(original, data, recipe, proxy, runtime, settings=settings, excluded_rows=forget_rows)
     calibration_seconds = time.perf_counter() - t0
@@ -251,7 +252,8 @@ def calibrated_row(args, original, data, forget_rows, proxy, recipe, runtime, se
     add("rum_calibrated", True, result.model, result.seconds,
         {"config": result.config, "cost_share": result.cost_share, "calibration_seconds": calibration_seconds,
          "calibration_retrains": calibration_seconds / retrain_seconds, "calibration_chosen": cal.chosen,
-         "calibration_trials": len(cal.trials), "calibration_check": cal.check.to_dict(),
+         "calibration_trials": len(cal.trials), "calibration_forget_fraction": settings.forget_fraction,
+         "calibration_check": cal.check.to_dict(),
          "calibration_default_check": cal.default_check.to_dict(),
          "guard": [s.run.get("guard", {}).get("outcome") for s in result.steps]})
 
@@ -365,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                          "'cand={\"method\": \"rum\", \"bins\": [\"none\", \"finetune\", \"salun\"]}'); repeatable")
     ap.add_argument("--calibrate", action="store_true",
                     help="add rum_calibrated: the policy a calibration on disjoint sets recommends")
+    ap.add_argument("--calibration-forget-fraction", type=float, default=CalibrationSettings.forget_fraction,
+                    help="size of each calibration forget set, share of the training rows (the policy's "
+                         "calibration.forget_fraction)")
     ap.add_argument("--calibration-trials", type=int, default=CalibrationSettings.n_trials,
                     help="Optuna trials of --calibrate (default %(default)s)")
     ap.add_argument("--json", type=Path, default=None, help="write one object per (method, rum, seed) here")
