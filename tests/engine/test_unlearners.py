@@ -469,21 +469,23 @@ def test_a_run_that_kept_nothing_is_retried_at_a_lower_rate(make_original, task,
 
 def test_a_retry_runs_only_if_the_job_can_pay_for_it(make_original, task, runtime):
     """``task.max_steps`` (the job's cost cap): a run of 20 steps that keeps nothing within the
-    guard is not retried when the cap leaves no room for 20 more, is retried once with room for
-    one, and says why it stopped retrying."""
+    guard is retried with the plan's steps when the cap leaves room for them, with fewer when it
+    leaves at least a quarter of them, and not at all (saying why) when it leaves less."""
     import dataclasses
 
     hot = {"lr": 3.0, "steps": 20, "momentum": 0.0, "max_retain_drop": 0.03}
+    for max_steps, steps_tried in ((40, [20, 20]), (30, [20, 10])):
+        u = get_unlearner("finetune", **hot)
+        u.unlearn(make_original(), dataclasses.replace(task, max_steps=max_steps), runtime)
+        run = u.last_run
+        assert run["lr_tried"] == [3.0, 0.75] and run["steps_tried"] == steps_tried, run
+        assert run["steps_total"] == sum(steps_tried)
+
     capped = get_unlearner("finetune", **hot)
-    capped.unlearn(make_original(), dataclasses.replace(task, max_steps=39), runtime)
+    capped.unlearn(make_original(), dataclasses.replace(task, max_steps=24), runtime)
     run = capped.last_run
     assert run["attempts"] == 1 and run["steps_total"] == 20 and run["guard"]["outcome"] == "input"
-    assert "retry_skipped" in run and "leaves 19" in run["retry_skipped"]
-
-    room = get_unlearner("finetune", **hot)
-    room.unlearn(make_original(), dataclasses.replace(task, max_steps=40), runtime)
-    assert room.last_run["attempts"] == 2 and room.last_run["lr_tried"] == [3.0, 0.75]
-    assert room.last_run["steps_total"] == 40
+    assert "needs 5 more steps at least" in run["retry_skipped"] and "leaves 4" in run["retry_skipped"]
 
 
 def test_guard_keeps_a_transient_dip_that_recovers(make_original, task, runtime):

@@ -130,9 +130,10 @@ class LoopUnlearner(Unlearner):
     says which in ``last_run["guard"]``. A run that kept nothing within the limit was too hot for
     this model (a learning rate that transfers badly from where the defaults were chosen): it is
     run again from the input at a quarter of the learning rate, up to ``retries`` times (2 by
-    default), as long as the retry fits in ``task.max_steps`` (the job's cost cap, from
-    ``run_unlearning``; ``last_run["retry_skipped"]`` says when one did not); ``last_run`` lists
-    the rates tried and the steps spent by all attempts.
+    default), paid from ``task.max_steps`` (the job's cost cap, from ``run_unlearning``): with the
+    plan's steps, or with what the cap leaves if that is less but at least a quarter of them, else
+    not at all (``last_run["retry_skipped"]`` says so); ``last_run`` lists the rates and steps of
+    every attempt and their total.
     """
 
     defaults: ClassVar[dict[str, Any]] = {key: spec.default for key, spec in LOOP.items()}
@@ -219,24 +220,31 @@ class LoopUnlearner(Unlearner):
         ctx = ctx or RunContext()
         base_plan = self.resolve(task)
         attempts = 1 + int(self.hp["retries"]) if self.hp.get("max_retain_drop") is not None else 1
-        steps_total, tried, skipped, last_steps = 0, [], None, 0
+        steps_total, tried, steps_tried, skipped, last_steps = 0, [], [], None, 0
         for attempt in range(attempts):
+            plan = replace(base_plan, lr=base_plan.lr * RETRY_LR_FACTOR**attempt)
             if attempt and task.max_steps is not None:
-                # a retry does the work of the attempt before it again: only if the job can pay for it
+                # a retry is paid from what the job's cost cap leaves: the plan's steps, or fewer
+                # (at least a quarter of them; explicit epochs cannot be shortened: all or nothing)
+                left = task.max_steps - steps_total
                 need = base_plan.steps if base_plan.steps is not None else last_steps
-                if steps_total + need > task.max_steps:
-                    skipped = (f"a retry needs {need} more steps; the job's cost cap leaves "
-                               f"{max(task.max_steps - steps_total, 0)}")
+                least = need if base_plan.steps is None else max(1, need // MIN_RETRY_SHARE)
+                if left < least:
+                    skipped = (f"a retry needs {least} more steps at least; the job's cost cap leaves "
+                               f"{max(left, 0)}")
                     break
-            self.plan = replace(base_plan, lr=base_plan.lr * RETRY_LR_FACTOR**attempt)
+                if base_plan.steps is not None and left < need:
+                    plan = replace(plan, steps=left)
+            self.plan = plan
             part = ctx.sub(attempt / attempts, (attempt + 1) / attempts) if attempts > 1 else ctx
             model, run = self._attempt(model, task, runtime, part)
             steps_total += run["steps_done"]
             last_steps = run["steps_done"]
             tried.append(self.plan.lr)
+            steps_tried.append(run["steps_done"])
             if run["guard"]["outcome"] != "input":
                 break
-        run.update(attempts=len(tried), lr_tried=tried, steps_total=steps_total,
+        run.update(attempts=len(tried), lr_tried=tried, steps_tried=steps_tried, steps_total=steps_total,
                    cost_share=steps_total / max(base_plan.recipe_steps, 1))
         if skipped is not None:
             run["retry_skipped"] = skipped
@@ -330,6 +338,7 @@ class TargetStop:
 TARGET_CHECKS = 16  # forget-accuracy checks per run under ``stop: "target"``
 PROBE_ROWS = 256  # rows per guard probe (retain, holdout)
 RETRY_LR_FACTOR = 0.25  # a run that kept nothing within the guard is retried at this times its lr
+MIN_RETRY_SHARE = 4  # a retry shortened by the job's cost cap runs at least 1/this of the plan's steps
 
 
 class RetainGuard:
