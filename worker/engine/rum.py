@@ -148,8 +148,8 @@ Policy = PlainConfig | RumConfig
 # Chosen on digits only (the tuning set; bench/results/ has the runs): a 60-trial calibration on
 # digits (worker/engine/calibration.py) found the shape; the high bin's labels and budget were
 # then chosen over 12 digits seeds with bench.unlearning --policy (runner-up labels at 2, 3, 4, 5
-# and 6% of the steps against the random labels at 6%: (ToW + ToW-MIA) / 2 of 0.900-0.941 at 2 and
-# 6%, 0.956 at 3, 0.978 at 4, 0.964 at 5, against 0.954; docs/benchmarks.md). Other data sets are
+# and 6% of the steps against the random labels at 6%: (ToW + ToW-MIA) / 2 of 0.913 at 2%, 0.956
+# at 3, 0.977 at 4, 0.964 at 5, 0.941 at 6, against 0.954; docs/benchmarks.md). Other data sets are
 # held out. Consequence of the `none` low bin: a request made only of such rows leaves the
 # weights untouched (the audit shows it); a policy that wants a change anyway sets the low bin to
 # e.g. finetune.
@@ -317,9 +317,10 @@ def run_unlearning(
     wrong: they are unlearned first, in one step, with ``corrective`` (None:
     :func:`default_corrective_config`), and the policy gets the rest.
     ``max_cost_share`` caps the whole call's optimizer steps at that share of the original's (or
-    at the policy's plan, if that is more): every step's first attempt runs, and a guard retry
-    only if it fits beside what the steps before it spent and the steps after it plan (None: no
-    cap; a retry can then cost up to ``retries`` times a step's plan again).
+    at the policy's plan, if that is more): every step's first attempt runs, and a guard retry is
+    paid from what the steps before it spent and the steps after it plan leave, shortened to fit
+    down to a quarter of its plan, else skipped (None: no cap; retries can then cost up to
+    ``retries`` times a step's plan again).
     """
     ctx = ctx or RunContext(stage="unlearning")
     n = len(data.train)

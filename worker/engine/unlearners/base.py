@@ -49,8 +49,8 @@ class UnlearningTask:
     # ``stop: "accuracy"`` or ``"confidence"`` stops once the forget rows are down to it.
     forget_target: dict[str, float] | None = None
     # The most optimizer steps this call may spend in all its attempts (run_unlearning's share of
-    # the job's cost cap). The first attempt always runs; a guard retry runs only if it fits.
-    # None: no limit.
+    # the job's cost cap). The first attempt always runs; a guard retry gets what is left (see
+    # LoopUnlearner). None: no limit.
     max_steps: int | None = None
 
     def the_recipe(self) -> Recipe:
