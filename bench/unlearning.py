@@ -71,6 +71,7 @@ from worker.engine.events import LearningEvents
 from worker.engine.recipe import Recipe
 from worker.engine.refine import entanglement_score, refine
 from worker.engine.rum import (
+    JOB_COST_CAP,
     PlainConfig,
     RumConfig,
     bin_audit,
@@ -222,8 +223,12 @@ def run_seed(args, data, spec: dict, seed: int, methods: list[str], runtime: Run
             continue
         try:
             wrong = forget_rows if policy is None else None  # corrective: every row has a wrong label
+            # a method's own rows (alone, RUM^F) run without the job's cost cap: RUM^F plans three
+            # times the method's budget, past the cap, and would lose the guard retries the one-shot
+            # row keeps, which is no comparison of the two; the service's rows run as a job would
+            cap = None if method in REGISTRY else JOB_COST_CAP
             result = run_unlearning(copy.deepcopy(original), data, forget_rows, proxy, policy or default_rum_config(),
-                                    runtime, seed=seed, recipe=recipe, corrective_rows=wrong)
+                                    runtime, seed=seed, recipe=recipe, corrective_rows=wrong, max_cost_share=cap)
         except Exception as exc:  # a broken method must not sink the whole benchmark
             log(f"seed {seed} {method} rum={rum}: FAILED {type(exc).__name__}: {exc}")
             rows.append({"method": method, "rum": rum, **common, "error": f"{type(exc).__name__}: {exc}"})
