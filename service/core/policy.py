@@ -65,7 +65,7 @@ class Calibration(_Strict):
     forget_fraction: float = Field(0.06, ge=0.005, le=0.25)  # size of each calibration forget set (share of train)
     n_trials: int = Field(16, ge=1, le=500)  # Optuna trials, at most
     # per-deletion-job cost cap, share of a retrain: what the search may plan, and what a job may
-    # spend with guard retries (worker/engine/rum.py JOB_COST_CAP)
+    # spend with guard retries (worker/engine/policies.py JOB_COST_CAP)
     cost_cap: float = Field(0.10, gt=0, le=1)
     max_retrains: float = Field(3.0, gt=0, le=100)  # calibration budget in retrain-equivalents
     space: Literal["rum", "plain"] = "rum"  # RUM (method per bin, budget, lr scale, cut points) or one method

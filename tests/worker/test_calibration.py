@@ -326,3 +326,11 @@ def test_calibration_failure_is_recorded(sqlite_service, user_files, monkeypatch
         assert c.get(f"/v1/models/{mid}/policy").json()["n_revisions"] == 1
         # the model's next job can start (a calibration again, or deletions)
         assert c.post(f"/v1/models/{mid}/calibrations", json=TINY).status_code == 202
+
+
+def test_the_service_policy_and_the_engine_share_one_job_cost_cap():
+    """service/core/policy.py cannot import the engine, so it repeats the number: keep them equal."""
+    from service.core.policy import Calibration
+    from worker.engine.policies import JOB_COST_CAP
+
+    assert Calibration().cost_cap == JOB_COST_CAP

@@ -49,9 +49,10 @@ from torch import nn
 from . import metrics
 from .data import UnlearningData
 from .errors import ConfigError
+from .policies import JOB_COST_CAP, parse_policy
 from .recipe import Recipe
 from .refine import forget_subsets, proxy_array, row_tensor
-from .rum import parse_policy, run_unlearning
+from .rum import run_unlearning
 from .runtime import RunContext, Runtime
 from .search_space import (
     SPACES,
@@ -70,7 +71,7 @@ EVAL_ROWS = 1000  # retain and test rows scored per trial (fixed seeded subsets)
 class CalibrationSettings:
     forget_fraction: float = 0.06  # size of each calibration forget set, share of the training rows
     n_trials: int = 16  # upper bound on Optuna trials
-    cost_cap: float = 0.10  # largest planned work of one deletion job, share of a retrain
+    cost_cap: float = JOB_COST_CAP  # largest work of one deletion job, share of a retrain
     max_retrains: float = 3.0  # whole calibration budget, in retrain-equivalents of planned work
     space: str = "rum"
     seed: int = 0

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .policies import default_rum_config
 from .recipe import Recipe
-from .rum import default_rum_config
 from .unlearners import get_unlearner
 
 if TYPE_CHECKING:
