@@ -253,3 +253,14 @@ def test_the_calibration_page_renders_in_chromium(tmp_path):
     path.write_text(render_calibration_page(report), encoding="utf-8")
     loaded = open_page(path.as_uri(), tmp_path)
     assert "Calibration — job 1" in loaded.dom and loaded.console() == [] and loaded.urls == []
+
+
+def test_a_step_the_guard_undid_is_a_finding():
+    report = JobReport.model_validate(v2())
+    assert not any(f.text.startswith("Undone by the accuracy guard") for f in findings(report))  # restored, within
+    data = v2(**{"bins.1.run.guard.outcome": "input"})
+    (finding,) = [f for f in findings(JobReport.model_validate(data)) if f.text.startswith("Undone")]
+    assert finding.level == "warn"
+    assert "bin 1 (mid, 10 examples, neggrad_plus)" in finding.text and "bin 0" not in finding.text
+    page = page_of(data)
+    assert '<li class="finding-warn">Undone by the accuracy guard: bin 1 (mid' in page

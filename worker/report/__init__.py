@@ -48,8 +48,8 @@ class Finding:
 
 
 def findings(report: JobReport) -> list[Finding]:
-    """What a reader must not miss, in words: no measurable effect, over-forgetting, a failed guardrail,
-    a missed deadline."""
+    """What a reader must not miss, in words: no measurable effect, over-forgetting, a step the guard
+    undid, a failed guardrail, a missed deadline."""
     out: list[Finding] = []
     before, after, reference = report.metrics.before, report.metrics.after, report.metrics.reference
     d_acc, d_mia = fmt.diff(after.acc_forget, before.acc_forget), fmt.diff(after.mia, before.mia)
@@ -80,6 +80,16 @@ def findings(report: JobReport) -> list[Finding]:
             f"Over-forgetting: forget accuracy after ({fmt.pct(after.acc_forget)}) is {gap * 100:.1f} points below "
             f"{target_name} ({fmt.pct(target)}). A model that never saw these examples would classify them about "
             "as well as that; far worse is itself a sign that they were in the training set.")))
+    undone = [b for b in report.bins if b.run and b.run.guard and b.run.guard.outcome == "input"]
+    if undone:
+        steps = "; ".join(  # named as the page's tables name them
+            (f"bin {b.index} ({b.level}, " if b.index >= 0 else f"{b.level} (")
+            + f"{b.n} example{'s' if b.n != 1 else ''}, {b.method})" for b in undone)
+        out.append(Finding("warn", (
+            f"Undone by the accuracy guard: {steps}. Every rate tried cost more retain or held-out accuracy "
+            "than the policy allows, so that step kept its input model and did not forget those examples. "
+            "The rest of the job stands. A calibration of the model (POST /v1/models/{id}/calibrations) finds "
+            "a rate that fits it; docs/unlearning.md explains the guard.")))
     if not report.guardrails.passed:
         out.append(Finding("bad", (
             "A guardrail failed: the new version lost more accuracy than the policy allows "
