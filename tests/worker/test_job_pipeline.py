@@ -40,10 +40,13 @@ from worker.pipeline import progress as job_progress
 from worker.pipeline.report import canonical_json
 from worker.registration import validate_version
 
-# RUM with NegGrad+ in every bin (the paper's RUM^F NG+) surely moves the model on random rows: 5% of
-# the original's steps per bin at its learning rate (worker/engine/recipe.py) with a looser guard
+# RUM with NegGrad+ in every bin (the paper's RUM^F NG+) moves the model on random rows: 3% of the
+# original's steps per bin at 0.3 of its learning rate (worker/engine/recipe.py) with a looser guard
 # (5 points instead of 3): typical rows are forgotten only by giving up some accuracy elsewhere.
-_NG = {"method": "neggrad_plus", "hparams": {"budget": 0.05, "lr_scale": 1.0, "max_retain_drop": 0.05}}
+# 9% in all, under the job's 10% cap. (5% a bin at the full rate ended within the guard on one
+# machine and broke it in every bin on another, whose convolutions round differently: the job then
+# published its input model, and no retry fit under the cap.)
+_NG = {"method": "neggrad_plus", "hparams": {"budget": 0.03, "lr_scale": 0.3, "max_retain_drop": 0.05}}
 NEGGRAD = {"method": "rum", "bins": [_NG, _NG, _NG]}
 
 
