@@ -533,3 +533,36 @@ def test_rows_whose_labels_are_wrong_take_the_corrective_step_before_the_bins(se
     bins = report2["bins"]
     assert sum(b["n"] for b in bins) == 15 and all(b["level"] != "corrective" for b in bins)
     assert "corrective" not in report2["config"]
+
+
+def test_a_run_whose_every_step_the_guard_undid_publishes_nothing_and_says_why(setup):
+    """No version and no completed request for a model that did not change: the job fails with a
+    message that names the steps and what to do, and its requests go back to pending."""
+    s = setup
+    hot = {"method": "neggrad_plus", "hparams": {"budget": 0.03, "lr_scale": 8.0, "max_retain_drop": 0.001,
+                                                 "retries": 0}}
+    r1 = s.request(random_rows(s.n_train, 30, seed=11))
+    job = s.job([r1], {"method": "rum", "bins": [hot, hot, hot]})
+    assert pipeline.run_job(s.ctx, job) == "failed"
+    j = s.get(Job, job)
+    assert (j.error["type"], j.error["stage"]) == ("NothingForgotten", "unlearning") and j.result_version is None
+    message = j.error["message"]
+    assert message.startswith("nothing was forgotten: the accuracy guard undid every step (low (")
+    assert "neggrad_plus, lr tried" in message and f"/v1/models/{s.model_id}/calibrations" in message
+    (r,) = s.requests([r1])
+    assert (r.status, r.job_id, r.attempts) == ("received", None, 1)
+    assert len(s.versions()) == 1 and "job.failed" in s.actions()
+
+
+def test_undone_steps_counts_only_steps_that_had_work():
+    from types import SimpleNamespace as NS
+
+    from worker.pipeline.unlearning import undone_steps
+
+    def step(method, outcome=None):
+        return NS(method=method, run={"guard": {"outcome": outcome}} if outcome else {})
+
+    assert undone_steps(NS(steps=[step("none"), step("finetune", "input"), step("salun", "input")])) is not None
+    assert undone_steps(NS(steps=[step("finetune", "input"), step("salun", "within")])) is None  # one moved
+    assert undone_steps(NS(steps=[step("none"), step("salun")])) is None  # an empty bin: nothing ran
+    assert undone_steps(NS(steps=[step("salun", "off")])) is None  # the guard was off: never undone
