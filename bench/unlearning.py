@@ -299,6 +299,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _capability(runtime: Runtime) -> str:
+    """The CPU's vector path, in brackets: the small CNN's results differ between machines that
+    take different ones (docs/benchmarks.md#the-same-run-on-another-machine)."""
+    cap = runtime.describe().get("cpu_capability")
+    return f" ({cap})" if cap else ""
+
+
 def header(args, rows: list[dict], n: int, kwargs: dict, runtime: Runtime) -> list[str]:
     """The ``#`` lines above the table: setup, recipe, the original's fit, scenario figures, timings."""
     ok = completed(rows)
@@ -312,7 +319,7 @@ def header(args, rows: list[dict], n: int, kwargs: dict, runtime: Runtime) -> li
     out = [f"# bench.unlearning  data={args.data} n_train={n} arch={args.arch} {json.dumps(kwargs)} "
            f"epochs={args.epochs} lr={args.lr} batch={args.batch_size}",
            f"# scenario={args.scenario}{frac} |S|={size} seeds={args.seeds} proxy={rows[0]['proxy'] if rows else '?'} "
-           f"device={runtime.describe()['device']} threads={torch.get_num_threads()}"]
+           f"device={runtime.describe()['device']}{_capability(runtime)} threads={torch.get_num_threads()}"]
     train_acc = metrics.mean_ci([r["train_acc_original"] for r in firsts])[0] if firsts else float("nan")
     out.append(f"# original train accuracy {mean('train_acc_original')} (on the scenario's training set)")
     if not train_acc >= MEMORIZING:

@@ -68,6 +68,9 @@ def test_forget_alias_and_table_without_asr(digits_file, tmp_path, capsys):
     head = next(line for line in table.read_text().splitlines() if line.startswith("method"))
     assert "test_drop" in head and "ASR" not in head
     assert table.read_text().splitlines()[-1].startswith("# per-bin sizes")
+    # the CPU's vector path is in the header: the same seeds give other models on another one
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert f"device=cpu ({capability}) threads=1" in table.read_text() and capability
 
 
 def test_table_puts_default_last_and_lists_skipped():

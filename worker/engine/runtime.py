@@ -59,6 +59,8 @@ class Runtime:
              "channels_last": self.channels_last, "torch": torch.__version__}
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)
+        else:  # the vector path CPU kernels take: the same seeds give other models on another one
+            d["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         return d
 
 
