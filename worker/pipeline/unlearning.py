@@ -29,7 +29,7 @@ def undone_steps(result) -> list | None:
     """The steps the guard undid, when it undid every step that ran a method (None otherwise; also
     None when no step ran one: a policy of ``none``, or rows only in bins the policy leaves as they
     are, changes nothing by design)."""
-    ran = [s for s in result.steps if s.method != "none" and (s.run or {}).get("guard")]
+    ran = [s for s in result.steps if s.method != "none" and s.run.get("guard")]
     if ran and all(s.run["guard"].get("outcome") == "input" for s in ran):
         return ran
     return None

@@ -88,8 +88,8 @@ def findings(report: JobReport) -> list[Finding]:
         out.append(Finding("warn", (
             f"Undone by the accuracy guard: {steps}. Every rate tried cost more retain or held-out accuracy "
             "than the policy allows, so that step kept its input model and did not forget those examples. "
-            "The rest of the job stands. A calibration of the model (POST /v1/models/{id}/calibrations) finds "
-            "a rate that fits it; docs/unlearning.md explains the guard.")))
+            f"The rest of the job stands. A calibration of the model (POST /v1/models/{report.job.model_id}/"
+            "calibrations) finds a rate that fits it; docs/unlearning.md explains the guard.")))
     if not report.guardrails.passed:
         out.append(Finding("bad", (
             "A guardrail failed: the new version lost more accuracy than the policy allows "
