@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from service.core.policy import CALIBRATION_SCHEMA
+from worker.engine.catalog import GuardOutcome
 
 REPORT_SCHEMA = "unlearnd.report/2"
 REPORT_SCHEMA_V1 = "unlearnd.report/1"  # read, never written
@@ -117,7 +118,7 @@ class BinGuard(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    outcome: Literal["within", "restored", "input", "off"] | None = None
+    outcome: GuardOutcome | None = None
 
 
 class BinRun(BaseModel):

@@ -7,6 +7,8 @@ test keeps the two equal. Hyperparameters have their own torch-free schema in
 :mod:`worker.engine.hparams`, which the API and the unlearners both check against.
 """
 
+from enum import StrEnum
+
 METHODS: tuple[str, ...] = (
     "retrain", "finetune", "neggrad", "neggrad_plus", "l1_sparse", "random_label", "salun", "scrub", "del", "iau",
     "none",
@@ -24,3 +26,13 @@ PROXY_ALIASES: dict[str, str] = {"ho_ret": "holdout_retrain", "curvature_final":
                                  "curvature": "loss_curvature"}
 # Proxies that need learning events recorded during training.
 NEEDS_EVENTS: tuple[str, ...] = ("confidence", "max_conf", "entropy", "bi_acc")
+
+
+class GuardOutcome(StrEnum):
+    """How a method's run ended against the accuracy guard (worker/engine/unlearners/base.py,
+    ``RetainGuard``): the engine writes it into the run's record, the pipeline and the report read it."""
+
+    WITHIN = "within"  # the final state is within the limit: kept
+    RESTORED = "restored"  # went past it: the last state within it was kept
+    INPUT = "input"  # went past it and no state was within it: the input model was kept
+    OFF = "off"  # no guard (``max_retain_drop: null``)

@@ -15,6 +15,8 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from worker.engine.catalog import GuardOutcome
+
 from ..proxy_cache import CachedProxy
 from .loading import Loaded
 from .progress import Progress
@@ -30,7 +32,7 @@ def undone_steps(result) -> list | None:
     None when no step ran one: a policy of ``none``, or rows only in bins the policy leaves as they
     are, changes nothing by design)."""
     ran = [s for s in result.steps if s.method != "none" and s.run.get("guard")]
-    if ran and all(s.run["guard"].get("outcome") == "input" for s in ran):
+    if ran and all(s.run["guard"].get("outcome") == GuardOutcome.INPUT for s in ran):
         return ran
     return None
 

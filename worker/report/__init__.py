@@ -20,6 +20,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from service.core.report import CalibrationReport, JobReport
+from worker.engine.catalog import GuardOutcome
 
 from . import fmt, plots
 
@@ -80,7 +81,7 @@ def findings(report: JobReport) -> list[Finding]:
             f"Over-forgetting: forget accuracy after ({fmt.pct(after.acc_forget)}) is {gap * 100:.1f} points below "
             f"{target_name} ({fmt.pct(target)}). A model that never saw these examples would classify them about "
             "as well as that; far worse is itself a sign that they were in the training set.")))
-    undone = [b for b in report.bins if b.run and b.run.guard and b.run.guard.outcome == "input"]
+    undone = [b for b in report.bins if b.run and b.run.guard and b.run.guard.outcome == GuardOutcome.INPUT]
     if undone:
         steps = "; ".join(  # named as the page's tables name them
             (f"bin {b.index} ({b.level}, " if b.index >= 0 else f"{b.level} (")
@@ -218,10 +219,10 @@ def _at(values, i):
 
 
 GUARD_OUTCOMES = {
-    "within": ("ended within the guard", "ok"),
-    "restored": ("went past the guard: its last state within it was kept", "warn"),
-    "input": ("went past the guard: the bin's input model was kept", "warn"),
-    "off": ("guard off", "info"),
+    GuardOutcome.WITHIN: ("ended within the guard", "ok"),
+    GuardOutcome.RESTORED: ("went past the guard: its last state within it was kept", "warn"),
+    GuardOutcome.INPUT: ("went past the guard: the bin's input model was kept", "warn"),
+    GuardOutcome.OFF: ("guard off", "info"),
 }
 
 METRIC_ROWS = (("acc_forget", "Forget accuracy"), ("acc_retain", "Retain accuracy"), ("acc_test", "Test accuracy"),

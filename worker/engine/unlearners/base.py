@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..catalog import GuardOutcome
 from ..data import Batch, View
 from ..errors import ConfigError
 from ..hparams import LOOP, SCHEMA, check_hparams, default_hparams
@@ -242,7 +243,7 @@ class LoopUnlearner(Unlearner):
             last_steps = run["steps_done"]
             tried.append(self.plan.lr)
             steps_tried.append(run["steps_done"])
-            if run["guard"]["outcome"] != "input":
+            if run["guard"]["outcome"] != GuardOutcome.INPUT:
                 break
         run.update(attempts=len(tried), lr_tried=tried, steps_tried=steps_tried, steps_total=steps_total,
                    cost_share=steps_total / max(base_plan.recipe_steps, 1))
@@ -289,7 +290,7 @@ class LoopUnlearner(Unlearner):
             run: dict[str, Any] = {**plan.to_dict(), "steps_done": self._steps_done}
             if target is not None:
                 run["target"] = monitor.report()
-            run["guard"] = guard.finish() if guard is not None else {"outcome": "off"}
+            run["guard"] = guard.finish() if guard is not None else {"outcome": GuardOutcome.OFF}
             return model.eval(), run
         finally:
             self._task = self._ctx = None
@@ -403,12 +404,13 @@ class RetainGuard:
         acc = self._measure()
         self.worst = [min(w, a) for w, a in zip(self.worst, acc, strict=True)]
         if self._within(acc):
-            outcome, final = "within", acc
+            outcome, final = GuardOutcome.WITHIN, acc
         else:
             self.model.load_state_dict(self.good)
-            outcome, final = ("restored" if self.good_check > 0 else "input"), self.good_acc
+            outcome = GuardOutcome.RESTORED if self.good_check > 0 else GuardOutcome.INPUT
+            final = self.good_acc
         report = {"outcome": outcome, "max_drop": self.max_drop, "checks": self.checks + 1,
-                  "checks_outside": self.outside + (outcome != "within"),
+                  "checks_outside": self.outside + (outcome != GuardOutcome.WITHIN),
                   "retain_probe_reference": self.before[0], "retain_probe_worst": self.worst[0],
                   "retain_probe_after": final[0]}
         if len(self.probes) > 1:

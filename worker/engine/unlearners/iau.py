@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from ..catalog import GuardOutcome
 from ..runtime import RunContext, seed_everything
 from .base import RetainGuard, Unlearner, register
 from .masking import gradient_sum, trainable
@@ -63,7 +64,7 @@ class IAU(Unlearner):
         if self.hp["max_retain_drop"] is not None and n_r:
             guard = RetainGuard(model, task.retain, runtime, float(self.hp["max_retain_drop"]), seed=task.seed,
                                 reference=task.reference, holdout=task.holdout)
-        sizes, outcome = [], "within"
+        sizes, outcome = [], GuardOutcome.WITHIN
         for step in range(steps):
             # progress: the retain pass dominates, so split each step by set size
             part = ctx.sub(step / steps, (step + 1) / steps)
@@ -89,18 +90,18 @@ class IAU(Unlearner):
                 size = self._relative_step(params, direction, guard)
                 sizes.append(size)
                 if size == 0.0:
-                    outcome = "input" if step == 0 else "restored"
+                    outcome = GuardOutcome.INPUT if step == 0 else GuardOutcome.RESTORED
                     break
             part.report(1.0)
         run = {"steps_done": len(sizes), "step_sizes": sizes,
                "cost_share": len(sizes) * (n_r + n_f) / max(recipe.steps * recipe.batch_size, 1)}
         if guard is not None:
             report = guard.finish()  # absolute mode: restore the input if the steps broke the limit
-            if outcome != "within":
+            if outcome != GuardOutcome.WITHIN:
                 report["outcome"] = outcome
             run["guard"] = report
         else:
-            run["guard"] = {"outcome": "off"}
+            run["guard"] = {"outcome": GuardOutcome.OFF}
         self.last_run = run
         model.eval()
         return model
