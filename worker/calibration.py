@@ -31,7 +31,7 @@ from sqlalchemy import select
 from service.core.db import ensure_optuna_schema
 from service.core.models import Dataset, ForgottenSample, Model, utcnow
 from service.core.policy import CALIBRATION_SCHEMA, Policy, payback, with_unlearning
-from service.core.repo import audit
+from service.core.repo import audit, redaction
 from service.core.repo import models as model_repo
 from service.core.repo.common import iso
 from service.core.report import CalibrationReport
@@ -106,7 +106,8 @@ def _execute(ctx: WorkerContext, lease: Lease, progress: CalibrationProgress) ->
         model = session.get(Model, job.model_id)
         dataset = session.get(Dataset, model.dataset_id)
         base = base_version(session, job, model)
-        excluded = sorted(session.scalars(select(ForgottenSample.row).where(ForgottenSample.model_id == model.id)))
+        excluded = sorted(set(session.scalars(select(ForgottenSample.row).where(ForgottenSample.model_id == model.id)))
+                          | set(redaction.redacted_rows(session, dataset.id)))  # blank rows of the file
         policy = Policy.model_validate(job.policy)
         params = dict(job.params or {})
     settings = CalibrationSettings.from_dict({**params.get("settings", {}), "seed": policy.seed})

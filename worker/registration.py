@@ -10,6 +10,7 @@ import time
 from service.core.models import Model, ModelVersion
 from service.core.policy import Policy
 from service.core.repo import models as model_repo
+from service.core.repo import redaction
 from service.core.statuses import VersionStatus
 
 from .context import WorkerContext
@@ -27,7 +28,8 @@ def validate_version(ctx: WorkerContext, version_id: int) -> str | None:
         ds = model.dataset
         job = dict(spec=model.architecture, policy=model.policy, weights=v.checkpoint_sha256,
                    events=model.events_sha256, data=ds.sha256, mean=ds.mean, std=ds.std,
-                   num_classes=ds.num_classes, has_holdout=ds.n_holdout > 0)
+                   num_classes=ds.num_classes, has_holdout=ds.n_holdout > 0,
+                   blank=redaction.redacted_rows(s, ds.id))
     try:
         ok, reason, metrics = check(ctx, **job)
     except Exception:
@@ -44,7 +46,11 @@ def validate_version(ctx: WorkerContext, version_id: int) -> str | None:
 
 
 def check(ctx: WorkerContext, *, spec, policy, weights, events, data, mean, std, num_classes,
-          has_holdout) -> tuple[bool, str | None, dict | None]:
+          has_holdout, blank=()) -> tuple[bool, str | None, dict | None]:
+    """``blank``: training rows blanked in the dataset file (service/core/repo/redaction.py), left
+    out of the training accuracy."""
+    import torch
+
     from worker.engine import architectures, rum
     from worker.engine.data import load_dataset
     from worker.engine.errors import EngineError
@@ -68,7 +74,12 @@ def check(ctx: WorkerContext, *, spec, policy, weights, events, data, mean, std,
         dataset = dataset.to(runtime.device)
         try:
             test_acc = accuracy(model, dataset.view("test"), runtime)
-            train_acc = accuracy(model, dataset.view("train"), runtime)
+            train_view = dataset.view("train")
+            if len(blank):
+                keep = torch.ones(len(dataset.train), dtype=torch.bool)
+                keep[torch.tensor(list(blank), dtype=torch.long)] = False
+                train_view = dataset.view("train", keep.nonzero().squeeze(1))
+            train_acc = accuracy(model, train_view, runtime)
             out_classes = int(architectures_output(model, dataset, runtime))
         except RuntimeError as exc:  # shapes that do not fit the architecture
             return False, f"architecture: the model cannot run on this dataset's inputs ({_first_line(exc)})", None
@@ -79,7 +90,7 @@ def check(ctx: WorkerContext, *, spec, policy, weights, events, data, mean, std,
         return False, str(exc), None
     params = sum(p.numel() for p in model.parameters())
     return True, None, {"test_accuracy": test_acc, "train_accuracy": train_acc, "n_test": len(dataset.view("test")),
-                        "n_train": len(dataset.view("train")), "parameters": int(params),
+                        "n_train": len(train_view), "parameters": int(params),
                         "device": str(runtime.device), "seconds": round(time.perf_counter() - start, 3)}
 
 

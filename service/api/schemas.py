@@ -129,10 +129,21 @@ class EventsRedactedOut(_Out):
     proxy_cache_dropped: list[str]
 
 
+class DatasetRedactedOut(_Out):
+    rows_redacted: int
+    rows_redacted_total: int
+    sha256: str
+    previous_sha256: str
+    size_bytes: int
+    trigger: str
+    models: list[int]
+
+
 class PurgeOut(_Out):
     model_id: int
     purged: list[PurgedVersionOut]
     events: EventsRedactedOut | None
+    dataset: DatasetRedactedOut | None
     blobs_removed: list[str]
 
 
@@ -241,6 +252,15 @@ class PurgedRefOut(_Out):
     purged_at: str | None
 
 
+class SampleFileOut(_Out):
+    """The sample's row in the stored dataset file: blanked at ``redacted_at``, or kept because
+    the models in ``held_by_models`` (this one or others of the dataset) still hold it."""
+
+    dataset_id: int
+    redacted_at: str | None
+    held_by_models: list[int]
+
+
 class SampleStatusOut(_Out):
     model_id: int
     sample_id: str
@@ -251,6 +271,7 @@ class SampleStatusOut(_Out):
     holding: list[HoldingVersionOut]
     purged_versions: list[PurgedRefOut]
     deletion_requests: list[int]
+    dataset_file: SampleFileOut
 
 
 # --------------------------------------------------------------------------- health

@@ -89,13 +89,16 @@ class Dataset(Base):
 
 
 class DatasetSample(Base):
-    """One row per training sample: deletion requests name samples by ``sample_id``."""
+    """One row per training sample: deletion requests name samples by ``sample_id``.
+    ``redacted_at``: when the sample's row was blanked in the dataset file, once every model of the
+    dataset had forgotten it and no kept version held it (service/core/repo/redaction.py)."""
 
     __tablename__ = "dataset_samples"
     __table_args__ = (UniqueConstraint("dataset_id", "sample_id"),)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
     row: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     sample_id: Mapped[str] = mapped_column(String(256))
+    redacted_at: Mapped[dt.datetime | None]
 
 
 class Model(Base):

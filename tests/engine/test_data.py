@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import io
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
 from worker.engine.data import concat, from_arrays, load_dataset
-from worker.engine.datafile import read_dataset_file, validate_arrays
+from worker.engine.datafile import blank_train_rows, read_dataset_file, validate_arrays
 from worker.engine.errors import DatasetError
 
 
@@ -140,3 +141,26 @@ def test_label_override_and_concat(digits, forget_rows):
     assert torch.equal(both.y[len(forget):], retain.head(10).y)
     seen = torch.cat([bt.y for bt in both.batches(16)])
     assert torch.equal(seen, both.y)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_blank_train_rows_blanks_only_those_rows_and_keeps_the_file_valid(digits_raw, compressed):
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **digits_raw)
+    buf.seek(0)
+    out = blank_train_rows(buf, [7, 2, 7])
+    with np.load(io.BytesIO(out), allow_pickle=False) as f:
+        now = {k: f[k] for k in f.files}
+    assert now.keys() == digits_raw.keys()
+    keep = ~np.isin(np.arange(len(digits_raw["y_train"])), [2, 7])
+    for k, before in digits_raw.items():
+        assert now[k].dtype == before.dtype and now[k].shape == before.shape, k
+        if k in ("x_train", "y_train"):
+            assert not now[k][[2, 7]].any() and np.array_equal(now[k][keep], before[keep]), k
+        else:
+            assert np.array_equal(now[k], before), k
+    with zipfile.ZipFile(io.BytesIO(out)) as zf:
+        assert {i.compress_type != zipfile.ZIP_STORED for i in zf.infolist()} == {compressed}
+    read_dataset_file(io.BytesIO(out))
+    with pytest.raises(DatasetError, match="past the"):
+        blank_train_rows(_npz(digits_raw), [len(digits_raw["y_train"])])

@@ -11,6 +11,7 @@ through :mod:`worker.engine.data`, which calls this module, so there is one set 
 
 from __future__ import annotations
 
+import io
 import re
 import zipfile
 from dataclasses import dataclass
@@ -208,3 +209,33 @@ def validate_arrays(
     else:
         ids = np.arange(n).astype(str)
     return DatasetArrays(x=xs, y=ys, ids_train=ids, num_classes=num_classes)
+
+
+def blank_train_rows(source: str | Path | BinaryIO, rows) -> bytes:
+    """The dataset file with the training rows ``rows`` blanked, as ``.npz`` bytes: their features
+    zero and their labels 0, so the file no longer holds what those samples were. Every other array
+    and row stays as it was (same ids, same order, same dtypes; compressed if the file was), so
+    the file still passes :func:`read_dataset_file`. The service records which rows are blank and
+    keeps them out of every set the engine is given (service/core/repo/redaction.py)."""
+    try:
+        with zipfile.ZipFile(source) as zf:
+            compressed = any(i.compress_type != zipfile.ZIP_STORED for i in zf.infolist())
+        if hasattr(source, "seek"):
+            source.seek(0)
+        with np.load(source, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DatasetError(f"file: not a readable .npz archive without pickles ({exc})") from exc
+    missing = [k for k in ("x_train", "y_train") if k not in arrays]
+    if missing:
+        raise DatasetError(f"missing required key(s): {', '.join(missing)}")
+    rows = np.asarray(sorted(set(int(r) for r in rows)), dtype=np.int64)
+    n = len(arrays["y_train"])
+    if len(rows) and (rows[0] < 0 or rows[-1] >= n):
+        raise DatasetError(f"rows: past the {n} training rows")
+    for k in ("x_train", "y_train"):
+        arrays[k] = arrays[k].copy()
+        arrays[k][rows] = 0
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    return buf.getvalue()

@@ -28,6 +28,7 @@ from service.core.models import (
     ModelVersion,
 )
 from service.core.policy import Policy
+from service.core.repo import redaction
 from service.core.statuses import VersionStatus
 
 from .. import registration
@@ -111,8 +112,9 @@ class Loaded:
 
 
 def forget_set(session: Session, job_id: int, model_id: int) -> ForgetSet:
-    """The job's samples, its forget set, the cumulative excluded rows, and how many unlinked rows
-    were dropped as already forgotten."""
+    """The job's samples, its forget set, the cumulative excluded rows (those earlier jobs forgot, and
+    the dataset file's blank rows: service/core/repo/redaction.py), and how many unlinked rows were
+    dropped as already forgotten."""
     samples = [RequestSample(*r) for r in session.execute(
         select(DeletionRequestSample.request_id, DeletionRequestSample.row, DeletionRequestSample.sample_id,
                DeletionRequestSample.linked_request_id)
@@ -121,7 +123,8 @@ def forget_set(session: Session, job_id: int, model_id: int) -> ForgetSet:
         .order_by(DeletionRequestSample.row, DeletionRequestSample.request_id))]
     forgotten = session.execute(select(ForgottenSample.row, ForgottenSample.job_id)
                                 .where(ForgottenSample.model_id == model_id)).all()
-    excluded = sorted(r.row for r in forgotten if r.job_id != job_id)
+    blank = redaction.redacted_rows(session, session.scalar(select(Model.dataset_id).where(Model.id == model_id)))
+    excluded = sorted({r.row for r in forgotten if r.job_id != job_id} | set(blank))
     excluded_set = set(excluded)
     entries: dict[int, ForgetEntry] = {}
     dropped = set()

@@ -15,7 +15,7 @@ from service.api.problems import Problem, bad_field
 from service.api.schemas import DeletionRequestOut, DeletionRequestPage, FlushOut, JobOut, JobPage, SampleStatusOut
 from service.core import batching
 from service.core.models import DeletionRequest, ForgottenSample, Job, Model
-from service.core.repo import datasets, deletions, jobs, models, retention
+from service.core.repo import datasets, deletions, jobs, models, redaction, retention
 from service.core.report import CalibrationReport, JobReport
 from service.core.statuses import JobStatus, RequestStatus
 
@@ -215,6 +215,7 @@ def sample_status(ctx: Ctx, caller: Auth, model_id: int, sample_id: str):
                           kind="not-found")
         gone = session.get(ForgottenSample, (model_id, row))
         held = retention.sample_versions(session, model_id, gone.version if gone else None)
+        in_file = redaction.file_status(session, model.dataset_id, row)
         requests = list(session.scalars(
             select(DeletionRequest.id).join(deletions.DeletionRequestSample,
                                             deletions.DeletionRequestSample.request_id == DeletionRequest.id)
@@ -222,4 +223,4 @@ def sample_status(ctx: Ctx, caller: Auth, model_id: int, sample_id: str):
             .order_by(DeletionRequest.id)))
     return {"model_id": model_id, "sample_id": sample_id, "forgotten": gone is not None,
             "forgotten_in_version": gone.version if gone else None, "forgotten_by_job": gone.job_id if gone else None,
-            **held, "deletion_requests": requests}
+            **held, "deletion_requests": requests, "dataset_file": in_file}

@@ -150,9 +150,10 @@ def delete_model(ctx: Ctx, caller: Auth, model_id: int):
 def purge_versions(ctx: Ctx, caller: Auth, model_id: int):
     with ctx.db.transaction() as session:
         model = models.get(session, caller, model_id, lock=True)
-        purged, events, digests = retention.purge(session, ctx.store, model, actor=caller.actor, due_only=False)
-    removed = blobs.prune(ctx.db, ctx.store, digests)  # after the commit: a failed transaction removes nothing
-    return {"model_id": model_id, "purged": purged, "events": events, "blobs_removed": removed}
+        done = retention.purge(session, ctx.store, model, actor=caller.actor, due_only=False)
+    removed = blobs.prune(ctx.db, ctx.store, done.digests)  # after the commit: a failed transaction removes nothing
+    return {"model_id": model_id, "purged": done.tombstones, "events": done.events, "dataset": done.dataset,
+            "blobs_removed": removed}
 
 
 @router.get("/{model_id}/versions", response_model=VersionPage, summary="List a model's versions")

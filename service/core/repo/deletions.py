@@ -104,6 +104,7 @@ class Target:
     rows: dict[str, int] = field(default_factory=dict)
     forgotten: dict[int, tuple[int | None, int]] = field(default_factory=dict)
     pending: dict[int, int] = field(default_factory=dict)
+    blank: set[int] = field(default_factory=set)  # rows blanked in the dataset file (service/core/repo/redaction.py)
     backlog: Backlog | None = None  # PostgreSQL: the model's batching backlog, as the query saw it
 
 
@@ -128,8 +129,9 @@ def _key_and_target_query():
     pending = (select(func.min(drs.c.request_id))
                .where(drs.c.row == ds.c.row, drs.c.linked_request_id.is_(None), of_model)
                .correlate(ds, m).scalar_subquery())
+    # fs.version is never null
     return (select(*KEY_COLUMNS, m.c.id.label("model"), ready.label("ready"), ds.c.sample_id, ds.c.row,
-                   fs.c.request_id, fs.c.version, pending.label("pending"))  # fs.version is never null
+                   fs.c.request_id, fs.c.version, ds.c.redacted_at, pending.label("pending"))
             .select_from(keys)
             .join(tenants, tenants.c.id == keys.c.tenant_id)
             .outerjoin(m, and_(m.c.id == bindparam("model_id"), m.c.tenant_id == keys.c.tenant_id))
@@ -155,7 +157,7 @@ KEY_AND_TARGET_PG = DriverStatement(text(f"""
 SELECT k.id AS key_id, k.tenant_id, k.key_hash, k.revoked_at, k.last_used_at, t.name AS tenant, m.id AS model,
        EXISTS (SELECT 1 FROM {ModelVersion.__tablename__} mv
                WHERE mv.model_id = m.id AND mv.status = '{VersionStatus.READY}') AS ready,
-       s.sample_id, s."row", fs.request_id, fs.version,
+       s.sample_id, s."row", fs.request_id, fs.version, s.redacted_at,
        b.policy, b.flush_requested_at, b.active, b.first_id, b.first_at, b.last_id,
        (SELECT min(drs.request_id) FROM {DeletionRequestSample.__tablename__} drs
         WHERE drs."row" = s."row" AND drs.linked_request_id IS NULL
@@ -166,8 +168,8 @@ JOIN {Tenant.__tablename__} t ON t.id = k.tenant_id
 LEFT JOIN {Model.__tablename__} m ON m.id = :model_id AND m.tenant_id = k.tenant_id
 LEFT JOIN LATERAL (SELECT {backlog_sql("m.policy -> 'batching'")}) AS b ON true
 LEFT JOIN LATERAL (
-    SELECT one.sample_id, one."row" FROM unnest(CAST(:ids AS VARCHAR[])) AS u(id)
-    CROSS JOIN LATERAL (SELECT ds.sample_id, ds."row" FROM {DatasetSample.__tablename__} ds
+    SELECT one.sample_id, one."row", one.redacted_at FROM unnest(CAST(:ids AS VARCHAR[])) AS u(id)
+    CROSS JOIN LATERAL (SELECT ds.sample_id, ds."row", ds.redacted_at FROM {DatasetSample.__tablename__} ds
                         WHERE ds.dataset_id = m.dataset_id AND ds.sample_id = u.id LIMIT 1) AS one
 ) AS s ON true
 LEFT JOIN {ForgottenSample.__tablename__} fs ON fs.model_id = m.id AND fs."row" = s."row"
@@ -192,6 +194,8 @@ def _collect(found: Target | None, model_id: int, rows) -> Target | None:
             found.forgotten[r.row] = (r.request_id, r.version)
         if r.pending is not None:
             found.pending[r.row] = r.pending
+        if r.redacted_at is not None:
+            found.blank.add(r.row)
     return found
 
 
@@ -233,6 +237,13 @@ def create(session: Session | Connection, caller: Caller, t: Target, *, sample_i
         raise Invalid(f"sample_ids: {len(unknown)} id(s) are not in the model's training "
                       f"set, e.g. {unknown[:5]}", title="Unknown samples", kind="unknown-samples", field="sample_ids",
                       unknown_sample_ids=unknown[:1000])
+    gone = [s for s in unique if rows[s] in t.blank and rows[s] not in t.forgotten]
+    if gone:
+        raise Conflict(f"sample_ids: {len(gone)} sample(s) were erased from the dataset's file after every model "
+                       f"of the dataset forgot them, e.g. {gone[:5]}: there is nothing left to unlearn them from; "
+                       f"this model was registered after the erasure (GET /v1/models/{t.model_id}/samples/"
+                       f"{gone[0]} shows when)", title="Samples erased", kind="erased-samples", field="sample_ids",
+                       erased_sample_ids=gone[:1000])
     wanted = [rows[s] for s in unique]
     links = {r: (t.forgotten[r][0] if r in t.forgotten else None) or t.pending.get(r) for r in wanted}
     linked_to = sorted({v for v in links.values() if v is not None})

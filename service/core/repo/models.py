@@ -22,7 +22,7 @@ from service.core.models import (
     ProxyCacheEntry,
     utcnow,
 )
-from service.core.repo import audit
+from service.core.repo import audit, redaction
 from service.core.repo.common import iso, retire
 from service.core.repo.datasets import MAX_ID
 from service.core.statuses import JobStatus, VersionStatus
@@ -53,6 +53,7 @@ def create(session: Session, caller: Caller, *, name: str, dataset_id: int, arch
     task validates it)."""
     if session.scalar(select(Model.id).where(Model.tenant_id == caller.tenant_id, Model.name == name)):
         raise conflict(f"name: a model named {name!r} exists already", field="name")
+    redaction.lock_for_registration(session, dataset_id)
     model = Model(tenant_id=caller.tenant_id, name=name, dataset_id=dataset_id, architecture=architecture,
                   policy=policy, policy_revision=1, policy_pinned=pinned, recipe=recipe, events_sha256=events_sha256)
     session.add(model)

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from service.core.models import ForgottenSample, Job, Model, ModelAlias, ModelVersion, ProxyCacheEntry, utcnow
 from service.core.policy import retention_of
-from service.core.repo import audit, blobs
+from service.core.repo import audit, blobs, redaction
 from service.core.repo.common import aware, iso
 from service.core.statuses import JobStatus, VersionStatus
 from worker.engine.catalog import NEEDS_EVENTS
@@ -79,16 +79,27 @@ def holdings(session: Session, model: Model) -> list[Holding]:
     return out
 
 
+@dataclass(frozen=True)
+class Purged:
+    """What a purge did: the tombstones, the learning-events redaction and the dataset-file redaction
+    (None: nothing blanked) and the artifacts to prune once the transaction committed."""
+
+    tombstones: list[dict]
+    events: dict | None
+    dataset: dict | None
+    digests: set[str]
+
+
 def purge(session: Session, store, model: Model, *, actor: str, due_only: bool, now: dt.datetime | None = None,
-          catch_up: bool = False) -> tuple[list[dict], dict | None, set[str]]:
+          catch_up: bool = False) -> Purged:
     """Purge the model's versions that hold erased samples (``due_only``: those whose retention ran
     out by ``now``), in the caller's transaction with the model row locked. A version an active job
     starts from is left for the next sweep. Then blank the learning events of the samples no kept
     version holds any more (:func:`redact`): when versions were purged, on request (not
     ``due_only``) or with ``catch_up`` (the worker after a job: a rewrite that waited for a running
-    job), not on every sweep, which would read the file each time. Returns the tombstones, the
-    events redaction (None: nothing blanked) and the artifacts the purged rows referenced (the
-    caller prunes them once the transaction committed: :func:`blobs.prune`)."""
+    job), not on every sweep, which would read the file each time; then, the same way, blank the
+    dataset-file rows no model of the dataset holds (service/core/repo/redaction.py). The caller
+    prunes the returned artifacts once the transaction committed (:func:`blobs.prune`)."""
     now = now or utcnow()
     busy = set(session.scalars(select(Job.base_version).where(
         Job.model_id == model.id, Job.status.in_(JobStatus.ACTIVE), Job.base_version.is_not(None))))
@@ -96,10 +107,12 @@ def purge(session: Session, store, model: Model, *, actor: str, due_only: bool, 
                if h.version.version not in busy and (not due_only or h.due_at <= now)]
     tombstones, digests = _purge_versions(session, model, targets, actor=actor, due_only=due_only, now=now)
     if not (tombstones or catch_up or not due_only):
-        return tombstones, None, digests
-    events, stale = redact(session, store, model, actor=actor, trigger="retention" if due_only else "request",
+        return Purged(tombstones, None, None, digests)
+    trigger = "retention" if due_only else "request"
+    events, stale = redact(session, store, model, actor=actor, trigger=trigger,
                            purged=[t["version"] for t in tombstones])
-    return tombstones, events, digests | stale
+    dataset, old_file = redaction.redact_dataset(session, store, model.dataset_id, actor=actor, trigger=trigger)
+    return Purged(tombstones, events, dataset, digests | stale | old_file)
 
 
 def _purge_versions(session: Session, model: Model, targets: list[Holding], *, actor: str, due_only: bool,
@@ -159,12 +172,7 @@ def redact(session: Session, store, model: Model, *, actor: str, trigger: str,
     old = model.events_sha256
     if old is None:
         return None, set()
-    oldest_kept = session.scalar(select(func.min(ModelVersion.version)).where(
-        ModelVersion.model_id == model.id, ModelVersion.status == VersionStatus.READY))
-    if oldest_kept is None:
-        return None, set()
-    unheld = sorted(session.scalars(select(ForgottenSample.sample_id).where(
-        ForgottenSample.model_id == model.id, ForgottenSample.version <= oldest_kept)))
+    unheld = sorted(redaction.unheld(session, model.id).values())
     if not unheld:
         return None, set()
     running = session.scalar(select(Job.id).where(Job.model_id == model.id, Job.status == JobStatus.RUNNING)
@@ -204,10 +212,10 @@ def purge_due(db, store, model_id: int, now: dt.datetime | None = None, *, catch
     transaction, then the blobs no kept row uses."""
     with db.transaction() as session:
         model = _locked(session, model_id)
-        tombstones, _, digests = (purge(session, store, model, actor="worker", due_only=True, now=now,
-                                        catch_up=catch_up) if model else ([], None, set()))
-    blobs.prune(db, store, digests)
-    return tombstones
+        done = (purge(session, store, model, actor="worker", due_only=True, now=now, catch_up=catch_up)
+                if model else Purged([], None, None, set()))
+    blobs.prune(db, store, done.digests)
+    return done.tombstones
 
 
 def candidates(session: Session) -> list[int]:
