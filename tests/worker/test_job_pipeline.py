@@ -539,8 +539,7 @@ def test_a_run_whose_every_step_the_guard_undid_publishes_nothing_and_says_why(s
     """No version and no completed request for a model that did not change: the job fails with a
     message that names the steps and what to do, and its requests go back to pending."""
     s = setup
-    # a rate whose first step already breaks the limit: the guard's early checks keep any state within it
-    hot = {"method": "neggrad_plus", "hparams": {"budget": 0.03, "lr_scale": 100.0, "max_retain_drop": 0.001,
+    hot = {"method": "neggrad_plus", "hparams": {"budget": 0.03, "lr_scale": 8.0, "max_retain_drop": 0.001,
                                                  "retries": 0}}
     r1 = s.request(random_rows(s.n_train, 30, seed=11))
     job = s.job([r1], {"method": "rum", "bins": [hot, hot, hot]})

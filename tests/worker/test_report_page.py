@@ -264,12 +264,3 @@ def test_a_step_the_guard_undid_is_a_finding():
     assert "bin 1 (mid, 10 examples, neggrad_plus)" in finding.text and "bin 0" not in finding.text
     page = page_of(data)
     assert '<li class="finding-warn">Undone by the accuracy guard: bin 1 (mid' in page
-
-
-def test_a_bin_restored_from_the_guards_early_checks_says_so():
-    report = v1()
-    assert report["bins"][0]["run"]["guard"]["outcome"] == "restored"
-    assert "its last state within it was kept" in render_job_page(load_job_report(report))
-    report["bins"][0]["run"]["guard"]["kept_early"] = True
-    page = render_job_page(load_job_report(report))
-    assert "went past the guard from its first steps: the furthest state within it was kept" in page

@@ -221,8 +221,6 @@ def _at(values, i):
 GUARD_OUTCOMES = {
     GuardOutcome.WITHIN: ("ended within the guard", "ok"),
     GuardOutcome.RESTORED: ("went past the guard: its last state within it was kept", "warn"),
-    # a restored state from the guard's early checks (worker/engine/unlearners/base.py EarlyChecks)
-    "restored_early": ("went past the guard from its first steps: the furthest state within it was kept", "warn"),
     GuardOutcome.INPUT: ("went past the guard: the bin's input model was kept", "warn"),
     GuardOutcome.OFF: ("guard off", "info"),
 }

@@ -215,17 +215,13 @@ class LoopUnlearner(Unlearner):
     def unlearn(
         self, model: nn.Module, task: UnlearningTask, runtime: Runtime, ctx: RunContext | None = None
     ) -> nn.Module:
-        """Run the loop; if it ends with nothing within the guard (the input model back) or only a
-        state from its early checks (:class:`EarlyChecks`), run it again from the input at a quarter
-        of the learning rate, up to ``retries`` times. The last attempt's model is returned, unless
-        it kept nothing and an earlier one kept an early state: then that state."""
+        """Run the loop; if it ends with nothing within the guard (the input model back), run it
+        again from the input at a quarter of the learning rate, up to ``retries`` times."""
         model = runtime.prepare(model)
         ctx = ctx or RunContext()
         base_plan = self.resolve(task)
         attempts = 1 + int(self.hp["retries"]) if self.hp.get("max_retain_drop") is not None else 1
-        steps_total, tried, steps_tried, outcomes, skipped, last_steps = 0, [], [], [], None, 0
-        initial = _copy_state(model) if attempts > 1 else None
-        fallback = None  # (state, run, attempt number) of the first attempt that kept an early state
+        steps_total, tried, steps_tried, skipped, last_steps = 0, [], [], None, 0
         for attempt in range(attempts):
             plan = replace(base_plan, lr=base_plan.lr * RETRY_LR_FACTOR**attempt)
             if attempt and task.max_steps is not None:
@@ -240,8 +236,6 @@ class LoopUnlearner(Unlearner):
                     break
                 if base_plan.steps is not None and left < need:
                     plan = replace(plan, steps=left)
-            if attempt and fallback is not None:
-                model.load_state_dict(initial)  # a retry starts from the input, not the early state
             self.plan = plan
             part = ctx.sub(attempt / attempts, (attempt + 1) / attempts) if attempts > 1 else ctx
             model, run = self._attempt(model, task, runtime, part)
@@ -249,17 +243,9 @@ class LoopUnlearner(Unlearner):
             last_steps = run["steps_done"]
             tried.append(self.plan.lr)
             steps_tried.append(run["steps_done"])
-            outcome = run["guard"]["outcome"]
-            outcomes.append(outcome)
-            if outcome != GuardOutcome.INPUT and not run["guard"].get("kept_early"):
+            if run["guard"]["outcome"] != GuardOutcome.INPUT:
                 break
-            if outcome != GuardOutcome.INPUT and fallback is None:
-                fallback = (_copy_state(model), run, attempt + 1)
-        if run["guard"]["outcome"] == GuardOutcome.INPUT and fallback is not None:
-            model.load_state_dict(fallback[0])
-            run = {**fallback[1], "kept_attempt": fallback[2]}
-        run.update(attempts=len(tried), lr_tried=tried, steps_tried=steps_tried, outcomes_tried=outcomes,
-                   steps_total=steps_total,
+        run.update(attempts=len(tried), lr_tried=tried, steps_tried=steps_tried, steps_total=steps_total,
                    cost_share=steps_total / max(base_plan.recipe_steps, 1))
         if skipped is not None:
             run["retry_skipped"] = skipped
@@ -292,16 +278,13 @@ class LoopUnlearner(Unlearner):
             target = (task.forget_target or {}).get(stat) if stat != "budget" and len(task.forget) else None
             monitor = (TargetStop(model, task.forget, runtime, stat, target, guard, every) if target is not None
                        else guard)
-            monitor_every = monitor.every if target is not None else every
-            if target is None and guard is not None and plan.steps is not None and every > 1:
-                monitor, monitor_every = EarlyChecks(guard, every), 1
             if target is not None and monitor.start <= target:
                 monitor.reached_at = 0  # already where a retrain would be: nothing to do
             else:
                 model = fit(
                     model, epochs=plan.epochs, batches=lambda e: self.batches(task, e, gen), loss_fn=self.loss,
                     optimizer=opt, scheduler=sched, runtime=runtime, ctx=ctx, after_backward=self._count_step,
-                    monitor=monitor, monitor_every=monitor_every,
+                    monitor=monitor, monitor_every=monitor.every if target is not None else every,
                     max_steps=plan.steps,
                 )
             run: dict[str, Any] = {**plan.to_dict(), "steps_done": self._steps_done}
@@ -312,29 +295,6 @@ class LoopUnlearner(Unlearner):
         finally:
             self._task = self._ctx = None
             self.finish()
-
-
-def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-class EarlyChecks:
-    """[Ours] The guard's rhythm (a regular check every ``every`` steps) with record-only checks
-    before the first regular one, at steps 1, 2, 4, 8, …: a run whose first regular check already
-    finds the model outside the limit (a rate too hot for this model) still keeps the furthest
-    state it reached within it, instead of only the input model. An early check never stops the
-    loop and never counts towards the guard's patience."""
-
-    def __init__(self, guard: RetainGuard, every: int):
-        self.guard, self.every, self.step = guard, every, 0
-
-    def __call__(self) -> bool:
-        self.step += 1
-        if self.step % self.every == 0:
-            return self.guard()
-        if self.step < self.every and self.step & (self.step - 1) == 0:
-            self.guard.check(early=True)
-        return True
 
 
 class TargetStop:
@@ -394,11 +354,9 @@ class RetainGuard:
     input. A state within the limit on every probe is remembered. A state outside it is *not* a
     reason to stop: a transient dip that recovers (DEL's reset, the first steps of relabeling) is
     not damage. The loop stops early only after ``patience`` consecutive checks outside the limit
-    (None: never). Before the first regular check, :class:`EarlyChecks` also measures at steps 1, 2,
-    4, … (record-only). :meth:`finish` measures the final state: within the limit it is kept
-    (``"within"``), else the last state that was within it is restored (``"restored"``; with
-    ``kept_early`` when that state came from an early check) or, if none was, the input model
-    (``"input"``). Turn it off with ``max_retain_drop: null`` (``"off"``).
+    (None: never). :meth:`finish` measures the final state: within the limit it is kept
+    (``"within"``), else the last state that was within it is restored (``"restored"``) or, if none
+    was, the input model (``"input"``). Turn it off with ``max_retain_drop: null`` (``"off"``).
     """
 
     def __init__(self, model: nn.Module, retain: View, runtime: Runtime, max_drop: float, *,
@@ -413,9 +371,7 @@ class RetainGuard:
         self.before = self._measure(reference) if reference is not None else start
         # the input is the fallback even if it already sits below the reference (an earlier bin)
         self.good, self.good_acc, self.good_check = self._state(), start, 0
-        self.input_state = self.good
-        self.checks = self.outside = self.streak = self.early = 0
-        self.good_early = False
+        self.checks = self.outside = self.streak = 0
         self.worst = list(start)
 
     def _measure(self, model: nn.Module | None = None) -> list[float]:
@@ -427,21 +383,13 @@ class RetainGuard:
     def _within(self, acc: list[float]) -> bool:
         return all(b - a <= self.max_drop for b, a in zip(self.before, acc, strict=True))
 
-    def check(self, *, early: bool = False) -> bool:
-        """Measure the model now; remember it if it is within the limit. True = within. An ``early``
-        check (before the run's first regular one: :class:`EarlyChecks`) only remembers: outside
-        the limit it counts for nothing, so a dip there never stops the loop."""
+    def check(self) -> bool:
+        """Measure the model now; remember it if it is within the limit. True = within."""
+        self.checks += 1
         acc = self._measure()
         self.worst = [min(w, a) for w, a in zip(self.worst, acc, strict=True)]
-        if early:
-            self.early += 1
-            if self._within(acc):
-                self.good, self.good_acc, self.good_check, self.good_early = self._state(), acc, -self.early, True
-            return True
-        self.checks += 1
         if self._within(acc):
             self.good, self.good_acc, self.good_check, self.streak = self._state(), acc, self.checks, 0
-            self.good_early = False
             return True
         self.outside += 1
         self.streak += 1
@@ -459,11 +407,10 @@ class RetainGuard:
             outcome, final = GuardOutcome.WITHIN, acc
         else:
             self.model.load_state_dict(self.good)
-            outcome = GuardOutcome.RESTORED if self.good_check != 0 else GuardOutcome.INPUT
+            outcome = GuardOutcome.RESTORED if self.good_check > 0 else GuardOutcome.INPUT
             final = self.good_acc
         report = {"outcome": outcome, "max_drop": self.max_drop, "checks": self.checks + 1,
-                  "checks_outside": self.outside + (outcome != GuardOutcome.WITHIN), "early_checks": self.early,
-                  "kept_early": outcome == GuardOutcome.RESTORED and self.good_early,
+                  "checks_outside": self.outside + (outcome != GuardOutcome.WITHIN),
                   "retain_probe_reference": self.before[0], "retain_probe_worst": self.worst[0],
                   "retain_probe_after": final[0]}
         if len(self.probes) > 1:
