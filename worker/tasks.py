@@ -94,6 +94,7 @@ def run_calibration(job_id: int) -> str | None:
     status = run(ctx, int(job_id), worker_name=f"{socket.gethostname()}:{os.getpid()}")
     if status is not None:
         _next(ctx, int(job_id))
+        _purge_due(ctx, int(job_id))  # a rewrite of the events or dataset file that waited for this job
     return status
 
 
@@ -104,6 +105,8 @@ def _next(ctx, job_id: int) -> None:
 
 
 def _purge_due(ctx, job_id: int) -> None:
+    """After a job (deletion or calibration): purge what is due of its model, and do the learning-events
+    and dataset-file rewrites that waited for a running job (service/core/repo/retention.py ``purge``)."""
     with ctx.db.session() as s:
         model_id = s.scalar(select(Job.model_id).where(Job.id == job_id))
     if model_id is not None:

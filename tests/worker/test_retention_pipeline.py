@@ -42,6 +42,15 @@ def _blank(events: dict) -> set[str]:
     return set(events["ids"][events["count"] == REDACTED].astype(str))
 
 
+def _blank_rows(s: Setup) -> set[int]:
+    """The training rows blank in the model's dataset file (all-zero input and label 0), read from the file."""
+    with s.db.session() as sess:
+        sha = sess.get(Model, s.model_id).dataset.sha256
+    with np.load(s.ctx.store.local_path(sha), allow_pickle=False) as f:
+        x, y = f["x_train"], f["y_train"]
+    return set(np.flatnonzero((x.reshape(len(x), -1) == 0).all(axis=1) & (y == 0)).tolist())
+
+
 def test_the_sweeper_purges_a_superseded_version_and_the_next_job_starts_after_it(setup, monkeypatch):
     from worker import tasks
 
@@ -84,6 +93,8 @@ def test_the_sweeper_purges_a_superseded_version_and_the_next_job_starts_after_i
     assert sha != original and not s.ctx.store.exists(original) and "model.events_redacted" in s.actions()
     assert _blank(events) == {f.sample_id for f in s.forgotten()}
     assert _proxy_blobs(s, 2) == set()  # the events proxy carried to version 2 is computed again
+    # the model is its dataset's only one: the erased rows are blank in the dataset file too
+    assert _blank_rows(s) == set(rows) and "dataset.redacted" in s.actions()
 
     # a base is never a purged version, even if 'latest' named one
     with s.db.session() as sess:
@@ -105,5 +116,37 @@ def test_the_sweeper_purges_a_superseded_version_and_the_next_job_starts_after_i
     tasks._purge_due(s.ctx, job2)
     assert [v.status for v in s.versions()] == ["purged", "purged", "ready"]
     assert _blank(_events(s)[1]) == {f.sample_id for f in s.forgotten()} and len(s.forgotten()) == 20
+    assert _blank_rows(s) == set(rows) | set(more)  # job 2 ran on the blanked file and erased its rows from it
     assert s.aliases()["latest"] == 3
     assert tasks.sweep()["purged"] == 0
+
+
+def test_a_rewrite_that_waited_for_a_calibration_happens_when_it_ends(setup, monkeypatch):
+    """A purge while a calibration of the model runs leaves the events and dataset files as they are
+    (its worker may be reading them); the worker's task does the rewrite once the calibration ended."""
+    from worker import calibration, tasks
+
+    s = setup
+    monkeypatch.setattr(tasks, "worker_context", lambda: s.ctx)
+    rows = random_rows(s.n_train, 10, seed=5)
+    assert pipeline.run_job(s.ctx, s.job([s.request(rows)], NEGGRAD)) == "succeeded"
+    with s.db.transaction() as sess:
+        cal = Job(tenant_id=s.tenant_id, model_id=s.model_id, kind="calibration", status="running", policy={},
+                  base_version=2)
+        sess.add(cal)
+        sess.flush()
+        cal_id = cal.id
+    with s.service.client() as c:
+        out = c.post(f"/v1/models/{s.model_id}/purge").json()
+    assert [p["version"] for p in out["purged"]] == [1] and out["events"] is None and out["dataset"] is None
+    assert _blank_rows(s) == set() and _blank(_events(s)[1]) == set()
+
+    def finished(ctx, job_id, worker_name):  # the calibration itself is tested in tests/worker/test_calibration.py
+        with ctx.db.transaction() as sess:
+            sess.get(Job, job_id).status = "succeeded"
+        return "succeeded"
+
+    monkeypatch.setattr(calibration, "run_calibration", finished)
+    assert tasks.run_calibration(cal_id) == "succeeded"
+    assert _blank_rows(s) == set(rows) and _blank(_events(s)[1]) == {f.sample_id for f in s.forgotten()}
+    assert {"model.events_redacted", "dataset.redacted"} <= set(s.actions())
