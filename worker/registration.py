@@ -74,11 +74,8 @@ def check(ctx: WorkerContext, *, spec, policy, weights, events, data, mean, std,
         dataset = dataset.to(runtime.device)
         try:
             test_acc = accuracy(model, dataset.view("test"), runtime)
-            train_view = dataset.view("train")
-            if len(blank):
-                keep = torch.ones(len(dataset.train), dtype=torch.bool)
-                keep[torch.tensor(list(blank), dtype=torch.long)] = False
-                train_view = dataset.view("train", keep.nonzero().squeeze(1))
+            train_view = (dataset.forget_retain(torch.tensor(list(blank), dtype=torch.long))[1] if len(blank)
+                          else dataset.view("train"))
             train_acc = accuracy(model, train_view, runtime)
             out_classes = int(architectures_output(model, dataset, runtime))
         except RuntimeError as exc:  # shapes that do not fit the architecture

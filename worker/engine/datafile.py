@@ -218,11 +218,8 @@ def blank_train_rows(source: str | Path | BinaryIO, rows) -> bytes:
     the file still passes :func:`read_dataset_file`. The service records which rows are blank and
     keeps them out of every set the engine is given (service/core/repo/redaction.py)."""
     try:
-        with zipfile.ZipFile(source) as zf:
-            compressed = any(i.compress_type != zipfile.ZIP_STORED for i in zf.infolist())
-        if hasattr(source, "seek"):
-            source.seek(0)
         with np.load(source, allow_pickle=False) as npz:
+            compressed = any(i.compress_type != zipfile.ZIP_STORED for i in npz.zip.infolist())
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DatasetError(f"file: not a readable .npz archive without pickles ({exc})") from exc

@@ -17,7 +17,8 @@ forgotten rows), and a deletion request that names a blank row for a model that 
 refused with 409: the data it would have to unlearn from is gone (service/core/repo/deletions.py).
 
 While a job or a registration check of any model of the dataset runs, the rewrite waits (its
-worker may be reading the file): the next purge, sweep or ``POST …/purge`` does it. The dataset
+worker may be reading the file): the worker does it when that job ends (worker/tasks.py), else the
+next purge or ``POST …/purge`` does. The dataset
 row is locked for the rewrite, and registering a model on the dataset takes the same lock shared,
 so a model registered meanwhile is seen (it holds every row: nothing of it is blanked).
 """
@@ -41,15 +42,16 @@ log = logging.getLogger("unlearnd.retention")
 CHUNK = 5000  # rows an UPDATE names at most
 
 
-def unheld(session: Session, model_id: int) -> dict[int, str]:
+def unheld(session: Session, model_id: int, rows: list[int] | None = None) -> dict[int, str]:
     """The model's forgotten samples that no kept version holds (forgotten in version ``w`` and no
-    ready version before ``w`` is left), as ``{row: sample_id}``."""
+    ready version before ``w`` is left), as ``{row: sample_id}``; ``rows``: only among these."""
     oldest_kept = session.scalar(select(func.min(ModelVersion.version)).where(
         ModelVersion.model_id == model_id, ModelVersion.status == VersionStatus.READY))
     if oldest_kept is None:
         return {}
-    return dict(session.execute(select(ForgottenSample.row, ForgottenSample.sample_id).where(
-        ForgottenSample.model_id == model_id, ForgottenSample.version <= oldest_kept)).all())
+    q = select(ForgottenSample.row, ForgottenSample.sample_id).where(
+        ForgottenSample.model_id == model_id, ForgottenSample.version <= oldest_kept)
+    return dict(session.execute(q if rows is None else q.where(ForgottenSample.row.in_(rows))).all())
 
 
 def redacted_rows(session: Session, dataset_id: int) -> list[int]:
@@ -60,20 +62,12 @@ def redacted_rows(session: Session, dataset_id: int) -> list[int]:
 
 def file_status(session: Session, dataset_id: int, row: int) -> dict:
     """For the sample status: when the row was blanked in the dataset file, or which models of the
-    dataset still hold it (not forgotten, or forgotten in ``w`` with a ready version before ``w``)."""
+    dataset still hold it (:func:`unheld` does not list it for them)."""
     redacted_at = session.scalar(select(DatasetSample.redacted_at).where(DatasetSample.dataset_id == dataset_id,
                                                                          DatasetSample.row == row))
-    holding = []
-    if redacted_at is None:
-        gone = dict(session.execute(select(ForgottenSample.model_id, ForgottenSample.version).join(
-            Model, Model.id == ForgottenSample.model_id).where(Model.dataset_id == dataset_id,
-                                                               ForgottenSample.row == row)).all())
-        for m in session.scalars(select(Model.id).where(Model.dataset_id == dataset_id).order_by(Model.id)):
-            kept_before = m not in gone or session.scalar(select(ModelVersion.id).where(
-                ModelVersion.model_id == m, ModelVersion.status == VersionStatus.READY,
-                ModelVersion.version < gone[m]).limit(1)) is not None
-            if kept_before:
-                holding.append(m)
+    holding = [] if redacted_at is not None else [
+        m for m in session.scalars(select(Model.id).where(Model.dataset_id == dataset_id).order_by(Model.id))
+        if row not in unheld(session, m, [row])]
     return {"dataset_id": dataset_id, "redacted_at": iso(redacted_at), "held_by_models": holding}
 
 
@@ -100,7 +94,8 @@ def redact_dataset(session: Session, store, dataset_id: int, *, actor: str,
     if busy is not None or checking is not None:  # a worker may be reading the file: a later purge does it
         return None, set()
     common = reduce(lambda a, b: a & b, (set(unheld(session, m)) for m in model_ids))
-    rows = sorted(common - set(redacted_rows(session, dataset_id)))
+    already = set(redacted_rows(session, dataset_id))
+    rows = sorted(common - already)
     if not rows:
         return None, set()
     old = dataset.sha256
@@ -117,10 +112,8 @@ def redact_dataset(session: Session, store, dataset_id: int, *, actor: str,
         session.execute(update(DatasetSample).where(DatasetSample.dataset_id == dataset_id,
                                                     DatasetSample.row.in_(rows[start:start + CHUNK]))
                         .values(redacted_at=now))
-    total = session.scalar(select(func.count()).select_from(DatasetSample).where(
-        DatasetSample.dataset_id == dataset_id, DatasetSample.redacted_at.is_not(None)))
-    details = {"rows_redacted": len(rows), "rows_redacted_total": total, "sha256": new, "previous_sha256": old,
-               "size_bytes": len(data), "trigger": trigger, "models": model_ids}
+    details = {"rows_redacted": len(rows), "rows_redacted_total": len(already) + len(rows), "sha256": new,
+               "previous_sha256": old, "size_bytes": len(data), "trigger": trigger, "models": model_ids}
     audit.record(session, dataset.tenant_id, actor, "dataset.redacted", f"dataset:{dataset_id}", details)
     session.flush()
     return details, {old}
