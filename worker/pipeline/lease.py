@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, aliased
 
 from service.core.db import Database
 from service.core.models import Job, ModelVersion, utcnow
-from service.core.repo import requests
+from service.core.repo import redaction, requests
 from service.core.statuses import JobStatus
 
 from ..context import WorkerContext
@@ -90,6 +90,8 @@ def claim(ctx: WorkerContext, job_id: int, worker: str, *, kind: str = "deletion
         claimable.append(~exists().where(other.model_id == Job.model_id, other.id < Job.id,
                                          other.status.in_(JobStatus.ACTIVE)))
     with ctx.db.transaction() as session:
+        # the job will read its dataset's file: wait for a rewrite of it in progress (redaction.py)
+        redaction.share_file_of_job(session, job_id)
         done = session.execute(
             update(Job).where(*claimable)
             .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker, heartbeat_at=now,

@@ -53,7 +53,7 @@ def create(session: Session, caller: Caller, *, name: str, dataset_id: int, arch
     task validates it)."""
     if session.scalar(select(Model.id).where(Model.tenant_id == caller.tenant_id, Model.name == name)):
         raise conflict(f"name: a model named {name!r} exists already", field="name")
-    redaction.lock_for_registration(session, dataset_id)
+    redaction.share_file(session, dataset_id)
     model = Model(tenant_id=caller.tenant_id, name=name, dataset_id=dataset_id, architecture=architecture,
                   policy=policy, policy_revision=1, policy_pinned=pinned, recipe=recipe, events_sha256=events_sha256)
     session.add(model)

@@ -19,8 +19,10 @@ refused with 409: the data it would have to unlearn from is gone (service/core/r
 While a job or a registration check of any model of the dataset runs, the rewrite waits (its
 worker may be reading the file): the worker does it when that job ends (worker/tasks.py), else the
 next purge or ``POST …/purge`` does. The dataset
-row is locked for the rewrite, and registering a model on the dataset takes the same lock shared,
-so a model registered meanwhile is seen (it holds every row: nothing of it is blanked).
+row is locked for the rewrite, and registering a model on the dataset or claiming a job of one of
+its models takes the same lock shared (:func:`share_file`), so a model registered meanwhile is seen
+(it holds every row: nothing of it is blanked) and a job claimed meanwhile reads the new file, or
+holds the rewrite off until it ends.
 """
 
 from __future__ import annotations
@@ -71,10 +73,19 @@ def file_status(session: Session, dataset_id: int, row: int) -> dict:
     return {"dataset_id": dataset_id, "redacted_at": iso(redacted_at), "held_by_models": holding}
 
 
-def lock_for_registration(session: Session, dataset_id: int) -> None:
-    """Registering a model on the dataset waits for a rewrite in progress (and holds one off until it
-    committed), so the rewrite never misses a model that still holds the rows."""
+def share_file(session: Session, dataset_id) -> None:
+    """Take the dataset row shared, in the caller's transaction: what starts to use the dataset file
+    (registering a model on it, a worker claiming a job of one of its models) waits for a rewrite in
+    progress and holds one off until it committed. So the rewrite never misses a model that still
+    holds the rows, and never prunes the file under a job that has just started to read it (the
+    rewrite sees the job running and waits for it). ``dataset_id`` may be a scalar subquery."""
     session.execute(select(Dataset.id).where(Dataset.id == dataset_id).with_for_update(read=True))
+
+
+def share_file_of_job(session: Session, job_id: int) -> None:
+    """:func:`share_file` for the dataset of the job's model."""
+    model_id = select(Job.model_id).where(Job.id == job_id).scalar_subquery()
+    share_file(session, select(Model.dataset_id).where(Model.id == model_id).scalar_subquery())
 
 
 def redact_dataset(session: Session, store, dataset_id: int, *, actor: str,
