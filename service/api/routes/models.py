@@ -149,7 +149,7 @@ def delete_model(ctx: Ctx, caller: Auth, model_id: int):
              summary="Purge now every version that holds erased samples, without waiting out the retention period")
 def purge_versions(ctx: Ctx, caller: Auth, model_id: int):
     with ctx.db.transaction() as session:
-        model = models.get(session, caller, model_id, lock=True)
+        model = retention.lock_model(session, models.get(session, caller, model_id).id)
         done = retention.purge(session, ctx.store, model, actor=caller.actor, due_only=False)
     removed = blobs.prune(ctx.db, ctx.store, done.digests)  # after the commit: a failed transaction removes nothing
     return {"model_id": model_id, "purged": done.tombstones, "events": done.events, "dataset": done.dataset,

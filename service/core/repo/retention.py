@@ -93,8 +93,8 @@ class Purged:
 def purge(session: Session, store, model: Model, *, actor: str, due_only: bool, now: dt.datetime | None = None,
           catch_up: bool = False) -> Purged:
     """Purge the model's versions that hold erased samples (``due_only``: those whose retention ran
-    out by ``now``), in the caller's transaction with the model row locked. A version an active job
-    starts from is left for the next sweep. Then blank the learning events of the samples no kept
+    out by ``now``), in the caller's transaction with the model row locked (:func:`lock_model`). A
+    version an active job starts from is left for the next sweep. Then blank the learning events of the samples no kept
     version holds any more (:func:`redact`): when versions were purged, on request (not
     ``due_only``) or with ``catch_up`` (the worker after a job: a rewrite that waited for a running
     job), not on every sweep, which would read the file each time; then, the same way, blank the
@@ -203,15 +203,20 @@ def redact(session: Session, store, model: Model, *, actor: str, trigger: str,
     return details, {old} | {e.sha256 for e in dropped}
 
 
-def _locked(session: Session, model_id: int) -> Model | None:
-    return session.scalar(select(Model).where(Model.id == model_id).with_for_update(of=Model))
+def lock_model(session: Session, model_id: int) -> Model | None:
+    """The model row, locked for a purge: against other purges and everything else that locks the
+    row (batching, publishing, a calibration's result), but not against the accept path, whose
+    inserts only check that the row exists (PostgreSQL: ``FOR NO KEY UPDATE``, which a foreign-key
+    check's ``FOR KEY SHARE`` passes). So requests for the model are accepted while its purge
+    rewrites the events or the dataset file."""
+    return session.scalar(select(Model).where(Model.id == model_id).with_for_update(of=Model, key_share=True))
 
 
 def purge_due(db, store, model_id: int, now: dt.datetime | None = None, *, catch_up: bool = False) -> list[dict]:
     """Purge what is due of one model (the sweeper; a worker after its job, with ``catch_up``): one
     transaction, then the blobs no kept row uses."""
     with db.transaction() as session:
-        model = _locked(session, model_id)
+        model = lock_model(session, model_id)
         done = (purge(session, store, model, actor="worker", due_only=True, now=now, catch_up=catch_up)
                 if model else Purged([], None, None, set()))
     blobs.prune(db, store, done.digests)
