@@ -90,8 +90,6 @@ def claim(ctx: WorkerContext, job_id: int, worker: str, *, kind: str = "deletion
         claimable.append(~exists().where(other.model_id == Job.model_id, other.id < Job.id,
                                          other.status.in_(JobStatus.ACTIVE)))
     with ctx.db.transaction() as session:
-        # the job will read its dataset's file: wait for a rewrite of it in progress (redaction.py)
-        redaction.share_file_of_job(session, job_id)
         done = session.execute(
             update(Job).where(*claimable)
             .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker, heartbeat_at=now,
@@ -99,6 +97,11 @@ def claim(ctx: WorkerContext, job_id: int, worker: str, *, kind: str = "deletion
             .execution_options(synchronize_session=False))
         if done.rowcount != 1:
             return None
+        # The job will read its dataset's file once this commits: a rewrite of it in progress commits
+        # first (its worker reads the new address), and one that starts later sees the job running and
+        # waits (service/core/repo/redaction.py). Taken after the job row, so the claim never holds
+        # the dataset row while it waits for another lock.
+        redaction.share_file_of_job(session, job_id)
         job = session.execute(select(Job.tenant_id, Job.model_id, Job.attempts, Job.cancel_requested)
                               .where(Job.id == job_id)).one()
         requests.start(session, job_id, now)
