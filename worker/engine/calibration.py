@@ -228,7 +228,6 @@ class _Evaluator:
         self.ref = reference
         self.forget = data.view("train", forget_rows)
         self.reference_audit = self.audit(reference.model)
-        self.reference_acc = self.audit(reference.model, mia=False)
 
     def audit(self, model: nn.Module, mia: bool = True) -> dict[str, float]:
         return metrics.audit(model, self.forget, self.ref.retain, self.ref.test, self.runtime, mia=mia)
@@ -245,7 +244,7 @@ class _Evaluator:
 
     def partial_tow(self, model: nn.Module) -> float:
         """ToW alone (no attack fitted): the cheap intermediate value the pruner sees."""
-        return metrics.tow(self.audit(model, mia=False), self.reference_acc)
+        return metrics.tow(self.audit(model, mia=False), self.reference_audit)
 
     def score_model(self, model: nn.Module, cost_share: float, seconds: float) -> Score:
         audit = self.audit(model)
