@@ -31,6 +31,26 @@ def test_mia_tells_members_from_non_members(original, digits, runtime):
     assert 0.0 <= strangers["confidence"] <= 1.0
 
 
+def test_audit_runs_each_row_through_the_model_once_and_scores_as_before(original, digits, forget_rows, runtime,
+                                                                         monkeypatch):
+    """The attack reuses the audit's forward passes where its shadow sets are whole views: the same
+    numbers as the attack predicting them itself, with each row predicted once."""
+    from worker.engine import metrics
+
+    forget, retain = digits.forget_retain(forget_rows)
+    retain, test = retain.head(300), digits.view("test").head(300)  # shadow sets = the whole views
+    alone = svc_mia_efficacy(original, retain, test, forget, runtime)
+    rows: list[int] = []
+    real = metrics.predict
+    monkeypatch.setattr(metrics, "predict", lambda m, v, rt, *a, **k: rows.append(len(v)) or real(m, v, rt, *a, **k))
+    m = audit(original, forget, retain, test, runtime)
+    assert (m["mia"], m["mia_entropy"]) == (alone["confidence"], alone["entropy"])
+    assert sorted(rows) == sorted([len(forget), 300, 300])
+    rows.clear()
+    audit(original, forget, digits.forget_retain(forget_rows)[1], test, runtime)  # retain longer than the shadow set
+    assert sorted(rows) == sorted([len(forget), len(digits.forget_retain(forget_rows)[1]), 300, 300])
+
+
 def test_audit_reports_all_fields(original, digits, forget_rows, runtime):
     forget, retain = digits.forget_retain(forget_rows)
     m = audit(original, forget, retain, digits.view("test"), runtime)

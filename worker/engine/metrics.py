@@ -43,19 +43,32 @@ def mia_feature(probs: torch.Tensor, labels: torch.Tensor, feature: str) -> np.n
 def svc_mia_efficacy(
     model: nn.Module, retain: View, test: View, forget: View, runtime: Runtime,
     features: Sequence[str] = MIA_FEATURES, max_shadow: int = MAX_SHADOW, seed: int = 0,
+    logits: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """SVC MIA forget-efficacy per feature (docs/proxies-and-metrics.md#membership-inference-mia).
 
     Shadow-in: the first min(|test|, max_shadow) retain examples (label 1); shadow-out: the first
     as many test examples (label 0); SVC(C=3, gamma="auto", rbf); efficacy = 1 − mean(pred(F)).
+    ``logits``: the model's logits on the whole ``retain`` / ``test`` / ``forget`` views where the
+    caller has them (:func:`audit`); used where the shadow set is that whole view (the same
+    ``predict`` call, so the same numbers), predicted here otherwise.
     """
     from sklearn.svm import SVC
 
     n = min(len(test), len(retain), max_shadow)
     if n == 0 or len(forget) == 0:
         return {f: float("nan") for f in features}
+    known = logits or {}
     shadow_in, shadow_out = retain.head(n), test.head(n)
-    p_in, p_out, p_f = (probabilities(model, v, runtime) for v in (shadow_in, shadow_out, forget))
+
+    def probs(key: str, whole: View, view: View) -> torch.Tensor:
+        if key in known and len(view) == len(whole):
+            return known[key].softmax(1)
+        return probabilities(model, view, runtime)
+
+    p_in = probs("retain", retain, shadow_in)
+    p_out = probs("test", test, shadow_out)
+    p_f = probs("forget", forget, forget)
     out = {}
     rng = np.random.default_rng(seed)
     for feat in features:
@@ -73,15 +86,15 @@ def audit(
     max_shadow: int = MAX_SHADOW,
 ) -> dict[str, float]:
     """Forget / retain / test accuracy and (optionally) MIA efficacy with both features."""
-    accs = {}
-    for key, view in (("acc_forget", forget), ("acc_retain", retain), ("acc_test", test)):
+    accs, logits = {}, {}
+    for name, view in (("forget", forget), ("retain", retain), ("test", test)):
         if len(view) == 0:
-            accs[key] = float("nan")
+            accs[f"acc_{name}"] = float("nan")
             continue
-        logits = predict(model, view, runtime)
-        accs[key] = (logits.argmax(1) == view.y.cpu()).float().mean().item()
-    if mia:
-        m = svc_mia_efficacy(model, retain, test, forget, runtime, max_shadow=max_shadow)
+        logits[name] = predict(model, view, runtime)
+        accs[f"acc_{name}"] = (logits[name].argmax(1) == view.y.cpu()).float().mean().item()
+    if mia:  # the attack reuses these forward passes where its sets are the whole views
+        m = svc_mia_efficacy(model, retain, test, forget, runtime, max_shadow=max_shadow, logits=logits)
         accs["mia"] = m["confidence"]
         accs["mia_entropy"] = m["entropy"]
     return accs
