@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds F..F+K-1 (F = --first-seed)")
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     ap.add_argument("--steps", type=int, default=27)
     ap.add_argument("--check-every", type=int, default=9)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(args.data, mean=args.mean, std=args.std)
     spec = architectures.default_spec(args.arch, data.input_shape, data.num_classes, **kwargs)
     rows, stable, started = [], [], time.perf_counter()
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed)
         original = train_model(architectures.build(spec, seed=seed), data.view("train"), cfg, runtime=runtime)
         seed_rows = ladder(original, data, cfg, runtime, fractions=tuple(args.fractions), steps=args.steps,
