@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.unlearning import add_original_args, arch_kwargs
 from worker.engine import architectures
 from worker.engine.data import UnlearningData, load_dataset
 from worker.engine.runtime import Runtime, seed_everything
@@ -89,14 +90,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.rate_stability", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="dataset file (.npz), e.g. data/digits.npz")
-    ap.add_argument("--mean", type=float, nargs="+", default=None)
-    ap.add_argument("--std", type=float, nargs="+", default=None)
-    ap.add_argument("--arch", default="small_cnn")
-    ap.add_argument("--arch-kwargs", default="{}", help='JSON, e.g. \'{"width": 16}\'')
-    ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
-    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    add_original_args(ap)
     ap.add_argument("--seeds", type=int, default=3, help="seeds F..F+K-1 (F = --first-seed)")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
@@ -111,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--fractions: every fraction must be > 0")
     if args.steps < 1 or args.check_every < 1:
         ap.error("--steps and --check-every: must be >= 1")
-    try:
-        kwargs = json.loads(args.arch_kwargs)
-    except json.JSONDecodeError as exc:
-        ap.error(f"--arch-kwargs: not JSON ({exc})")
+    kwargs = arch_kwargs(ap, args)
     torch.set_num_threads(args.threads)
     runtime = Runtime.auto("cpu")
     data = load_dataset(args.data, mean=args.mean, std=args.std)

@@ -352,8 +352,9 @@ def cuda_missing(device: str | None) -> bool:
     return device is not None and device.startswith("cuda") and not torch.cuda.is_available()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.unlearning", description=__doc__.split("\n\n")[0])
+def add_original_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments that say which data and how the original is trained (shared by the benchmarks
+    that train one: this one and bench/rate_stability.py); read ``--arch-kwargs`` with :func:`arch_kwargs`."""
     ap.add_argument("--data", type=Path, required=True, help="dataset file (.npz), e.g. data/digits.npz")
     ap.add_argument("--mean", type=float, nargs="+", default=None, help="normalization mean per channel")
     ap.add_argument("--std", type=float, nargs="+", default=None, help="normalization std per channel")
@@ -362,6 +363,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="original and retrain epochs")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+
+
+def arch_kwargs(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """``--arch-kwargs`` parsed, or a usage error naming it."""
+    try:
+        return json.loads(args.arch_kwargs)
+    except json.JSONDecodeError as exc:
+        ap.error(f"--arch-kwargs: not JSON ({exc})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.unlearning", description=__doc__.split("\n\n")[0])
+    add_original_args(ap)
     ap.add_argument("--scenario", "--forget", dest="scenario", choices=scenarios.SCENARIOS, default="mixed",
                     help="what to forget (--forget is the old name); see bench/scenarios.py")
     ap.add_argument("--fraction", type=float, default=None,
@@ -425,10 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             args.policies[name] = parse_policy(json.loads(text))
         except (json.JSONDecodeError, ConfigError) as exc:
             ap.error(f"--policy {name}: {exc}")
-    try:
-        kwargs = json.loads(args.arch_kwargs)
-    except json.JSONDecodeError as exc:
-        ap.error(f"--arch-kwargs: not JSON ({exc})")
+    kwargs = arch_kwargs(ap, args)
     spec = architectures.default_spec(args.arch, data.input_shape, data.num_classes, **kwargs)
 
     def log(msg: str) -> None:

@@ -14,15 +14,10 @@ from service.core.models import utcnow
 from service.core.repo import redaction, retention
 from tests.api.test_delete_resources import _register
 from tests.api.test_retention import ID, _publish
-from tests.servicekit import fresh_postgres, register_dataset
+from tests.servicekit import register_dataset
 
 
-@pytest.fixture
-def db_url(postgres_admin):
-    with fresh_postgres(postgres_admin) as url:
-        yield url
-
-
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # the row locks are the point
 def test_requests_are_accepted_while_a_purge_rewrites_the_dataset_file(service, user_files, monkeypatch):
     with service.client() as c:
         ds = register_dataset(c, user_files)

@@ -12,17 +12,11 @@ import pytest
 from sqlalchemy import select
 
 from service.core.models import Dataset, Job, Model
-from tests.servicekit import fresh_postgres
 from tests.worker.test_job_pipeline import NEGGRAD, Setup, random_rows
 from worker.pipeline.lease import claim
 
 
-@pytest.fixture
-def db_url(postgres_admin):
-    with fresh_postgres(postgres_admin) as url:
-        yield url
-
-
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # the row locks are the point
 def test_a_claim_waits_for_a_rewrite_of_the_dataset_file_in_progress(service, user_files):
     s = Setup(service, user_files)
     job_id = s.job([s.request(random_rows(s.n_train, 5, seed=3))], NEGGRAD)
